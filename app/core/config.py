@@ -1,0 +1,115 @@
+"""The one Settings object: environment variables override `.env.local`, which overrides `.env`."""
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Shipped in `.env` so the service starts with no setup; production refuses it.
+PLACEHOLDER_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        # Later files win; real environment variables win over both.
+        env_file=(PROJECT_ROOT / ".env", PROJECT_ROOT / ".env.local"),
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    ENVIRONMENT: Literal["development", "production"] = "development"
+    HOST: str = "127.0.0.1"
+    PORT: int = Field(8000, ge=1, le=65535)
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    LOG_FORMAT: Literal["text", "json"] = "text"
+    CORS_ORIGINS: Annotated[list[str], NoDecode] = [
+        "http://localhost:5173",
+        "http://localhost:3000",
+    ]
+
+    JWT_SECRET_KEY: SecretStr = SecretStr(PLACEHOLDER_JWT_SECRET)
+    ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(60, ge=1)
+
+    DATA_DIR: Path = Path("data")
+    # Where browsers reach this service, for image URLs; empty: taken from each request.
+    PUBLIC_BASE_URL: str | None = None
+
+    MAX_IMAGES_PER_JOB: int = Field(8, ge=1, le=64)
+    GENERATION_MAX_WORKERS: int = Field(16, ge=1, le=256)
+    SSE_KEEPALIVE_SECONDS: float = Field(15.0, gt=0)
+
+    # A module name under app/providers. None: `replicate` when a token is set, else `local`.
+    IMAGE_PROVIDER: str | None = None
+
+    REPLICATE_API_TOKEN: SecretStr | None = None
+    REPLICATE_MODEL: str = "black-forest-labs/flux-schnell"
+    REPLICATE_BASE_URL: str | None = None
+    REPLICATE_INPUT: Annotated[dict[str, Any], NoDecode] = {}
+    REPLICATE_MAX_RETRIES: int = Field(3, ge=0, le=10)
+    REPLICATE_POLL_INTERVAL: float = Field(0.5, gt=0)
+
+    LOCAL_LATENCY_MS: int = Field(800, ge=0)
+    LOCAL_LATENCY_JITTER_MS: int = Field(400, ge=0)
+
+    @field_validator("CORS_ORIGINS", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("REPLICATE_INPUT", mode="before")
+    @classmethod
+    def _parse_replicate_input(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"REPLICATE_INPUT must be a JSON object: {exc}") from exc
+        if not isinstance(value, dict):
+            raise ValueError("REPLICATE_INPUT must be a JSON object")
+        return value
+
+    @field_validator("REPLICATE_API_TOKEN", "REPLICATE_BASE_URL", "IMAGE_PROVIDER", "PUBLIC_BASE_URL", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("DATA_DIR")
+    @classmethod
+    def _anchor_data_dir(cls, value: Path) -> Path:
+        return value if value.is_absolute() else PROJECT_ROOT / value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Settings":
+        if self.ENVIRONMENT == "production" and self.uses_placeholder_secret:
+            raise ValueError(
+                "JWT_SECRET_KEY is the development placeholder; set a real secret in production"
+            )
+        return self
+
+    @property
+    def image_provider(self) -> str:
+        if self.IMAGE_PROVIDER is not None:
+            return self.IMAGE_PROVIDER.strip().lower()
+        return "replicate" if self.REPLICATE_API_TOKEN is not None else "local"
+
+    @property
+    def uses_placeholder_secret(self) -> bool:
+        return self.JWT_SECRET_KEY.get_secret_value() == PLACEHOLDER_JWT_SECRET
+
+    @property
+    def images_dir(self) -> Path:
+        return self.DATA_DIR / "images"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,82 @@
+"""Request, response and event schemas of the generation endpoints."""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+ImageStatus = Literal["queued", "running", "succeeded", "failed"]
+JobStatus = Literal["queued", "running", "succeeded", "partial", "failed"]
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**31 - 1
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "A beautiful sunset", "num_images": 4}]},
+    )
+
+    prompt: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)
+    ]
+    num_images: int = Field(ge=1, description="1 to MAX_IMAGES_PER_JOB (default 8).")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Random when absent."
+    )
+
+
+class GenerateResponse(BaseModel):
+    job_id: str
+
+
+class ImageResult(BaseModel):
+    index: int
+    status: ImageStatus
+    url: str | None = None
+    error: str | None = None
+    latency_ms: float | None = Field(
+        default=None, description="Provider time of this image: from leaving the queue to finishing."
+    )
+
+
+class JobSnapshot(BaseModel):
+    job_id: str
+    status: JobStatus
+    prompt: str
+    num_images: int
+    seed: int | None
+    created_at: str = Field(description="ISO-8601 UTC time the job was accepted.")
+    images: list[ImageResult]
+    ttfi_ms: float | None = Field(description="First image succeeded minus job accepted.")
+    total_ms: float | None = Field(description="Last image finished minus job accepted.")
+
+
+class ProgressEvent(BaseModel):
+    """`event: progress` — one per state change of one image."""
+
+    job_id: str
+    index: int
+    status: ImageStatus
+    url: str | None = None
+    error: str | None = None
+    elapsed_ms: float = Field(description="Since the job was accepted.")
+    completed: int = Field(description="Images finished (succeeded or failed) so far.")
+    total: int
+
+
+class DoneEvent(BaseModel):
+    """`event: done` — the last event of a job that ran to its end."""
+
+    job_id: str
+    status: Literal["succeeded", "partial", "failed"]
+    images: list[ImageResult]
+    ttfi_ms: float | None
+    total_ms: float
+
+
+class ErrorEvent(BaseModel):
+    """`event: error` — a job-level failure; the stream ends after it."""
+
+    job_id: str
+    message: str

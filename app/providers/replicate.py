@@ -1,0 +1,184 @@
+"""Replicate through its official client: one prediction per image.
+
+The client itself retries GETs on 429/503/504 but never a create, and raises the same
+`ReplicateError` for every status. This module adds what a service needs on top: bounded
+retries with backoff for transient failures (honouring `Retry-After`), a poll that a cancel
+interrupts, and one readable message for everything that is not an image.
+"""
+
+import logging
+import random
+from typing import Any
+
+import httpx
+import replicate
+from pydantic.v1 import ValidationError as ClientValidationError
+from replicate.exceptions import ModelError, ReplicateError
+from replicate.prediction import Prediction
+
+from app.core.config import Settings
+from app.providers.base import GeneratedImage, ImageRequest, ProviderError
+
+logger = logging.getLogger("myflix.provider.replicate")
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+BACKOFF_BASE_SECONDS = 0.5
+BACKOFF_CAP_SECONDS = 30.0
+
+
+class TransientReplicateError(Exception):
+    """A failure worth retrying: throttling, a server error or a broken connection."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    try:
+        return min(max(float(value), 0.0), BACKOFF_CAP_SECONDS)
+    except ValueError:
+        return None
+
+
+def _problem_detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("title") or "")
+    return ""
+
+
+def _raise_transient(response: httpx.Response) -> None:
+    """httpx response hook: turns 429 and 5xx into TransientReplicateError with Retry-After,
+    which ReplicateError would drop."""
+    if response.status_code == 429 or response.status_code >= 500:
+        response.read()
+        detail = _problem_detail(response) or response.reason_phrase
+        raise TransientReplicateError(
+            f"Replicate answered {response.status_code}: {detail}", _retry_after_seconds(response)
+        )
+
+
+def _client_error_message(exc: ReplicateError) -> str:
+    reason = exc.detail or exc.title or "request rejected"
+    return f"Replicate rejected the request ({exc.status}): {reason}"
+
+
+def _output_url(output: Any) -> str:
+    items = output if isinstance(output, list) else [output] if output else []
+    if not items:
+        raise ProviderError("The model returned no image (it may have been filtered as unsafe).")
+    first = items[0]
+    # The client wraps https/data URLs in FileOutput and leaves any other URL a plain str.
+    return getattr(first, "url", None) or str(first)
+
+
+class ReplicateProvider:
+    name = "replicate"
+
+    def __init__(
+        self,
+        api_token: str,
+        model: str,
+        base_url: str | None,
+        extra_input: dict[str, Any],
+        max_retries: int,
+        poll_interval: float,
+    ) -> None:
+        self.model = model
+        self._extra_input = extra_input
+        self._max_retries = max_retries
+        self._poll_interval = poll_interval
+        self._client = replicate.Client(
+            api_token=api_token,
+            base_url=base_url,
+            event_hooks={"response": [_raise_transient]},
+        )
+        # The client builds its httpx client lazily without a lock; build it once here so
+        # worker threads share one connection pool.
+        self._client._client  # noqa: B018
+
+    def generate(self, request: ImageRequest) -> GeneratedImage:
+        model_input = {**self._extra_input, "prompt": request.prompt, "num_outputs": 1}
+        if request.seed is not None:
+            model_input["seed"] = request.seed
+        prediction = self._with_retries(request, lambda: self._create(model_input))
+        prediction = self._follow(request, prediction)
+        if prediction.status == "failed":
+            raise ProviderError(prediction.error or "The prediction failed.")
+        if prediction.status == "canceled":
+            raise ProviderError("canceled")
+        return GeneratedImage(url=_output_url(prediction.output))
+
+    def close(self) -> None:
+        self._client._client.close()
+
+    def _create(self, model_input: dict[str, Any]) -> Prediction:
+        owner_name, _, version = self.model.partition(":")
+        # `Prefer: wait` makes Replicate answer as soon as the image exists, so no poll
+        # stands between the model and the user for predictions within a minute.
+        if version:
+            return self._client.predictions.create(version=version, input=model_input, wait=True)
+        return self._client.models.predictions.create(model=owner_name, input=model_input, wait=True)
+
+    def _follow(self, request: ImageRequest, prediction: Prediction) -> Prediction:
+        while not self._is_finished(prediction):
+            if request.canceled.wait(self._poll_interval):
+                self._with_retries(request, lambda: self._client.predictions.cancel(prediction.id))
+                raise ProviderError("canceled")
+            self._with_retries(request, prediction.reload)
+        return prediction
+
+    @staticmethod
+    def _is_finished(prediction: Prediction) -> bool:
+        # Replicate's sync mode may answer `processing` once every file output exists.
+        return prediction.status in TERMINAL_STATUSES or (
+            prediction.status == "processing" and bool(prediction.output)
+        )
+
+    def _with_retries(self, request: ImageRequest, call):  # noqa: ANN001, ANN202
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except (TransientReplicateError, httpx.TransportError) as exc:
+                attempt += 1
+                if attempt > self._max_retries:
+                    raise ProviderError(f"Replicate is unavailable: {exc}") from exc
+                retry_after = getattr(exc, "retry_after", None)
+                delay = retry_after if retry_after is not None else self._backoff(attempt)
+                logger.warning(
+                    "replicate call failed, retrying",
+                    extra={"job_id": request.job_id, "index": request.index, "attempt": attempt,
+                           "delay_s": round(delay, 2), "reason": str(exc)},
+                )
+                if request.canceled.wait(delay):
+                    raise ProviderError("canceled") from exc
+            except ModelError as exc:
+                raise ProviderError(str(exc) or "The prediction failed.") from exc
+            except ReplicateError as exc:
+                raise ProviderError(_client_error_message(exc)) from exc
+            except ClientValidationError as exc:
+                raise ProviderError(f"Replicate sent a response this client cannot read: {exc}") from exc
+
+    @staticmethod
+    def _backoff(attempt: int) -> float:
+        delay = min(BACKOFF_BASE_SECONDS * 2 ** (attempt - 1), BACKOFF_CAP_SECONDS)
+        return delay * random.uniform(0.8, 1.2)
+
+
+def create_provider(settings: Settings) -> ReplicateProvider:
+    if settings.REPLICATE_API_TOKEN is None:
+        raise ValueError("IMAGE_PROVIDER=replicate needs REPLICATE_API_TOKEN")
+    return ReplicateProvider(
+        api_token=settings.REPLICATE_API_TOKEN.get_secret_value(),
+        model=settings.REPLICATE_MODEL,
+        base_url=settings.REPLICATE_BASE_URL,
+        extra_input=settings.REPLICATE_INPUT,
+        max_retries=settings.REPLICATE_MAX_RETRIES,
+        poll_interval=settings.REPLICATE_POLL_INTERVAL,
+    )

@@ -1,0 +1,63 @@
+"""Dependencies shared by the routers, as `Annotated` aliases."""
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from fastapi.security import OAuth2PasswordBearer
+
+from app.core.config import Settings, get_settings
+from app.services.auth_service import AuthService, User
+from app.services.generation_service import GenerationService
+from app.services.image_store import ImageStore
+
+TOKEN_URL = "/api/auth/token"
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+_bearer = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
+
+
+class MissingTokenError(Exception):
+    pass
+
+
+def get_auth_service(request: Request) -> AuthService:
+    return request.app.state.auth_service
+
+
+def get_generation_service(request: Request) -> GenerationService:
+    return request.app.state.generation_service
+
+
+def get_image_store(request: Request) -> ImageStore:
+    return request.app.state.image_store
+
+
+AuthServiceDep = Annotated[AuthService, Depends(get_auth_service)]
+GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
+ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
+
+
+def _user_for(token: str | None, auth: AuthService) -> User:
+    if not token:
+        raise MissingTokenError()
+    return auth.user_for_token(token)
+
+
+def get_current_user(token: Annotated[str | None, Depends(_bearer)], auth: AuthServiceDep) -> User:
+    return _user_for(token, auth)
+
+
+def get_stream_user(
+    token: Annotated[str | None, Depends(_bearer)],
+    auth: AuthServiceDep,
+    access_token: Annotated[
+        str | None,
+        Query(description="The access token, for clients that cannot send headers (EventSource)."),
+    ] = None,
+) -> User:
+    return _user_for(token or access_token, auth)
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+StreamUser = Annotated[User, Depends(get_stream_user)]

@@ -1,0 +1,36 @@
+"""Domain errors to HTTP answers, in one table."""
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app.core.security import InvalidTokenError
+from app.routers.deps import MissingTokenError
+from app.services.auth_service import InvalidCredentialsError, PasswordTooLongError
+from app.services.generation_service import JobNotFoundError, TooManyImagesError
+from app.services.image_store import ImageNotFoundError
+
+_BEARER = {"WWW-Authenticate": "Bearer"}
+
+# error class -> (status, message or None to use str(error), headers)
+_ERROR_RESPONSES: dict[type[Exception], tuple[int, str | None, dict[str, str]]] = {
+    MissingTokenError: (401, "Not authenticated", _BEARER),
+    InvalidTokenError: (401, "Could not validate credentials", _BEARER),
+    InvalidCredentialsError: (401, "Incorrect email or password", _BEARER),
+    PasswordTooLongError: (422, None, {}),
+    JobNotFoundError: (404, "Job not found", {}),
+    TooManyImagesError: (422, None, {}),
+    ImageNotFoundError: (404, "Image not found", {}),
+}
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    for error_class in type(exc).__mro__:
+        if error_class in _ERROR_RESPONSES:
+            status, message, headers = _ERROR_RESPONSES[error_class]
+            return JSONResponse({"detail": message or str(exc)}, status_code=status, headers=headers)
+    raise exc
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    for error_class in _ERROR_RESPONSES:
+        app.add_exception_handler(error_class, _handle)

@@ -1,0 +1,64 @@
+"""A job's events: appended once, read by any number of subscribers from any point.
+
+Every subscriber keeps its own cursor into one shared list, so late subscribers, resumes
+and several readers at once all see the whole stream, and a slow reader holds no one up.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int  # 1, 2, 3 … within the job; the SSE `id`
+    name: str  # the SSE `event`
+    data: str  # JSON, serialised once for every subscriber
+
+
+class EventLog:
+    def __init__(self) -> None:
+        self._events: list[JobEvent] = []
+        self._closed = False
+        self._appended = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def last_id(self) -> int:
+        return len(self._events)
+
+    def append(self, name: str, data: str) -> JobEvent:
+        if self._closed:
+            raise RuntimeError("event log is closed")
+        event = JobEvent(len(self._events) + 1, name, data)
+        self._events.append(event)
+        self._wake()
+        return event
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # Waiters hold the old Event; setting it wakes them all, the new one starts unset.
+        self._appended.set()
+        self._appended = asyncio.Event()
+
+    async def follow(self, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
+        """Events with id > after_id until the log closes; None after each quiet interval."""
+        position = max(after_id, 0)
+        while True:
+            while position < len(self._events):
+                position += 1
+                yield self._events[position - 1]
+            if self._closed:
+                return
+            appended = self._appended
+            try:
+                async with asyncio.timeout(keepalive_seconds):
+                    await appended.wait()
+            except TimeoutError:
+                yield None

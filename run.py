@@ -1,0 +1,39 @@
+"""Start the service: validate the settings, say what is active, run uvicorn."""
+
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from app.core.config import Settings
+from app.providers import create_provider
+from app.services.auth_service import DEMO_USERS
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"Invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        provider = create_provider(settings)
+    except ValueError as exc:
+        print(f"Invalid settings: {exc}", file=sys.stderr)
+        return 2
+    provider.close()
+
+    print(f"MyFlix backend ({settings.ENVIRONMENT}) on http://{settings.HOST}:{settings.PORT}")
+    print(f"  image provider: {provider.name}, model {provider.model}")
+    print(f"  demo users:     {', '.join(DEMO_USERS)} (passwords in the README)")
+    print(f"  data directory: {settings.DATA_DIR}")
+    if settings.uses_placeholder_secret:
+        print("  WARNING: JWT_SECRET_KEY is the development placeholder; tokens are not secure.")
+    print(f"  API docs:       http://{settings.HOST}:{settings.PORT}/docs", flush=True)
+
+    uvicorn.run("main:app", host=settings.HOST, port=settings.PORT, log_level=settings.LOG_LEVEL.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

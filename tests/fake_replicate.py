@@ -1,0 +1,1000 @@
+"""A fake Replicate HTTP API server for tests.
+
+Stdlib + Pillow only.  It speaks enough of Replicate's HTTP API (see
+``/work/shared/replicate-protocol.md``) for the *real* ``replicate`` 1.0.7
+client to talk to it::
+
+    with FakeReplicate() as fake:
+        client = replicate.Client(api_token=fake.token, base_url=fake.base_url)
+        out = client.run("black-forest-labs/flux-schnell", input={"prompt": "a cat"})
+
+Endpoints
+    POST /v1/models/{owner}/{name}/predictions   create (``Prefer: wait[=N]`` honoured)
+    POST /v1/predictions                         create by ``version``
+    GET  /v1/predictions                         list
+    GET  /v1/predictions/{id}                    get
+    POST /v1/predictions/{id}/cancel             cancel
+    GET  /v1/models/{owner}/{name}               model (with latest_version)
+    GET  /v1/models/{owner}/{name}/versions/{v}  version (used by run("o/n:v"))
+    GET  /v1/webhooks/default/secret             {"key": "whsec_..."}
+    GET  /files/{id}/out-{i}.png                 output images (no auth required)
+
+Prediction life cycle (all times relative to the create request, monotonic):
+``starting`` for ``starting`` seconds (default ``latency / 2``), then
+``processing`` until ``latency``, then terminal (``succeeded`` or whatever the
+matching :class:`Rule` says).  A scheduler thread performs the transitions at
+their deadlines and notifies the shared :class:`threading.Condition`, so held
+``Prefer: wait`` requests and :meth:`FakeReplicate.wait_for` wake up exactly
+when something changes (no sleep loops).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime as _dt
+import hashlib
+import io
+import json
+import re
+import secrets
+import socket
+import string
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+__all__ = [
+    "FakeReplicate",
+    "Rule",
+    "Fault",
+    "RecordedRequest",
+    "FLUX_SCHNELL",
+    "FLUX_SCHNELL_VERSION",
+    "TERMINAL_STATUSES",
+]
+
+FLUX_SCHNELL = "black-forest-labs/flux-schnell"
+# Official models report a deployment-style version id ("dp-<hex>").
+FLUX_SCHNELL_VERSION = "dp-4d0bcc010b3049749a251855f12800be"
+# Statuses the real client considers terminal.  Anything forced via
+# ``Rule.status`` (e.g. "aborted") is also terminal for the server.
+TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "aborted")
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+_MAX_WAIT = 60
+_IMAGE_SIZE = 64
+
+_ASPECT_RATIOS = ["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
+
+
+# --------------------------------------------------------------------------
+# Public data classes
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Rule:
+    """Behaviour override for predictions whose ``input["prompt"]`` contains ``match``."""
+
+    match: str
+    latency: float | None = None  # seconds from create to terminal
+    fail_error: str | None = None  # ends ``failed`` with this error
+    never_finish: bool = False  # stays ``processing`` until canceled
+    status: str | None = None  # force a terminal status, e.g. "aborted"
+    outputs: int | None = None  # number of output items (0 -> [])
+    output_http_status: int | None = None  # file URL answers this status
+    output_body: bytes | None = None  # file URL serves these bytes (text/plain)
+    starting: float | None = None  # extension: seconds spent in ``starting`` (default latency/2)
+
+
+@dataclass
+class Fault:
+    """A one-shot fault for the next create POST or prediction GET.
+
+    ``status`` defaults to 429 when only ``retry_after`` is given and to 502
+    when only ``raw_body`` is given.  With neither ``status``, ``raw_body``,
+    ``retry_after`` nor ``reset``, the request is answered normally (after
+    ``hang`` seconds, if set).
+    """
+
+    status: int | None = None
+    retry_after: int | None = None
+    raw_body: bytes | None = None
+    reset: bool = False
+    hang: float | None = None
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str  # path without the query string
+    headers: dict[str, str]  # lower-case keys
+    json: Any  # parsed JSON body, or None
+    query: str = ""
+    body: bytes = b""
+    at: float = field(default_factory=time.monotonic)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _new_id() -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(26))
+
+
+def _png_bytes(seed: str) -> bytes:
+    from PIL import Image, ImageDraw  # imported lazily; Pillow is a test dependency
+
+    digest = hashlib.sha256(seed.encode()).digest()
+    colour = (digest[0], digest[1], digest[2])
+    accent = (255 - digest[0], 255 - digest[1], 255 - digest[2])
+    img = Image.new("RGB", (_IMAGE_SIZE, _IMAGE_SIZE), colour)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((8, 8, 23, 23), fill=accent)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _problem(status: int, detail: str | None, title: str | None = None, **extra: Any) -> dict:
+    body: dict[str, Any] = {}
+    if title is not None:
+        body["title"] = title
+    if detail is not None:
+        body["detail"] = detail
+    body["status"] = status
+    body.update(extra)
+    return body
+
+
+def _fault_problem(status: int, retry_after: int | None) -> dict:
+    if status == 429:
+        n = retry_after if retry_after is not None else 1
+        unit = "second" if n == 1 else "seconds"
+        return _problem(429, f"Request was throttled. Expected available in {n} {unit}.", "Too Many Requests")
+    if status == 401:
+        return _problem(401, "You did not pass a valid authentication token", "Unauthenticated")
+    if status == 402:
+        return _problem(
+            402,
+            "You have insufficient credit to run this model. Go to https://replicate.com/account/billing#billing "
+            "to purchase credit. Once you purchase credit, please wait a few minutes before trying again.",
+            "Insufficient credit",
+        )
+    if status == 404:
+        return _problem(404, "The requested resource could not be found.")
+    if status == 500:
+        return _problem(500, "An internal server error occurred. Please try again later.", "Internal Server Error")
+    if status == 502:
+        return _problem(502, "The upstream server returned an invalid response.", "Bad Gateway")
+    if status == 503:
+        return _problem(503, "The service is temporarily unavailable. Please try again later.", "Service Unavailable")
+    if status == 504:
+        return _problem(504, "The upstream server did not respond in time.", "Gateway Timeout")
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    return _problem(status, phrase, phrase)
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    return "object"
+
+
+def _validate_flux_schnell(inp: dict) -> list[dict]:
+    """Validate ``input`` against flux-schnell's schema (spec section 7)."""
+    errors: list[dict] = []
+
+    def bad(type_: str, fld: str, desc: str) -> None:
+        errors.append({"type": type_, "field": fld, "description": desc})
+
+    def check_type(key: str, expected: str) -> bool:
+        v = inp[key]
+        got = _type_name(v)
+        ok = got == expected or (expected == "number" and got == "integer")
+        if not ok:
+            bad("invalid_type", f"input.{key}", f"Invalid type. Expected: {expected}, given: {got}")
+        return ok
+
+    if "prompt" not in inp:
+        bad("required", "input", "prompt is required")
+    else:
+        check_type("prompt", "string")
+
+    def int_range(key: str, lo: int, hi: int) -> None:
+        if key in inp and inp[key] is not None and check_type(key, "integer"):
+            if inp[key] < lo:
+                bad("number_gte", f"input.{key}", f"Must be greater than or equal to {lo}")
+            elif inp[key] > hi:
+                bad("number_lte", f"input.{key}", f"Must be less than or equal to {hi}")
+
+    def enum(key: str, choices: list[str]) -> None:
+        if key in inp and inp[key] not in choices:
+            quoted = ", ".join(f'"{c}"' for c in choices)
+            bad("enum", f"input.{key}", f"{key} must be one of the following: {quoted}")
+
+    int_range("num_outputs", 1, 4)
+    int_range("num_inference_steps", 1, 4)
+    int_range("output_quality", 0, 100)
+    if "seed" in inp and inp["seed"] is not None:
+        check_type("seed", "integer")
+    enum("aspect_ratio", _ASPECT_RATIOS)
+    enum("output_format", ["webp", "jpg", "png"])
+    enum("megapixels", ["1", "0.25"])
+    for key in ("disable_safety_checker", "go_fast"):
+        if key in inp:
+            check_type(key, "boolean")
+    return errors
+
+
+def _validate_generic(inp: dict) -> list[dict]:
+    errors = []
+    if "prompt" not in inp:
+        errors.append({"type": "required", "field": "input", "description": "prompt is required"})
+    elif not isinstance(inp["prompt"], str):
+        errors.append(
+            {
+                "type": "invalid_type",
+                "field": "input.prompt",
+                "description": f"Invalid type. Expected: string, given: {_type_name(inp['prompt'])}",
+            }
+        )
+    return errors
+
+
+# --------------------------------------------------------------------------
+# Internal prediction state
+# --------------------------------------------------------------------------
+
+
+class _Pred:
+    def __init__(
+        self,
+        *,
+        id: str,
+        model: str,
+        version: str,
+        input: dict,
+        created_mono: float,
+        created_wall: float,
+        latency: float,
+        starting: float,
+        rule: Rule | None,
+        n_outputs: int,
+        seed: int,
+        extra: dict,
+    ) -> None:
+        self.id = id
+        self.model = model
+        self.version = version
+        self.input = input
+        self.created_mono = created_mono
+        self.created_wall = created_wall
+        self.latency = latency
+        self.start_due = created_mono + min(starting, latency)
+        self.done_due = created_mono + latency
+        self.rule = rule
+        self.n_outputs = n_outputs
+        self.seed = seed
+        self.extra = extra  # webhook etc., echoed back
+        self.status = "starting"
+        self.started_mono: float | None = None
+        self.completed_mono: float | None = None
+        self.output: Any = None
+        self.error: str | None = None
+        self.logs = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.status not in ("starting", "processing")
+
+    def wall(self, mono: float) -> float:
+        return self.created_wall + (mono - self.created_mono)
+
+    def next_due(self) -> float | None:
+        if self.status == "starting":
+            return self.start_due
+        if self.status == "processing" and not (self.rule and self.rule.never_finish):
+            return self.done_due
+        return None
+
+
+# --------------------------------------------------------------------------
+# HTTP plumbing
+# --------------------------------------------------------------------------
+
+
+class _Reset(Exception):
+    """Raised inside a handler to drop the connection with a TCP RST."""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128  # default 5 drops SYNs under concurrent connects (1 s retransmit)
+    fake: "FakeReplicate"
+
+    def __init__(self, addr, handler, fake: "FakeReplicate") -> None:
+        self.fake = fake
+        self.conns: set[socket.socket] = set()
+        self.conns_lock = threading.Lock()
+        super().__init__(addr, handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeReplicate/1.0"
+    sys_version = ""
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.conns_lock:
+            self.server.conns.add(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            with self.server.conns_lock:
+                self.server.conns.discard(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence
+        pass
+
+    # ---- dispatch -------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        parts = urlsplit(self.path)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        parsed: Any = None
+        if body:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+        rec = RecordedRequest(
+            method=self.command, path=parts.path, headers=headers, json=parsed, query=parts.query, body=body
+        )
+        try:
+            status, resp_headers, payload = fake._handle(rec, body)
+        except _Reset:
+            self._reset()
+            return
+        except Exception as exc:  # a bug in the fake: answer 500 rather than dropping the socket
+            fake.errors.append(exc)
+            status, resp_headers = 500, {"Content-Type": "application/problem+json"}
+            payload = json.dumps(_problem(500, f"FakeReplicate internal error: {exc!r}", "Internal Server Error")).encode()
+        if fake._stopped.is_set():
+            self.close_connection = True
+        self._send(status, resp_headers, payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
+
+    def do_HEAD(self) -> None:  # pragma: no cover - not used by the client
+        self._send(405, {"Content-Type": "application/problem+json"}, b"")
+
+    def _send(self, status: int, headers: dict[str, str], payload: bytes) -> None:
+        try:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(payload)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+        except OSError:
+            self.close_connection = True
+
+    def _reset(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        try:
+            self.rfile.close()  # drop the makefile() reference so close() really closes
+        except OSError:
+            pass
+        try:
+            self.connection.close()  # SO_LINGER 0 -> RST instead of FIN
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# The fake
+# --------------------------------------------------------------------------
+
+
+_Response = tuple[int, dict[str, str], bytes]
+
+
+class FakeReplicate:
+    """Fake Replicate API server running in a background thread on 127.0.0.1."""
+
+    def __init__(
+        self,
+        token: str = "r8_test",
+        latency: float = 0.2,
+        wait_cap: float | None = None,
+        output_mode: str = "http",
+        *,
+        models: tuple[str, ...] | None = (FLUX_SCHNELL,),
+    ) -> None:
+        if output_mode not in ("http", "data"):
+            raise ValueError("output_mode must be 'http' or 'data'")
+        self.token = token
+        self.latency = latency
+        self.wait_cap = wait_cap
+        self.output_mode = output_mode
+        # Models accepted on /v1/models/{o}/{n}/predictions; None accepts any owner/name.
+        self.models = models
+        self.base_url = ""
+        self.requests: list[RecordedRequest] = []
+        self.errors: list[BaseException] = []  # exceptions raised by the fake's own handlers (should stay empty)
+        self.webhook_secret = "whsec_" + base64.b64encode(hashlib.sha256(token.encode()).digest()[:24]).decode()
+
+        self._cond = threading.Condition(threading.RLock())
+        self._stopped = threading.Event()
+        self._preds: dict[str, _Pred] = {}
+        self._order: list[str] = []
+        self._rules: list[Rule] = []
+        self._create_faults: list[Fault] = []
+        self._get_faults: list[Fault] = []
+        self._png_cache: dict[tuple[str, int], bytes] = {}
+        self._server: _Server | None = None
+        self._serve_thread: threading.Thread | None = None
+        self._sched_thread: threading.Thread | None = None
+
+    # ---- lifecycle --------------------------------------------------------
+
+    def start(self) -> "FakeReplicate":
+        if self._server is not None:
+            return self
+        self._stopped.clear()
+        self._server = _Server(("127.0.0.1", 0), _Handler, self)
+        port = self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._serve_thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-replicate-http", daemon=True
+        )
+        self._sched_thread = threading.Thread(target=self._scheduler, name="fake-replicate-sched", daemon=True)
+        self._serve_thread.start()
+        self._sched_thread.start()
+        return self
+
+    def stop(self) -> None:
+        server = self._server
+        if server is None:
+            return
+        with self._cond:
+            self._stopped.set()
+            self._cond.notify_all()  # wake held Prefer: wait / hang requests and the scheduler
+        server.shutdown()
+        server.server_close()
+        with server.conns_lock:
+            conns = list(server.conns)
+        for conn in conns:  # unblock handler threads idling on keep-alive connections
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in (self._serve_thread, self._sched_thread):
+            if t is not None:
+                t.join(timeout=2)
+        self._server = None
+
+    def __enter__(self) -> "FakeReplicate":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ---- configuration ------------------------------------------------------
+
+    def add_rule(self, rule: Rule) -> None:
+        with self._cond:
+            self._rules.append(rule)
+
+    def push_create_fault(self, fault: Fault) -> None:
+        with self._cond:
+            self._create_faults.append(fault)
+
+    def push_get_fault(self, fault: Fault) -> None:
+        with self._cond:
+            self._get_faults.append(fault)
+
+    # ---- inspection ---------------------------------------------------------
+
+    @property
+    def predictions(self) -> dict[str, dict]:
+        """Snapshot: id -> prediction JSON as ``GET /v1/predictions/{id}`` would return it now."""
+        with self._cond:
+            self._advance()
+            return {pid: self._to_json(self._preds[pid]) for pid in self._order}
+
+    def created(self) -> list[dict]:
+        """Predictions created so far (their current JSON), in creation order."""
+        with self._cond:
+            self._advance()
+            return [self._to_json(self._preds[pid]) for pid in self._order]
+
+    def wait_for(self, predicate: Callable[["FakeReplicate"], bool], timeout: float = 5.0) -> None:
+        """Block until ``predicate(self)`` is true; raise TimeoutError after ``timeout`` seconds.
+
+        Re-evaluated whenever a request arrives or a prediction changes state.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(predicate(self)), timeout=timeout):
+                raise TimeoutError(f"condition not met within {timeout}s")
+
+    def requests_to(self, path_prefix: str, method: str | None = None) -> list[RecordedRequest]:
+        """Convenience: recorded requests whose path starts with ``path_prefix``."""
+        with self._cond:
+            return [
+                r for r in self.requests if r.path.startswith(path_prefix) and (method is None or r.method == method)
+            ]
+
+    # ---- state machine --------------------------------------------------------
+
+    def _scheduler(self) -> None:
+        with self._cond:
+            while not self._stopped.is_set():
+                self._advance()
+                dues = [d for p in self._preds.values() if (d := p.next_due()) is not None]
+                timeout = max(0.0, min(dues) - time.monotonic()) if dues else None
+                self._cond.wait(timeout=timeout)
+
+    def _advance(self, now: float | None = None) -> None:
+        """Apply all due transitions.  Caller holds the lock."""
+        now = time.monotonic() if now is None else now
+        changed = False
+        for p in self._preds.values():
+            if p.status == "starting" and now >= p.start_due:
+                p.status = "processing"
+                p.started_mono = p.start_due
+                p.logs = f"running quantized prediction\nUsing seed: {p.seed}\n"
+                changed = True
+            if p.status == "processing" and now >= p.done_due and not (p.rule and p.rule.never_finish):
+                self._finish(p, p.done_due)
+                changed = True
+        if changed:
+            self._cond.notify_all()
+
+    def _finish(self, p: _Pred, at: float) -> None:
+        rule = p.rule
+        p.completed_mono = at
+        if rule and rule.fail_error is not None:
+            p.status = "failed"
+            p.error = rule.fail_error
+            p.output = None
+        elif rule and rule.status is not None and rule.status != "succeeded":
+            p.status = rule.status
+            p.output = None
+        else:
+            p.status = "succeeded"
+            p.output = [self._output_item(p, i) for i in range(p.n_outputs)]
+            p.logs += f"Total safe images: {p.n_outputs} out of {self._requested_outputs(p)}\n"
+
+    def _cancel(self, p: _Pred) -> None:
+        if p.terminal:
+            return
+        now = time.monotonic()
+        if p.started_mono is None:
+            p.started_mono = now
+        p.completed_mono = now
+        p.status = "canceled"
+        p.output = None
+        self._cond.notify_all()
+
+    @staticmethod
+    def _requested_outputs(p: _Pred) -> int:
+        n = p.input.get("num_outputs", 1)
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+    def _output_item(self, p: _Pred, i: int) -> str:
+        if self.output_mode == "data":
+            if p.rule and p.rule.output_body is not None:
+                return "data:text/plain;base64," + base64.b64encode(p.rule.output_body).decode()
+            return "data:image/png;base64," + base64.b64encode(self._png(p.id, i)).decode()
+        return f"{self.base_url}/files/{p.id}/out-{i}.png"
+
+    def _png(self, pid: str, i: int) -> bytes:
+        key = (pid, i)
+        if key not in self._png_cache:
+            self._png_cache[key] = _png_bytes(f"{pid}:{i}")
+        return self._png_cache[key]
+
+    def _to_json(self, p: _Pred) -> dict:
+        api = f"{self.base_url}/v1/predictions/{p.id}"
+        d: dict[str, Any] = {
+            "id": p.id,
+            "model": p.model,
+            "version": p.version,
+            "input": copy.deepcopy(p.input),
+            "logs": p.logs,
+            "output": copy.deepcopy(p.output),
+            "data_removed": False,
+            "error": p.error,
+            "status": p.status,
+            "created_at": _iso(p.created_wall),
+            "source": "api",
+            "urls": {"cancel": f"{api}/cancel", "get": api, "web": f"https://replicate.com/p/{p.id}"},
+        }
+        d.update(copy.deepcopy(p.extra))
+        if p.started_mono is not None:
+            d["started_at"] = _iso(p.wall(p.started_mono))
+        if p.terminal and p.completed_mono is not None:
+            started = p.started_mono if p.started_mono is not None else p.completed_mono
+            d["started_at"] = _iso(p.wall(started))
+            d["completed_at"] = _iso(p.wall(p.completed_mono))
+            d["metrics"] = {
+                "predict_time": round(p.completed_mono - started, 6),
+                "total_time": round(p.completed_mono - p.created_mono, 6),
+            }
+            if p.status == "succeeded":
+                d["metrics"]["image_count"] = len(p.output or [])
+        return d
+
+    # ---- request handling --------------------------------------------------------
+
+    def _handle(self, rec: RecordedRequest, raw: bytes) -> _Response:
+        with self._cond:
+            self.requests.append(rec)
+            self._cond.notify_all()
+        path, method = rec.path, rec.method
+
+        if path.startswith("/files/"):
+            if method != "GET":
+                return self._json(405, _problem(405, f'Method "{method}" not allowed.'))
+            return self._serve_file(path)
+
+        if not path.startswith("/v1/"):
+            return self._json(404, _problem(404, "The requested resource could not be found."))
+
+        m_model_create = re.fullmatch(r"/v1/models/([^/]+)/([^/]+)/predictions", path)
+        is_create = method == "POST" and (m_model_create is not None or path == "/v1/predictions")
+        m_pred = re.fullmatch(r"/v1/predictions/([^/]+)", path)
+        is_get = method == "GET" and m_pred is not None
+
+        if is_create or is_get:
+            fault = self._pop_fault(self._create_faults if is_create else self._get_faults)
+            if fault is not None:
+                resp = self._apply_fault(fault)
+                if resp is not None:
+                    return resp
+
+        if not self._authorized(rec.headers.get("authorization")):
+            return self._json(401, _problem(401, "You did not pass a valid authentication token", "Unauthenticated"))
+
+        if is_create:
+            return self._create(rec, m_model_create)
+        if m_pred is not None:
+            if is_get:
+                return self._get(m_pred.group(1))
+            return self._method_not_allowed(method)
+        m_cancel = re.fullmatch(r"/v1/predictions/([^/]+)/cancel", path)
+        if m_cancel is not None:
+            if method != "POST":
+                return self._method_not_allowed(method)
+            return self._cancel_req(m_cancel.group(1))
+        if path == "/v1/predictions":
+            if method != "GET":
+                return self._method_not_allowed(method)
+            return self._list()
+        if path == "/v1/webhooks/default/secret":
+            if method != "GET":
+                return self._method_not_allowed(method)
+            return self._json(200, {"key": self.webhook_secret})
+        m_version = re.fullmatch(r"/v1/models/([^/]+)/([^/]+)/versions/([^/]+)", path)
+        if m_version is not None and method == "GET":
+            model = f"{m_version.group(1)}/{m_version.group(2)}"
+            if not self._known_model(model):
+                return self._not_found()
+            return self._json(200, self._version_json(m_version.group(3)))
+        m_model = re.fullmatch(r"/v1/models/([^/]+)/([^/]+)", path)
+        if m_model is not None and method == "GET":
+            model = f"{m_model.group(1)}/{m_model.group(2)}"
+            if not self._known_model(model):
+                return self._not_found()
+            return self._json(200, self._model_json(m_model.group(1), m_model.group(2)))
+        if m_model_create is not None:
+            return self._method_not_allowed(method)
+        return self._not_found()
+
+    # -- helpers
+
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> _Response:
+        ctype = "application/problem+json" if status >= 400 else "application/json"
+        h = {"Content-Type": ctype}
+        if headers:
+            h.update(headers)
+        return status, h, json.dumps(obj, separators=(",", ":")).encode()
+
+    def _not_found(self) -> _Response:
+        return self._json(404, _problem(404, "The requested resource could not be found."))
+
+    def _method_not_allowed(self, method: str) -> _Response:
+        return self._json(405, _problem(405, f'Method "{method}" not allowed.'))
+
+    def _authorized(self, header: str | None) -> bool:
+        if not header:
+            return False
+        scheme, _, value = header.partition(" ")
+        return scheme.lower() in ("bearer", "token") and value.strip() == self.token
+
+    def _known_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def _pop_fault(self, queue: list[Fault]) -> Fault | None:
+        with self._cond:
+            return queue.pop(0) if queue else None
+
+    def _apply_fault(self, fault: Fault) -> _Response | None:
+        if fault.hang:
+            with self._cond:
+                self._cond.wait_for(self._stopped.is_set, timeout=fault.hang)
+        if fault.reset:
+            raise _Reset()
+        status = fault.status
+        if status is None and fault.raw_body is not None:
+            status = 502
+        if status is None and fault.retry_after is not None:
+            status = 429
+        if status is None:
+            return None  # hang-only fault: answer normally
+        headers: dict[str, str] = {}
+        if fault.retry_after is not None:
+            headers["Retry-After"] = str(fault.retry_after)
+        if fault.raw_body is not None:
+            headers["Content-Type"] = "text/html; charset=utf-8"
+            return status, headers, fault.raw_body
+        return self._json(status, _fault_problem(status, fault.retry_after), headers)
+
+    @staticmethod
+    def _parse_prefer(value: str | None) -> tuple[float | None, str | None]:
+        """Return (seconds to hold, Preference-Applied value) from a Prefer header."""
+        if not value:
+            return None, None
+        for token in re.split(r"[,;]", value):
+            token = token.strip()
+            if token.lower() == "wait":
+                return float(_MAX_WAIT), "wait"
+            m = re.fullmatch(r"(?i)wait\s*=\s*(\d+)", token)
+            if m:
+                n = min(int(m.group(1)), _MAX_WAIT)
+                if n <= 0:
+                    return None, None
+                return float(n), f"wait={n}"
+        return None, None
+
+    # -- endpoints
+
+    def _create(self, rec: RecordedRequest, m_model: re.Match | None) -> _Response:
+        body = rec.json
+        if rec.body and body is None:
+            return self._json(400, _problem(400, "JSON parse error - Expecting value", "Bad Request"))
+        if not isinstance(body, dict):
+            body = {}
+
+        if m_model is not None:
+            model = f"{m_model.group(1)}/{m_model.group(2)}"
+            if not self._known_model(model):
+                return self._not_found()
+            version = FLUX_SCHNELL_VERSION if model == FLUX_SCHNELL else "dp-" + hashlib.md5(model.encode()).hexdigest()
+        else:
+            version = body.get("version")
+            if not isinstance(version, str) or not version:
+                return self._json(
+                    422,
+                    _problem(
+                        422,
+                        "- version: version is required\n",
+                        "Input validation failed",
+                        invalid_fields=[{"type": "required", "field": "version", "description": "version is required"}],
+                    ),
+                )
+            if ":" in version:  # "owner/name:version" is accepted by the API too
+                version = version.rsplit(":", 1)[1]
+            model = self.models[0] if self.models else FLUX_SCHNELL
+
+        inp = body.get("input")
+        if not isinstance(inp, dict):
+            errors = [{"type": "required", "field": "(root)", "description": "input is required"}]
+        else:
+            errors = _validate_flux_schnell(inp) if model == FLUX_SCHNELL else _validate_generic(inp)
+        if errors:
+            detail = "".join(f"- {e['field']}: {e['description']}\n" for e in errors)
+            return self._json(422, _problem(422, detail, "Input validation failed", invalid_fields=errors))
+
+        hold, applied = self._parse_prefer(rec.headers.get("prefer"))
+        prompt = inp.get("prompt", "")
+        extra = {k: body[k] for k in ("webhook", "webhook_completed", "webhook_events_filter") if k in body}
+
+        with self._cond:
+            rule = next((r for r in self._rules if r.match in prompt), None)
+            latency = rule.latency if rule and rule.latency is not None else self.latency
+            starting = rule.starting if rule and rule.starting is not None else latency / 2
+            requested = inp.get("num_outputs", 1)
+            if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
+                requested = 1
+            n_out = rule.outputs if rule and rule.outputs is not None else requested
+            seed = inp.get("seed")
+            pid = _new_id()
+            while pid in self._preds:
+                pid = _new_id()
+            pred = _Pred(
+                id=pid,
+                model=model,
+                version=version,
+                input=copy.deepcopy(inp),
+                created_mono=time.monotonic(),
+                created_wall=time.time(),
+                latency=max(0.0, latency),
+                starting=max(0.0, starting),
+                rule=rule,
+                n_outputs=max(0, n_out),
+                seed=seed if isinstance(seed, int) else secrets.randbelow(2**31),
+                extra=extra,
+            )
+            self._preds[pid] = pred
+            self._order.append(pid)
+            initial = self._to_json(pred)  # always "starting", output null
+            self._cond.notify_all()
+
+            if hold is None:
+                initial.pop("output", None)  # async create: no output key, like the real API
+                return self._json(201, initial, self._ratelimit_headers(create=True))
+
+            if self.wait_cap is not None:
+                hold = min(hold, self.wait_cap)
+            deadline = time.monotonic() + hold
+
+            def done() -> bool:
+                self._advance()
+                return pred.terminal or self._stopped.is_set()
+
+            self._cond.wait_for(done, timeout=max(0.0, deadline - time.monotonic()))
+            self._advance()
+            snap = self._to_json(pred)
+
+        headers = self._ratelimit_headers(create=True)
+        headers["Preference-Applied"] = applied or "wait"
+        if not pred.terminal:
+            headers["Location"] = snap["urls"]["get"]
+        return self._json(201, snap, headers)
+
+    def _get(self, pid: str) -> _Response:
+        with self._cond:
+            self._advance()
+            pred = self._preds.get(pid)
+            if pred is None:
+                return self._not_found()
+            return self._json(200, self._to_json(pred), self._ratelimit_headers())
+
+    def _cancel_req(self, pid: str) -> _Response:
+        with self._cond:
+            self._advance()
+            pred = self._preds.get(pid)
+            if pred is None:
+                return self._not_found()
+            self._cancel(pred)
+            return self._json(200, self._to_json(pred), self._ratelimit_headers())
+
+    def _list(self) -> _Response:
+        with self._cond:
+            self._advance()
+            results = [self._to_json(self._preds[pid]) for pid in reversed(self._order)]
+        return self._json(200, {"next": None, "previous": None, "results": results}, self._ratelimit_headers())
+
+    def _serve_file(self, path: str) -> _Response:
+        m = re.fullmatch(r"/files/([a-z0-9]+)/out-(\d+)\.png", path)
+        if m is None:
+            return self._not_found()
+        pid, idx = m.group(1), int(m.group(2))
+        with self._cond:
+            self._advance()
+            pred = self._preds.get(pid)
+            if pred is None or pred.status != "succeeded" or idx >= pred.n_outputs:
+                return self._json(404, _problem(404, "Not found"))
+            rule = pred.rule
+            if rule and rule.output_http_status is not None:
+                st = rule.output_http_status
+                try:
+                    phrase = HTTPStatus(st).phrase
+                except ValueError:
+                    phrase = "Error"
+                return st, {"Content-Type": "text/plain; charset=utf-8"}, phrase.encode()
+            if rule and rule.output_body is not None:
+                return 200, {"Content-Type": "text/plain; charset=utf-8"}, rule.output_body
+            data = self._png(pid, idx)
+        return 200, {"Content-Type": "image/png", "Cache-Control": "public, max-age=3600"}, data
+
+    @staticmethod
+    def _ratelimit_headers(create: bool = False) -> dict[str, str]:
+        if create:
+            return {"ratelimit-remaining": "599", "ratelimit-reset": "1"}
+        return {"ratelimit-remaining": "2999", "ratelimit-reset": "59999"}
+
+    def _version_json(self, version_id: str) -> dict:
+        return {
+            "id": version_id,
+            "created_at": "2024-07-30T00:00:00.000000Z",
+            "cog_version": "0.9.19",
+            "openapi_schema": {
+                "openapi": "3.0.2",
+                "info": {"title": "Cog", "version": "0.1.0"},
+                "paths": {},
+                "components": {
+                    "schemas": {
+                        "Input": {
+                            "type": "object",
+                            "title": "Input",
+                            "required": ["prompt"],
+                            "properties": {
+                                "prompt": {"type": "string", "title": "Prompt", "x-order": 0},
+                                "num_outputs": {"type": "integer", "default": 1, "minimum": 1, "maximum": 4},
+                                "num_inference_steps": {"type": "integer", "default": 4, "minimum": 1, "maximum": 4},
+                            },
+                        },
+                        "Output": {
+                            "type": "array",
+                            "title": "Output",
+                            "items": {"type": "string", "format": "uri"},
+                        },
+                    }
+                },
+            },
+        }
+
+    def _model_json(self, owner: str, name: str) -> dict:
+        version = FLUX_SCHNELL_VERSION if f"{owner}/{name}" == FLUX_SCHNELL else "dp-" + hashlib.md5(
+            f"{owner}/{name}".encode()
+        ).hexdigest()
+        return {
+            "url": f"https://replicate.com/{owner}/{name}",
+            "owner": owner,
+            "name": name,
+            "description": "Fake model served by FakeReplicate",
+            "visibility": "public",
+            "github_url": None,
+            "paper_url": None,
+            "license_url": None,
+            "run_count": len(self._order),
+            "cover_image_url": None,
+            "default_example": None,
+            "latest_version": self._version_json(version),
+        }
