@@ -1,0 +1,135 @@
+"""Login, the OAuth2 form for Swagger, /me, and every way a token can be wrong."""
+
+import base64
+import json
+import threading
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from jose import jwt
+
+from app.core.config import PLACEHOLDER_JWT_SECRET
+from app.core.security import create_access_token
+from app.services import auth_service
+from main import create_app
+from tests.conftest import ALICE, BOB, make_settings
+
+
+@pytest.fixture
+def client(tmp_path):
+    with TestClient(create_app(make_settings(tmp_path))) as test_client:
+        yield test_client
+
+
+def _me(client, token):
+    return client.get("/api/auth/me", headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.mark.parametrize("user", [ALICE, BOB])
+def test_demo_users_log_in_and_see_themselves(client, user):
+    response = client.post("/api/auth/login", json={"email": user[0], "password": user[1]})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["token_type"] == "bearer"
+    assert body["expires_in"] == 60 * 60
+    me = _me(client, body["access_token"])
+    assert me.status_code == 200
+    assert me.json()["email"] == user[0]
+
+
+def test_email_is_case_and_space_insensitive(client):
+    response = client.post("/api/auth/login", json={"email": "  Alice@MyFlix.dev ", "password": ALICE[1]})
+    assert response.status_code == 200
+
+
+def test_swagger_password_flow_takes_the_email_as_username(client):
+    response = client.post("/api/auth/token", data={"username": ALICE[0], "password": ALICE[1]})
+    assert response.status_code == 200
+    assert _me(client, response.json()["access_token"]).json()["email"] == ALICE[0]
+    scheme = client.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert scheme["OAuth2PasswordBearer"]["flows"]["password"]["tokenUrl"] == "/api/auth/token"
+
+
+def test_wrong_password_and_unknown_user_get_the_same_401_after_the_same_work(client, monkeypatch):
+    verified_hashes = []
+    real_verify = auth_service.verify_password
+
+    def spy(password, password_hash):
+        verified_hashes.append(password_hash)
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth_service, "verify_password", spy)
+    wrong = client.post("/api/auth/login", json={"email": ALICE[0], "password": "nope"})
+    unknown = client.post("/api/auth/login", json={"email": "mallory@myflix.dev", "password": "nope"})
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json() == unknown.json() == {"detail": "Incorrect email or password"}
+    # Both paths pay for one bcrypt verification, so timing does not tell them apart.
+    assert len(verified_hashes) == 2
+    assert all(h.startswith("$2b$12$") for h in verified_hashes)
+
+
+def test_password_hashing_runs_off_the_event_loop(client, monkeypatch):
+    threads = []
+    real_verify = auth_service.verify_password
+
+    def spy(password, password_hash):
+        threads.append(threading.current_thread())
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth_service, "verify_password", spy)
+    loop_thread = client.portal.call(lambda: threading.current_thread())
+    assert client.post("/api/auth/login", json={"email": ALICE[0], "password": ALICE[1]}).status_code == 200
+    assert threads and threads[0] is not loop_thread
+
+
+@pytest.mark.parametrize("route", ["login", "token"])
+def test_password_over_72_bytes_is_a_clear_422(client, route):
+    password = "é" * 37  # 74 bytes in UTF-8, 37 characters
+    if route == "login":
+        response = client.post("/api/auth/login", json={"email": ALICE[0], "password": password})
+    else:
+        response = client.post("/api/auth/token", data={"username": ALICE[0], "password": password})
+    assert response.status_code == 422
+    assert "72 bytes" in response.json()["detail"]
+
+
+def test_malformed_login_body_is_422(client):
+    assert client.post("/api/auth/login", json={"email": ALICE[0]}).status_code == 422
+    assert client.post("/api/auth/login", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def _forged_tokens() -> dict[str, str]:
+    secret = PLACEHOLDER_JWT_SECRET
+    valid = create_access_token(ALICE[0], secret, timedelta(minutes=5))
+    header, payload, signature = valid.split(".")
+    tampered_payload = _b64({"sub": BOB[0], "exp": 4102444800})
+    return {
+        "expired": create_access_token(ALICE[0], secret, timedelta(seconds=-10)),
+        "tampered": f"{header}.{tampered_payload}.{signature}",
+        "bad signature": f"{header}.{payload}.{signature[:-4]}AAAA",
+        "alg none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{payload}.",
+        "foreign secret": create_access_token(ALICE[0], "someone-elses-secret", timedelta(minutes=5)),
+        "unknown subject": create_access_token("mallory@myflix.dev", secret, timedelta(minutes=5)),
+        "no expiry": jwt.encode({"sub": ALICE[0]}, secret, algorithm="HS256"),
+        "HS512": jwt.encode({"sub": ALICE[0], "exp": 4102444800}, secret, algorithm="HS512"),
+        "garbage": "not-a-jwt",
+    }
+
+
+@pytest.mark.parametrize("kind", list(_forged_tokens()))
+def test_bad_tokens_are_refused_with_401(client, kind):
+    response = _me(client, _forged_tokens()[kind])
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Could not validate credentials"}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_missing_token_is_401(client):
+    response = client.get("/api/auth/me")
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Not authenticated"}

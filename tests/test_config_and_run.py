@@ -1,0 +1,121 @@
+"""Settings precedence, run.py's checks, CORS and the log lines."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.core.config import PROJECT_ROOT, Settings
+from app.core.logging import JsonFormatter
+from tests.conftest import create_job, login, read_stream
+
+
+def test_environment_overrides_env_local_which_overrides_env(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("LOG_LEVEL=DEBUG\nMAX_IMAGES_PER_JOB=5\nPORT=9001\n")
+    (tmp_path / ".env.local").write_text("MAX_IMAGES_PER_JOB=6\nPORT=9002\n")
+    monkeypatch.setenv("PORT", "9003")
+    monkeypatch.delenv("LOG_LEVEL", raising=False)
+    monkeypatch.delenv("MAX_IMAGES_PER_JOB", raising=False)
+    settings = Settings(_env_file=(tmp_path / ".env", tmp_path / ".env.local"))
+    assert (settings.LOG_LEVEL, settings.MAX_IMAGES_PER_JOB, settings.PORT) == ("DEBUG", 6, 9003)
+
+
+def test_provider_defaults_to_replicate_only_with_a_token(monkeypatch):
+    monkeypatch.delenv("IMAGE_PROVIDER", raising=False)
+    assert Settings(REPLICATE_API_TOKEN=None).image_provider == "local"
+    assert Settings(REPLICATE_API_TOKEN="r8_x").image_provider == "replicate"
+    assert Settings(REPLICATE_API_TOKEN="r8_x", IMAGE_PROVIDER="local").image_provider == "local"
+
+
+def test_comma_separated_cors_origins_and_json_replicate_input():
+    settings = Settings(CORS_ORIGINS="http://a.test, http://b.test", REPLICATE_INPUT='{"aspect_ratio": "16:9"}')
+    assert settings.CORS_ORIGINS == ["http://a.test", "http://b.test"]
+    assert settings.REPLICATE_INPUT == {"aspect_ratio": "16:9"}
+    with pytest.raises(ValueError, match="JSON object"):
+        Settings(REPLICATE_INPUT="[1, 2]")
+
+
+def _run_py(env_overrides: dict[str, str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICATE_", "JWT_", "IMAGE_"))}
+    env.update(env_overrides)
+    return subprocess.Popen(
+        [sys.executable, "run.py"], cwd=PROJECT_ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_run_py_refuses_the_placeholder_secret_in_production():
+    process = _run_py({"ENVIRONMENT": "production"})
+    out, err = process.communicate(timeout=30)
+    assert process.returncode != 0
+    assert "JWT_SECRET_KEY" in err and "placeholder" in err
+
+
+def test_run_py_refuses_an_unknown_provider():
+    process = _run_py({"IMAGE_PROVIDER": "dalle"})
+    _, err = process.communicate(timeout=30)
+    assert process.returncode != 0
+    assert "unknown IMAGE_PROVIDER 'dalle'" in err
+
+
+def test_run_py_says_what_is_active_and_serves(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = _run_py({"PORT": str(port), "DATA_DIR": str(tmp_path), "ENVIRONMENT": "development"})
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "API docs" in line:
+                break
+        banner = "".join(lines)
+        assert "image provider: local" in banner
+        assert "alice@myflix.dev" in banner and "bob@myflix.dev" in banner
+        assert "development placeholder" in banner
+        assert f":{port}" in banner
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_cors_allows_only_the_configured_origins(live_server):
+    with live_server(CORS_ORIGINS="http://localhost:5173") as server, server.client() as client:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        allowed = client.options("/api/generate/", headers={"Origin": "http://localhost:5173", **preflight})
+        refused = client.options("/api/generate/", headers={"Origin": "http://evil.test", **preflight})
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:5173"
+    assert "access-control-allow-origin" not in refused.headers
+
+
+def test_one_line_per_request_and_state_change_with_no_token(live_server, caplog):
+    caplog.set_level(logging.INFO)
+    with live_server() as server, server.client() as client:
+        token = login(client)
+        job_id = create_job(client, token, prompt="logged", num_images=2)
+        read_stream(client, job_id, params={"access_token": token})
+    records = caplog.records
+    job_lines = [r for r in records if getattr(r, "job_id", None) == job_id]
+    # accepted, 2 × (queued, running, succeeded), done
+    assert [r.getMessage() for r in job_lines].count("image succeeded") == 2
+    assert len(job_lines) == 1 + 2 * 3 + 1
+    requests = [r for r in records if r.name == "myflix.request"]
+    assert {r.path for r in requests} >= {"/api/auth/login", "/api/generate/", f"/api/generate/{job_id}/stream"}
+    everything = "\n".join(f"{r.getMessage()} {vars(r)}" for r in records)
+    assert token not in everything
+    assert "alice-wonderland" not in everything
+
+
+def test_json_log_lines_carry_the_structured_fields():
+    record = logging.LogRecord("myflix.jobs", logging.INFO, __file__, 1, "image %s", ("running",), None)
+    record.job_id = "job_1"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "image running"
+    assert line["job_id"] == "job_1"
+    assert line["level"] == "INFO"

@@ -1,0 +1,155 @@
+"""The Replicate provider, through the real `replicate` client, against the fake server."""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from app.providers.base import ImageRequest, ProviderError
+from app.providers.replicate import ReplicateProvider
+from tests.fake_replicate import Fault, Rule
+
+
+def _provider(fake, **overrides) -> ReplicateProvider:
+    options = dict(
+        api_token=fake.token,
+        model="black-forest-labs/flux-schnell",
+        base_url=fake.base_url,
+        extra_input={"aspect_ratio": "16:9", "output_format": "png"},
+        max_retries=3,
+        poll_interval=0.05,
+    )
+    options.update(overrides)
+    return ReplicateProvider(**options)
+
+
+def _request(prompt="a lighthouse at dawn", index=0, seed=None) -> ImageRequest:
+    return ImageRequest(job_id="job_test", index=index, prompt=prompt, seed=seed)
+
+
+def _creates(fake):
+    return fake.requests_to("/v1/models/black-forest-labs/flux-schnell/predictions", method="POST")
+
+
+def test_success_returns_the_output_url_of_one_sync_prediction(fake_replicate):
+    image = _provider(fake_replicate).generate(_request(seed=42))
+    [create] = _creates(fake_replicate)
+    assert create.headers["authorization"] == f"Bearer {fake_replicate.token}"
+    assert create.headers["prefer"] == "wait"
+    assert create.json == {
+        "input": {
+            "aspect_ratio": "16:9",
+            "output_format": "png",
+            "prompt": "a lighthouse at dawn",
+            "num_outputs": 1,
+            "seed": 42,
+        }
+    }
+    [prediction] = fake_replicate.created()
+    assert image.url == fake_replicate.predictions[prediction["id"]]["output"][0]
+    assert httpx.get(image.url).headers["content-type"] == "image/png"
+
+
+def test_failed_prediction_becomes_the_image_error_without_retry(fake_replicate):
+    fake_replicate.add_rule(Rule(match="forbidden", fail_error="NSFW content detected. Try a different prompt."))
+    with pytest.raises(ProviderError, match="NSFW content detected"):
+        _provider(fake_replicate).generate(_request("something forbidden"))
+    assert len(_creates(fake_replicate)) == 1
+
+
+def test_429_on_create_is_retried_after_retry_after(fake_replicate):
+    fake_replicate.push_create_fault(Fault(status=429, retry_after=1))
+    started = time.monotonic()
+    image = _provider(fake_replicate).generate(_request())
+    assert image.url
+    assert len(_creates(fake_replicate)) == 2
+    assert time.monotonic() - started >= 1.0  # honoured Retry-After: 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_server_error_on_create_is_retried(fake_replicate, status):
+    fake_replicate.push_create_fault(Fault(status=status))
+    assert _provider(fake_replicate).generate(_request()).url
+    assert len(_creates(fake_replicate)) == 2
+
+
+def test_connection_reset_is_retried(fake_replicate):
+    fake_replicate.push_create_fault(Fault(reset=True))
+    assert _provider(fake_replicate).generate(_request()).url
+    assert len(_creates(fake_replicate)) == 2
+
+
+def test_retries_are_bounded(fake_replicate):
+    for _ in range(5):
+        fake_replicate.push_create_fault(Fault(status=503, retry_after=0))
+    with pytest.raises(ProviderError, match="503"):
+        _provider(fake_replicate, max_retries=2).generate(_request())
+    assert len(_creates(fake_replicate)) == 3
+
+
+def test_401_is_not_retried_and_says_why(fake_replicate):
+    with pytest.raises(ProviderError, match="401") as caught:
+        _provider(fake_replicate, api_token="r8_wrong").generate(_request())
+    assert "authentication token" in str(caught.value)
+    assert len(_creates(fake_replicate)) == 1
+
+
+def test_422_input_validation_is_not_retried(fake_replicate):
+    with pytest.raises(ProviderError, match="422"):
+        _provider(fake_replicate, extra_input={"num_inference_steps": 9}).generate(_request())
+    assert len(_creates(fake_replicate)) == 1
+
+
+def test_prediction_outlasting_prefer_wait_is_polled_to_the_end(fake_replicate):
+    fake_replicate.wait_cap = 0.05
+    fake_replicate.latency = 0.4
+    image = _provider(fake_replicate).generate(_request())
+    [prediction] = fake_replicate.created()
+    polls = fake_replicate.requests_to(f"/v1/predictions/{prediction['id']}", method="GET")
+    assert polls, "the prediction was never polled"
+    assert fake_replicate.predictions[prediction["id"]]["status"] == "succeeded"
+    assert image.url == fake_replicate.predictions[prediction["id"]]["output"][0]
+
+
+def test_a_versioned_model_creates_through_predictions(fake_replicate):
+    provider = _provider(fake_replicate, model="black-forest-labs/flux-schnell:abc123")
+    assert provider.generate(_request()).url
+    [create] = fake_replicate.requests_to("/v1/predictions", method="POST")
+    assert create.json["version"] == "abc123"
+
+
+def test_data_url_outputs_are_accepted(fake_replicate):
+    fake_replicate.output_mode = "data"
+    image = _provider(fake_replicate).generate(_request())
+    assert image.url.startswith("data:image/png;base64,")
+
+
+def test_empty_output_is_a_clear_error(fake_replicate):
+    fake_replicate.add_rule(Rule(match="filtered", outputs=0))
+    with pytest.raises(ProviderError, match="no image"):
+        _provider(fake_replicate).generate(_request("filtered away"))
+
+
+def test_cancel_while_polling_cancels_the_prediction(fake_replicate):
+    fake_replicate.wait_cap = 0.05
+    fake_replicate.add_rule(Rule(match="forever", never_finish=True))
+    request = _request("forever and ever")
+    provider = _provider(fake_replicate)
+    outcome = []
+
+    def generate():
+        try:
+            provider.generate(request)
+        except ProviderError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    fake_replicate.wait_for(lambda fake: bool(fake.requests_to("/v1/predictions/", method="GET")))
+    request.canceled.set()
+    worker.join(timeout=5)
+    assert not worker.is_alive()
+    assert outcome == ["canceled"]
+    [prediction] = fake_replicate.created()
+    assert fake_replicate.predictions[prediction["id"]]["status"] == "canceled"
