@@ -43,16 +43,24 @@ def _service(tmp_path, provider, max_images=8):
     return GenerationService(provider, LocalImageStore(tmp_path), max_workers=4, max_images_per_job=max_images)
 
 
-def test_one_image_failing_does_not_stop_the_others(tmp_path):
+def _run_one_job(tmp_path, provider, **job):
+    """Start a service, run one job to its end, stop the service; returns (job, events)."""
+
     async def scenario():
-        service = _service(tmp_path, ScriptedProvider(failing={1}, crashing={2}))
+        service = _service(tmp_path, provider)
         await service.start()
         try:
-            return await _run_job(service, prompt="p", num_images=4, seed=None)
+            return await _run_job(service, **job)
         finally:
             await service.shutdown()
 
-    job, events = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_one_image_failing_does_not_stop_the_others(tmp_path):
+    job, events = _run_one_job(
+        tmp_path, ScriptedProvider(failing={1}, crashing={2}), prompt="p", num_images=4, seed=None
+    )
     done = events[-1]
     assert done.name == "done"
     assert job.status == "partial"
@@ -64,15 +72,7 @@ def test_one_image_failing_does_not_stop_the_others(tmp_path):
 
 
 def test_every_image_failing_makes_a_failed_job(tmp_path):
-    async def scenario():
-        service = _service(tmp_path, ScriptedProvider(failing={0, 1}))
-        await service.start()
-        try:
-            return await _run_job(service, prompt="p", num_images=2, seed=None)
-        finally:
-            await service.shutdown()
-
-    job, events = asyncio.run(scenario())
+    job, _ = _run_one_job(tmp_path, ScriptedProvider(failing={0, 1}), prompt="p", num_images=2, seed=None)
     assert job.status == "failed"
     assert job.ttfi_ms is None and job.total_ms is not None
 
@@ -86,16 +86,7 @@ def test_images_run_on_the_worker_pool_with_seed_plus_index(tmp_path):
             return super().generate(request)
 
     provider = Recording()
-
-    async def scenario():
-        service = _service(tmp_path, provider)
-        await service.start()
-        try:
-            return await _run_job(service, prompt="p", num_images=3, seed=100)
-        finally:
-            await service.shutdown()
-
-    asyncio.run(scenario())
+    _run_one_job(tmp_path, provider, prompt="p", num_images=3, seed=100)
     assert sorted(seen) == [(0, 100), (1, 101), (2, 102)]
     assert all(name.startswith("image") for name in provider.threads)
 
