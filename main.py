@@ -9,12 +9,23 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app.core.config import Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
+from app.core.security import ImageUrlSigner, derive_key
+from app.db.engine import create_engine, create_sessionmaker
+from app.db.migrate import upgrade_database
+from app.db.repository import Repository
 from app.providers import create_provider
 from app.routers import auth, generation, images
 from app.routers.errors import register_error_handlers
-from app.services.auth_service import DEMO_USERS, AuthService
+from app.services.auth_service import AuthService, seed_demo_users, stored_users
 from app.services.generation_service import GenerationService
 from app.services.image_store import LocalImageStore
+from app.services.journal import Journal
+
+
+def _image_url_secret(settings: Settings) -> bytes:
+    if settings.IMAGE_URL_SECRET is not None:
+        return settings.IMAGE_URL_SECRET.get_secret_value().encode()
+    return derive_key(settings.JWT_SECRET_KEY.get_secret_value(), "image-urls")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -23,18 +34,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        image_store = LocalImageStore(settings.images_dir)
+        settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(settings.database_url)
+        await upgrade_database(engine)
+        repository = Repository(create_sessionmaker(engine))
+        await seed_demo_users(repository)
+        journal = Journal(create_sessionmaker(engine))
+        journal.start()
+        image_store = LocalImageStore(settings.image_store_dir)
+        signer = ImageUrlSigner(_image_url_secret(settings), settings.IMAGE_URL_TTL_SECONDS)
         generation_service = GenerationService(
             provider=create_provider(settings),
             image_store=image_store,
+            repository=repository,
+            journal=journal,
+            url_signer=signer,
             max_workers=settings.GENERATION_MAX_WORKERS,
             max_images_per_job=settings.MAX_IMAGES_PER_JOB,
+            max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
+            shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
         )
         await generation_service.start()
         app.state.settings = settings
         app.state.image_store = image_store
+        app.state.image_url_signer = signer
         app.state.auth_service = AuthService(
-            users=DEMO_USERS,
+            find_user=stored_users(repository),
             jwt_secret=settings.JWT_SECRET_KEY.get_secret_value(),
             token_lifetime=timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES),
         )
@@ -43,11 +68,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await generation_service.shutdown()
+            await engine.dispose()
 
     app = FastAPI(
         title="MyFlix backend",
         description="JWT login and AI image generation with live progress over Server-Sent Events.",
-        version="0.1.0",
+        version="0.2.0",
         lifespan=lifespan,
     )
     app.dependency_overrides[get_settings] = lambda: settings
@@ -56,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_origins=settings.CORS_ORIGINS,
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
+        expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
     )
     app.add_middleware(RequestLogMiddleware)
     register_error_handlers(app)

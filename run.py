@@ -25,8 +25,9 @@ def main() -> int:
 
     print(f"MyFlix backend ({settings.ENVIRONMENT}) on http://{settings.HOST}:{settings.PORT}")
     print(f"  image provider: {provider.name}, model {provider.model}")
-    print(f"  demo users:     {', '.join(DEMO_USERS)} (passwords in the README)")
-    print(f"  data directory: {settings.DATA_DIR}")
+    print(f"  demo users:     {', '.join(r.user.email for r in DEMO_USERS)} (passwords in the README)")
+    print(f"  database:       {settings.database_url.split('@')[-1]}")
+    print(f"  image store:    {settings.image_store_dir}")
     if settings.uses_placeholder_secret:
         print("  WARNING: JWT_SECRET_KEY is the development placeholder; tokens are not secure.")
     print(f"  API docs:       http://{settings.HOST}:{settings.PORT}/docs", flush=True)

@@ -21,15 +21,23 @@ def test_an_eight_image_job_makes_eight_predictions_concurrently(live_server, fa
         token = login(client)
         job_id = create_job(client, token, prompt="a castle on a hill", num_images=8, seed=10)
         events = read_stream(client, job_id, params={"access_token": token})
-    done = events[-1].data
-    assert done["status"] == "succeeded"
-    created = fake_replicate.created()
-    assert len(created) == 8
-    assert sorted(p["input"]["seed"] for p in created) == list(range(10, 18))
-    assert all(p["input"]["output_format"] == "png" and p["input"]["num_outputs"] == 1 for p in created)
-    outputs = {fake_replicate.predictions[p["id"]]["output"][0] for p in created}
-    assert {image["url"] for image in done["images"]} == outputs
-    assert done["total_ms"] < 8 * 300  # concurrent, not in sequence
+        done = events[-1].data
+        assert done["status"] == "succeeded"
+        created = fake_replicate.created()
+        assert len(created) == 8
+        assert sorted(p["input"]["seed"] for p in created) == list(range(10, 18))
+        assert all(p["input"]["output_format"] == "png" and p["input"]["num_outputs"] == 1 for p in created)
+        assert done["total_ms"] < 8 * 300  # concurrent, not in sequence
+
+        # Each output was fetched once into our own store; the links point at this service.
+        by_seed = {p["input"]["seed"]: fake_replicate.predictions[p["id"]]["output"][0] for p in created}
+        for image in done["images"]:
+            assert image["url"].startswith(server.base_url + "/api/images/")
+            ours = client.get(image["url"])
+            assert ours.status_code == 200 and ours.headers["content-type"] == "image/png"
+            assert ours.content == client.get(by_seed[10 + image["index"]]).content
+        downloads = fake_replicate.requests_to("/files/", method="GET")
+        assert len(downloads) == 8 + 8  # the service's fetches, then this test's
 
 
 def test_failures_and_retries_surface_per_image(live_server, fake_replicate):

@@ -1,58 +1,88 @@
-"""The generation service on its own: no HTTP, a scripted provider."""
+"""The generation service on its own: no HTTP, a scripted provider, a SQLite file."""
 
 import asyncio
 import threading
+from contextlib import asynccontextmanager
 
 import pytest
 
+from app.core.security import ImageUrlSigner
+from app.db.engine import create_engine, create_sessionmaker
+from app.db.migrate import upgrade_database
+from app.db.repository import Repository
 from app.providers.base import GeneratedImage, ImageRequest, ProviderError
-from app.services.generation_service import GenerationService, JobNotFoundError, TooManyImagesError
-from app.services.image_store import LocalImageStore
 from app.providers.local import render_image
+from app.services.auth_service import seed_demo_users
+from app.services.generation_service import (
+    GenerationService,
+    JobNotFoundError,
+    TooManyActiveJobsError,
+    TooManyImagesError,
+)
+from app.services.image_store import LocalImageStore
+from app.services.journal import Journal
+from app.services.scheduler import FairScheduler
+
+OWNER = "alice@myflix.dev"
 
 
 class ScriptedProvider:
-    """Fails the images whose index is in `failing`; `crashing` raises a non-provider error."""
+    """Fails the images whose index is in `failing`; `crashing` raises a non-provider error;
+    with `gate`, every image waits for it to open."""
 
     name = "scripted"
     model = "scripted-1"
 
-    def __init__(self, failing=(), crashing=()):
-        self.failing, self.crashing = set(failing), set(crashing)
-        self.threads: set[str] = set()
+    def __init__(self, failing=(), crashing=(), gate: threading.Event | None = None):
+        self.failing, self.crashing, self.gate = set(failing), set(crashing), gate
+        self.calls: list[tuple[int, int | None, str]] = []
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
-        self.threads.add(threading.current_thread().name)
+        self.calls.append((request.index, request.seed, threading.current_thread().name))
+        if self.gate is not None:
+            self.gate.wait(10)
         if request.index in self.failing:
             raise ProviderError(f"image {request.index} was refused")
         if request.index in self.crashing:
             raise KeyError("bug")
-        return GeneratedImage(content=render_image(request.prompt, request.seed, request.index), content_type="image/png")
+        return GeneratedImage(content=render_image(request.prompt, request.seed, request.index))
 
     def close(self):
         pass
 
 
-async def _run_job(service, **kwargs):
-    job = service.create_job(owner="alice@myflix.dev", image_base_url="http://test", **kwargs)
-    events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
-    return job, events
+@asynccontextmanager
+async def running_service(tmp_path, provider, **limits):
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
+    await upgrade_database(engine)
+    repository = Repository(create_sessionmaker(engine))
+    await seed_demo_users(repository)
+    journal = Journal(create_sessionmaker(engine))
+    journal.start()
+    options = dict(max_workers=4, max_images_per_job=8, max_active_jobs_per_user=4, shutdown_grace_seconds=1)
+    options.update(limits)
+    service = GenerationService(
+        provider, LocalImageStore(tmp_path / "images"), repository, journal,
+        ImageUrlSigner(b"k", 60), **options,
+    )
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.shutdown()
+        await engine.dispose()
 
 
-def _service(tmp_path, provider, max_images=8):
-    return GenerationService(provider, LocalImageStore(tmp_path), max_workers=4, max_images_per_job=max_images)
+async def _run_job(service, **job):
+    created, _ = await service.create_job(owner=OWNER, image_base_url="http://test", **job)
+    events = [event async for event in service.follow(created, 0, keepalive_seconds=5)]
+    return await service.get_job(created.id, OWNER), events
 
 
 def _run_one_job(tmp_path, provider, **job):
-    """Start a service, run one job to its end, stop the service; returns (job, events)."""
-
     async def scenario():
-        service = _service(tmp_path, provider)
-        await service.start()
-        try:
+        async with running_service(tmp_path, provider) as service:
             return await _run_job(service, **job)
-        finally:
-            await service.shutdown()
 
     return asyncio.run(scenario())
 
@@ -61,14 +91,13 @@ def test_one_image_failing_does_not_stop_the_others(tmp_path):
     job, events = _run_one_job(
         tmp_path, ScriptedProvider(failing={1}, crashing={2}), prompt="p", num_images=4, seed=None
     )
-    done = events[-1]
-    assert done.name == "done"
+    assert events[-1].name == "done"
+    assert '"status":"partial"' in events[-1].data
     assert job.status == "partial"
     statuses = {image.index: (image.status, image.error) for image in job.images}
     assert statuses[0][0] == statuses[3][0] == "succeeded"
     assert statuses[1] == ("failed", "image 1 was refused")
     assert statuses[2] == ("failed", "Internal error: KeyError")
-    assert '"status":"partial"' in done.data
 
 
 def test_every_image_failing_makes_a_failed_job(tmp_path):
@@ -78,31 +107,43 @@ def test_every_image_failing_makes_a_failed_job(tmp_path):
 
 
 def test_images_run_on_the_worker_pool_with_seed_plus_index(tmp_path):
-    seen = []
-
-    class Recording(ScriptedProvider):
-        def generate(self, request):
-            seen.append((request.index, request.seed))
-            return super().generate(request)
-
-    provider = Recording()
+    provider = ScriptedProvider()
     _run_one_job(tmp_path, provider, prompt="p", num_images=3, seed=100)
-    assert sorted(seen) == [(0, 100), (1, 101), (2, 102)]
-    assert all(name.startswith("image") for name in provider.threads)
+    assert sorted((index, seed) for index, seed, _ in provider.calls) == [(0, 100), (1, 101), (2, 102)]
+    assert all(thread.startswith("image") for _, _, thread in provider.calls)
 
 
 def test_limits_and_ownership_are_domain_errors(tmp_path):
+    gate = threading.Event()
+
     async def scenario():
-        service = _service(tmp_path, ScriptedProvider(), max_images=2)
-        await service.start()
-        try:
+        async with running_service(tmp_path, ScriptedProvider(gate=gate), max_images_per_job=2,
+                                   max_active_jobs_per_user=1) as service:
             with pytest.raises(TooManyImagesError):
-                service.create_job(owner="a", prompt="p", num_images=3, seed=None, image_base_url="http://t")
-            job, _ = await _run_job(service, prompt="p", num_images=1, seed=None)
+                await service.create_job(owner=OWNER, prompt="p", num_images=3, seed=None, image_base_url="http://t")
+            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t")
+            with pytest.raises(TooManyActiveJobsError) as too_many:
+                await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t")
+            assert too_many.value.retry_after > 0
             with pytest.raises(JobNotFoundError):
-                service.get_job(job.id, owner="someone-else")
-            assert service.get_job(job.id, owner="alice@myflix.dev") is job
-        finally:
-            await service.shutdown()
+                await service.get_job(job.id, owner="bob@myflix.dev")
+            assert (await service.get_job(job.id, owner=OWNER)) is job
+            gate.set()
 
     asyncio.run(scenario())
+
+
+def test_round_robin_takes_every_jobs_first_image_before_any_second():
+    started = []
+    scheduler = FairScheduler(0, started.append)
+    scheduler.push("A", ["A0", "A1", "A2", "A3"])
+    scheduler.push("B", ["B0", "B1"])
+    expected_positions = scheduler.positions_for_new_job(3)
+    scheduler.push("C", ["C0", "C1", "C2"])
+    order = ["A0", "B0", "C0", "A1", "B1", "C1", "A2", "C2", "A3"]
+    positions = {task: scheduler.position(task[0], task) for task in order}
+    assert sorted(order, key=positions.get) == order
+    assert expected_positions == [positions["C0"], positions["C1"], positions["C2"]] == [3, 6, 8]
+    for _ in order:
+        scheduler.release()
+    assert started == order

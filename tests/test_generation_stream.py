@@ -182,7 +182,9 @@ def test_creating_a_job_needs_a_token(live_server):
         assert client.post("/api/generate/", json={"prompt": "x", "num_images": 1}).status_code == 401
 
 
-def test_unknown_image_and_path_traversal_are_404(live_server):
+def test_unknown_image_and_path_traversal_are_refused(live_server):
     with live_server() as server, server.client() as client:
-        assert client.get("/api/images/job_nothing-0.png").status_code == 404
-        assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd").status_code == 404
+        signed = {"expires": "4102444800", "signature": "0" * 64}
+        assert client.get("/api/images/job_nothing-0.png", params=signed).status_code == 403
+        assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd", params=signed).status_code == 404
+        assert client.get("/api/images/job_nothing-0.png").status_code == 422  # unsigned

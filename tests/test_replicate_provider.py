@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from app.providers.base import ImageRequest, ProviderError
+from app.providers.base import ImageRequest, ImageStopped, ProviderError
 from app.providers.replicate import ReplicateProvider
 from tests.fake_replicate import Fault, Rule
 
@@ -141,15 +141,38 @@ def test_cancel_while_polling_cancels_the_prediction(fake_replicate):
     def generate():
         try:
             provider.generate(request)
-        except ProviderError as exc:
-            outcome.append(str(exc))
+        except ImageStopped:
+            outcome.append("stopped")
 
     worker = threading.Thread(target=generate)
     worker.start()
     fake_replicate.wait_for(lambda fake: bool(fake.requests_to("/v1/predictions/", method="GET")))
-    request.canceled.set()
+    request.stop.cancel()
     worker.join(timeout=5)
     assert not worker.is_alive()
-    assert outcome == ["canceled"]
+    assert outcome == ["stopped"]
     [prediction] = fake_replicate.created()
     assert fake_replicate.predictions[prediction["id"]]["status"] == "canceled"
+
+
+def test_interrupt_leaves_the_prediction_running_and_resume_follows_it(fake_replicate):
+    fake_replicate.wait_cap = 0.05
+    fake_replicate.latency = 0.6
+    reported = []
+    request = _request("interrupted")
+    request.on_prediction = reported.append
+    provider = _provider(fake_replicate)
+    worker = threading.Thread(target=lambda: pytest.raises(ImageStopped, provider.generate, request))
+    worker.start()
+    fake_replicate.wait_for(lambda fake: bool(fake.requests_to("/v1/predictions/", method="GET")))
+    request.stop.interrupt()
+    worker.join(timeout=5)
+    [prediction] = fake_replicate.created()
+    assert reported == [prediction["id"]]
+    assert fake_replicate.predictions[prediction["id"]]["status"] != "canceled"
+
+    resumed = _request("interrupted")
+    resumed.resume_prediction_id = prediction["id"]
+    image = provider.generate(resumed)
+    assert len(fake_replicate.created()) == 1  # re-attached, not created again
+    assert image.url == fake_replicate.predictions[prediction["id"]]["output"][0]

@@ -36,10 +36,20 @@ class Settings(BaseSettings):
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(60, ge=1)
 
     DATA_DIR: Path = Path("data")
+    # SQLAlchemy async URL; empty: a SQLite file under DATA_DIR.
+    DATABASE_URL: str | None = None
+    # Empty: under DATA_DIR/images.
+    IMAGE_STORE_DIR: Path | None = None
     # Where browsers reach this service, for image URLs; empty: taken from each request.
     PUBLIC_BASE_URL: str | None = None
 
+    # Signs image links; empty: derived from JWT_SECRET_KEY.
+    IMAGE_URL_SECRET: SecretStr | None = None
+    IMAGE_URL_TTL_SECONDS: int = Field(24 * 60 * 60, ge=1)
+
     MAX_IMAGES_PER_JOB: int = Field(8, ge=1, le=64)
+    MAX_ACTIVE_JOBS_PER_USER: int = Field(4, ge=1)
+    SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0)
     GENERATION_MAX_WORKERS: int = Field(16, ge=1, le=256)
     SSE_KEEPALIVE_SECONDS: float = Field(15.0, gt=0)
 
@@ -77,7 +87,7 @@ class Settings(BaseSettings):
             raise ValueError("REPLICATE_INPUT must be a JSON object")
         return value
 
-    @field_validator("REPLICATE_API_TOKEN", "REPLICATE_BASE_URL", "IMAGE_PROVIDER", "PUBLIC_BASE_URL", mode="before")
+    @field_validator("REPLICATE_API_TOKEN", "REPLICATE_BASE_URL", "IMAGE_PROVIDER", "PUBLIC_BASE_URL", "DATABASE_URL", "IMAGE_STORE_DIR", "IMAGE_URL_SECRET", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -106,8 +116,14 @@ class Settings(BaseSettings):
         return self.JWT_SECRET_KEY.get_secret_value() == PLACEHOLDER_JWT_SECRET
 
     @property
-    def images_dir(self) -> Path:
-        return self.DATA_DIR / "images"
+    def database_url(self) -> str:
+        return self.DATABASE_URL or f"sqlite+aiosqlite:///{self.DATA_DIR / 'myflix.db'}"
+
+    @property
+    def image_store_dir(self) -> Path:
+        if self.IMAGE_STORE_DIR is None:
+            return self.DATA_DIR / "images"
+        return self.IMAGE_STORE_DIR if self.IMAGE_STORE_DIR.is_absolute() else PROJECT_ROOT / self.IMAGE_STORE_DIR
 
 
 @lru_cache

@@ -1,6 +1,10 @@
 """Password hashing (passlib API, bcrypt) and access tokens (JWT HS256 via python-jose)."""
 
+import hashlib
+import hmac
+import time
 from datetime import datetime, timedelta, timezone
+from urllib.parse import urlencode
 
 from jose import JWTError, jwt
 from passlib.context import CryptContext
@@ -45,3 +49,37 @@ def decode_access_token(token: str, secret: str) -> str:
     if not isinstance(subject, str) or not subject:
         raise InvalidTokenError("token has no subject")
     return subject
+
+
+class InvalidImageSignatureError(Exception):
+    """The image link was tampered with or has expired."""
+
+
+class ImageUrlSigner:
+    """Signed, expiring image links: an <img src> cannot send a token, the link is the token."""
+
+    def __init__(self, secret: bytes, ttl_seconds: int) -> None:
+        self._secret = secret
+        self._ttl_seconds = ttl_seconds
+
+    def query(self, key: str, now: float | None = None) -> str:
+        expires = int((time.time() if now is None else now) + self._ttl_seconds)
+        return urlencode({"expires": expires, "signature": self._signature(key, expires)})
+
+    def verify(self, key: str, expires: int, signature: str, now: float | None = None) -> int:
+        """Return the seconds the link has left; raise InvalidImageSignatureError if none."""
+        if not hmac.compare_digest(self._signature(key, expires), signature):
+            raise InvalidImageSignatureError("invalid image signature")
+        remaining = expires - int(time.time() if now is None else now)
+        if remaining <= 0:
+            raise InvalidImageSignatureError("image link expired")
+        return remaining
+
+    def _signature(self, key: str, expires: int) -> str:
+        message = f"{key}\n{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+
+def derive_key(secret: str, purpose: str) -> bytes:
+    """A separate key per purpose from one configured secret."""
+    return hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).digest()

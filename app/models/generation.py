@@ -4,8 +4,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-ImageStatus = Literal["queued", "running", "succeeded", "failed"]
-JobStatus = Literal["queued", "running", "succeeded", "partial", "failed"]
+ImageStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+JobStatus = Literal["queued", "running", "succeeded", "partial", "failed", "canceled"]
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**31 - 1
@@ -38,6 +38,9 @@ class ImageResult(BaseModel):
     latency_ms: float | None = Field(
         default=None, description="Provider time of this image: from leaving the queue to finishing."
     )
+    queue_position: int | None = Field(
+        default=None, description="While queued: 1-based place among all images waiting for a worker."
+    )
 
 
 class JobSnapshot(BaseModel):
@@ -52,6 +55,11 @@ class JobSnapshot(BaseModel):
     total_ms: float | None = Field(description="Last image finished minus job accepted.")
 
 
+class JobPage(BaseModel):
+    jobs: list[JobSnapshot] = Field(description="Newest first.")
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
+
+
 class ProgressEvent(BaseModel):
     """`event: progress` — one per state change of one image."""
 
@@ -61,15 +69,18 @@ class ProgressEvent(BaseModel):
     url: str | None = None
     error: str | None = None
     elapsed_ms: float = Field(description="Since the job was accepted.")
-    completed: int = Field(description="Images finished (succeeded or failed) so far.")
+    completed: int = Field(description="Images finished (succeeded, failed or canceled) so far.")
     total: int
+    queue_position: int | None = Field(
+        default=None, description="On `queued`: 1-based place among all images waiting for a worker."
+    )
 
 
 class DoneEvent(BaseModel):
     """`event: done` — the last event of a job that ran to its end."""
 
     job_id: str
-    status: Literal["succeeded", "partial", "failed"]
+    status: Literal["succeeded", "partial", "failed", "canceled"]
     images: list[ImageResult]
     ttfi_ms: float | None
     total_ms: float

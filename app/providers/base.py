@@ -1,18 +1,51 @@
 """The one small protocol every image provider implements."""
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 
-@dataclass(frozen=True)
+class StopSignal:
+    """Tells a running provider call to stop: `cancel` (the user no longer wants the image:
+    cancel it at the provider too) or `interrupt` (this process is stopping: leave the work at
+    the provider running, to be re-attached after a restart)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: Literal["canceled", "interrupted"] | None = None
+
+    def cancel(self) -> None:
+        self.reason = "canceled"
+        self._event.set()
+
+    def interrupt(self) -> None:
+        self.reason = self.reason or "interrupted"
+        self._event.set()
+
+    @property
+    def canceled(self) -> bool:
+        return self.reason == "canceled"
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds, waking at once on a stop; True if stopped."""
+        return self._event.wait(timeout)
+
+
+@dataclass
 class ImageRequest:
     job_id: str
     index: int
     prompt: str
     seed: int | None
-    # Set when the image is no longer wanted; providers wait on it instead of sleeping.
-    canceled: threading.Event = field(default_factory=threading.Event, compare=False)
+    stop: StopSignal = field(default_factory=StopSignal)
+    # Work the provider started before a restart, to follow instead of starting anew.
+    resume_prediction_id: str | None = None
+    # Called (on the worker thread) with the id of provider-side work as soon as it exists.
+    on_prediction: Callable[[str], None] = field(default=lambda prediction_id: None)
 
 
 @dataclass(frozen=True)
@@ -20,7 +53,6 @@ class GeneratedImage:
     """Either the image itself (`content`) or where the provider left it (`url`)."""
 
     content: bytes | None = None
-    content_type: str | None = None
     url: str | None = None
 
 
@@ -28,12 +60,17 @@ class ProviderError(Exception):
     """The image could not be made; the message is shown to the user as the image's error."""
 
 
+class ImageStopped(Exception):
+    """The call ended early because `request.stop` was set."""
+
+
 class ImageProvider(Protocol):
     name: str
     model: str
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
-        """Make one image. Blocking: runs on a worker thread. Raises ProviderError."""
+        """Make one image. Blocking: runs on a worker thread. Raises ProviderError, or
+        ImageStopped once `request.stop` is set."""
         ...
 
     def close(self) -> None: ...

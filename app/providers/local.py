@@ -13,7 +13,7 @@ import time
 from PIL import Image, ImageDraw, ImageFont
 
 from app.core.config import Settings
-from app.providers.base import GeneratedImage, ImageRequest, ProviderError
+from app.providers.base import GeneratedImage, ImageRequest, ImageStopped
 
 IMAGE_SIZE = 512
 
@@ -89,10 +89,10 @@ class LocalProvider:
         deadline = time.monotonic() + max(0.0, (self._latency_ms + jitter) / 1000)
         content = render_image(request.prompt, request.seed, request.index)
         # Like a real model, the image arrives after the configured latency (rendering
-        # included); a cancel ends the wait at once.
-        if request.canceled.wait(max(0.0, deadline - time.monotonic())):
-            raise ProviderError("canceled")
-        return GeneratedImage(content=content, content_type="image/png")
+        # included); a stop ends the wait at once.
+        if request.stop.wait(max(0.0, deadline - time.monotonic())):
+            raise ImageStopped()
+        return GeneratedImage(content=content)
 
     def close(self) -> None:
         pass

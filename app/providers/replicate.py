@@ -17,7 +17,7 @@ from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
 
 from app.core.config import Settings
-from app.providers.base import GeneratedImage, ImageRequest, ProviderError
+from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, ProviderError
 
 logger = logging.getLogger("myflix.provider.replicate")
 
@@ -103,15 +103,22 @@ class ReplicateProvider:
         self._client._client  # noqa: B018
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
-        model_input = {**self._extra_input, "prompt": request.prompt, "num_outputs": 1}
-        if request.seed is not None:
-            model_input["seed"] = request.seed
-        prediction = self._with_retries(request, lambda: self._create(model_input))
+        if request.resume_prediction_id:
+            prediction = self._with_retries(
+                request, lambda: self._client.predictions.get(request.resume_prediction_id)
+            )
+        else:
+            model_input = {**self._extra_input, "prompt": request.prompt, "num_outputs": 1}
+            if request.seed is not None:
+                model_input["seed"] = request.seed
+            prediction = self._with_retries(request, lambda: self._create(model_input))
+            if not self._is_finished(prediction):
+                request.on_prediction(prediction.id)
         prediction = self._follow(request, prediction)
         if prediction.status == "failed":
             raise ProviderError(prediction.error or "The prediction failed.")
         if prediction.status == "canceled":
-            raise ProviderError("canceled")
+            raise ProviderError("The prediction was canceled at Replicate.")
         return GeneratedImage(url=_output_url(prediction.output))
 
     def close(self) -> None:
@@ -126,12 +133,23 @@ class ReplicateProvider:
         return self._client.models.predictions.create(model=owner_name, input=model_input, wait=True)
 
     def _follow(self, request: ImageRequest, prediction: Prediction) -> Prediction:
-        while not self._is_finished(prediction):
-            if request.canceled.wait(self._poll_interval):
-                self._with_retries(request, lambda: self._client.predictions.cancel(prediction.id))
-                raise ProviderError("canceled")
-            self._with_retries(request, prediction.reload)
-        return prediction
+        """Poll until the prediction ends. A cancel also cancels it at Replicate; an
+        interrupt leaves it running there, to be re-attached after a restart."""
+        while True:
+            if request.stop.is_set():
+                if request.stop.canceled and not self._is_finished(prediction):
+                    self._cancel(prediction.id)
+                raise ImageStopped()
+            if self._is_finished(prediction):
+                return prediction
+            if not request.stop.wait(self._poll_interval):
+                self._with_retries(request, prediction.reload)
+
+    def _cancel(self, prediction_id: str) -> None:
+        try:
+            self._client.predictions.cancel(prediction_id)
+        except (ReplicateError, TransientReplicateError, httpx.TransportError) as exc:
+            logger.warning("could not cancel prediction %s: %s", prediction_id, exc)
 
     @staticmethod
     def _is_finished(prediction: Prediction) -> bool:
@@ -156,8 +174,8 @@ class ReplicateProvider:
                     extra={"job_id": request.job_id, "index": request.index, "attempt": attempt,
                            "delay_s": round(delay, 2), "reason": str(exc)},
                 )
-                if request.canceled.wait(delay):
-                    raise ProviderError("canceled") from exc
+                if request.stop.wait(delay):
+                    raise ImageStopped() from exc
             except ModelError as exc:
                 raise ProviderError(str(exc) or "The prediction failed.") from exc
             except ReplicateError as exc:

@@ -6,6 +6,7 @@ from fastapi import Depends, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from app.core.config import Settings, get_settings
+from app.core.security import ImageUrlSigner
 from app.services.auth_service import AuthService, User
 from app.services.generation_service import GenerationService
 from app.services.image_store import ImageStore
@@ -33,22 +34,27 @@ def get_image_store(request: Request) -> ImageStore:
     return request.app.state.image_store
 
 
+def get_image_url_signer(request: Request) -> ImageUrlSigner:
+    return request.app.state.image_url_signer
+
+
 AuthServiceDep = Annotated[AuthService, Depends(get_auth_service)]
 GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
 ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
+ImageUrlSignerDep = Annotated[ImageUrlSigner, Depends(get_image_url_signer)]
 
 
-def _user_for(token: str | None, auth: AuthService) -> User:
+async def _user_for(token: str | None, auth: AuthService) -> User:
     if not token:
         raise MissingTokenError()
-    return auth.user_for_token(token)
+    return await auth.user_for_token(token)
 
 
-def get_current_user(token: Annotated[str | None, Depends(_bearer)], auth: AuthServiceDep) -> User:
-    return _user_for(token, auth)
+async def get_current_user(token: Annotated[str | None, Depends(_bearer)], auth: AuthServiceDep) -> User:
+    return await _user_for(token, auth)
 
 
-def get_stream_user(
+async def get_stream_user(
     token: Annotated[str | None, Depends(_bearer)],
     auth: AuthServiceDep,
     access_token: Annotated[
@@ -56,7 +62,7 @@ def get_stream_user(
         Query(description="The access token, for clients that cannot send headers (EventSource)."),
     ] = None,
 ) -> User:
-    return _user_for(token or access_token, auth)
+    return await _user_for(token or access_token, auth)
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]

@@ -3,23 +3,37 @@
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app.core.security import InvalidTokenError
+from app.core.security import InvalidImageSignatureError, InvalidTokenError
 from app.routers.deps import MissingTokenError
 from app.services.auth_service import InvalidCredentialsError, PasswordTooLongError
-from app.services.generation_service import JobNotFoundError, TooManyImagesError
+from app.services.generation_service import (
+    IdempotencyConflictError,
+    InvalidCursorError,
+    JobAlreadyFinishedError,
+    JobNotFoundError,
+    ServiceUnavailableError,
+    TooManyActiveJobsError,
+    TooManyImagesError,
+)
 from app.services.image_store import ImageNotFoundError
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
 
-# error class -> (status, message or None to use str(error), headers)
+# error class -> (status, fixed message or None for str(error), headers)
 _ERROR_RESPONSES: dict[type[Exception], tuple[int, str | None, dict[str, str]]] = {
     MissingTokenError: (401, "Not authenticated", _BEARER),
     InvalidTokenError: (401, "Could not validate credentials", _BEARER),
     InvalidCredentialsError: (401, "Incorrect email or password", _BEARER),
     PasswordTooLongError: (422, None, {}),
-    JobNotFoundError: (404, "Job not found", {}),
     TooManyImagesError: (422, None, {}),
+    InvalidCursorError: (422, None, {}),
+    JobNotFoundError: (404, "Job not found", {}),
     ImageNotFoundError: (404, "Image not found", {}),
+    InvalidImageSignatureError: (403, None, {}),
+    JobAlreadyFinishedError: (409, None, {}),
+    IdempotencyConflictError: (409, None, {}),
+    TooManyActiveJobsError: (429, None, {}),
+    ServiceUnavailableError: (503, None, {"Retry-After": "5"}),
 }
 
 
@@ -27,6 +41,9 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     for error_class in type(exc).__mro__:
         if error_class in _ERROR_RESPONSES:
             status, message, headers = _ERROR_RESPONSES[error_class]
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None:
+                headers = {**headers, "Retry-After": str(retry_after)}
             return JSONResponse({"detail": message or str(exc)}, status_code=status, headers=headers)
     raise exc
 

@@ -1,34 +1,28 @@
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.models.generation import GenerateRequest, GenerateResponse, JobSnapshot
+from app.models.generation import GenerateRequest, GenerateResponse, JobPage, JobSnapshot
 from app.routers.deps import CurrentUser, GenerationServiceDep, SettingsDep, StreamUser
 from app.services.event_log import JobEvent
-from app.services.generation_service import Job
 
 router = APIRouter(prefix="/api/generate", tags=["generation"])
 
 _NOT_FOUND = {404: {"description": "No such job for this user"}}
+_CANCEL_RESPONSES = {**_NOT_FOUND, 409: {"description": "The job has already finished"}}
 
 
-def _snapshot(job: Job) -> JobSnapshot:
-    return JobSnapshot(
-        job_id=job.id,
-        status=job.status,
-        prompt=job.prompt,
-        num_images=job.num_images,
-        seed=job.seed,
-        created_at=job.created_at.isoformat(),
-        images=[image.result() for image in job.images],
-        ttfi_ms=job.ttfi_ms,
-        total_ms=job.total_ms,
-    )
-
-
-@router.post("/", status_code=status.HTTP_202_ACCEPTED, response_model=GenerateResponse)
+@router.post(
+    "/",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=GenerateResponse,
+    responses={
+        409: {"description": "Idempotency-Key reused with a different body"},
+        429: {"description": "Too many jobs in progress; see Retry-After"},
+    },
+)
 async def create_job(
     body: GenerateRequest,
     user: CurrentUser,
@@ -36,23 +30,64 @@ async def create_job(
     settings: SettingsDep,
     request: Request,
     response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=255, description="Repeat a request safely: the same key and body return the same job."),
+    ] = None,
 ) -> GenerateResponse:
     """Start a job of `num_images` images; follow it at `/api/generate/{job_id}/stream`."""
-    job = service.create_job(
+    job, replayed = await service.create_job(
         owner=user.email,
         prompt=body.prompt,
         num_images=body.num_images,
         seed=body.seed,
         image_base_url=settings.PUBLIC_BASE_URL or str(request.base_url),
+        idempotency_key=idempotency_key,
     )
     response.headers["Location"] = f"/api/generate/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     return GenerateResponse(job_id=job.id)
+
+
+@router.get("/", response_model=JobPage)
+async def list_jobs(
+    user: CurrentUser,
+    service: GenerationServiceDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the previous page.")] = None,
+) -> JobPage:
+    """The caller's jobs, newest first, with their images and metrics."""
+    return await service.list_jobs(user.email, limit, cursor)
 
 
 @router.get("/{job_id}", response_model=JobSnapshot, responses=_NOT_FOUND)
 async def get_job(job_id: str, user: CurrentUser, service: GenerationServiceDep) -> JobSnapshot:
-    """The job's current state: each image's status, url, error and latency, and its metrics."""
-    return _snapshot(service.get_job(job_id, user.email))
+    """The job's current state: each image's status, url, error and latency, and its metrics.
+    Image URLs are freshly signed on every call."""
+    return service.snapshot(await service.get_job(job_id, user.email))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobSnapshot,
+    responses=_CANCEL_RESPONSES,
+)
+async def cancel_job(job_id: str, user: CurrentUser, service: GenerationServiceDep) -> JobSnapshot:
+    """Stop the images that have not finished; the stream ends with `done` status `canceled`."""
+    return service.snapshot(await service.cancel_job(job_id, user.email))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobSnapshot,
+    responses=_CANCEL_RESPONSES,
+)
+async def delete_job(job_id: str, user: CurrentUser, service: GenerationServiceDep) -> JobSnapshot:
+    """The same as `POST /api/generate/{job_id}/cancel`."""
+    return service.snapshot(await service.cancel_job(job_id, user.email))
 
 
 async def _to_sse(events: AsyncIterator[JobEvent | None]) -> AsyncIterator[ServerSentEvent]:
@@ -77,7 +112,7 @@ async def stream_job(
 ) -> EventSourceResponse:
     """Server-Sent Events of the job from the start, or after `Last-Event-ID`: `progress`,
     then `done` (or `error`), with `keepalive` while nothing else happens."""
-    job = service.get_job(job_id, user.email)
+    job = await service.get_job(job_id, user.email)
     events = service.follow(job, last_event_id or 0, settings.SSE_KEEPALIVE_SECONDS)
     # Keepalives are our own `keepalive` events, sent only when the stream is quiet.
     return EventSourceResponse(_to_sse(events), ping=0)

@@ -1,18 +1,37 @@
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from app.routers.deps import ImageStoreDep
-from app.services.image_store import media_type_of
+from app.routers.deps import ImageStoreDep, ImageUrlSignerDep
+from app.services.image_store import check_image_key, media_type_of
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 
 
-@router.get("/{key}", response_class=FileResponse, responses={404: {"description": "No such image"}})
-async def get_image(key: str, store: ImageStoreDep) -> FileResponse:
-    """An image made by this service. Keys are never reused, so the file never changes."""
+@router.get(
+    "/{key}",
+    response_class=FileResponse,
+    responses={403: {"description": "Link expired or tampered with"}, 404: {"description": "No such image"}},
+)
+async def get_image(
+    key: str,
+    store: ImageStoreDep,
+    signer: ImageUrlSignerDep,
+    request: Request,
+    expires: Annotated[int, Query()],
+    signature: Annotated[str, Query(max_length=128)],
+) -> FileResponse:
+    """An image made by this service, by the signed link in a snapshot or event; no token
+    needed, so an `<img src>` loads it. Keys are never reused, so the bytes never change."""
+    check_image_key(key)
+    remaining = signer.verify(key, expires, signature)
     path = store.path_of(key)
     return FileResponse(
         path,
-        media_type=media_type_of(path.name),
-        headers={"Cache-Control": "public, max-age=31536000, immutable"},
+        media_type=media_type_of(key),
+        headers={
+            "Cache-Control": f"private, max-age={remaining}, immutable",
+            "ETag": f'"{key}"',
+        },
     )

@@ -1,6 +1,7 @@
 """Who may sign in, and the tokens that say so. Knows nothing of HTTP."""
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -11,6 +12,8 @@ from app.core.security import (
     decode_access_token,
     verify_password,
 )
+from app.db.repository import Repository
+from app.db.tables import UserRow
 
 
 @dataclass(frozen=True)
@@ -44,22 +47,19 @@ def _demo(email: str, full_name: str, password_hash: str) -> UserRecord:
     return UserRecord(User(email, full_name), password_hash)
 
 
-# Passwords (in the README): alice-wonderland, bob-builder.
-DEMO_USERS: dict[str, UserRecord] = {
-    record.user.email: record
-    for record in (
-        _demo(
-            "alice@myflix.dev",
-            "Alice Liddell",
-            "$2b$12$BF1eK8J0QozZDs7NeJarAOL4dkK4cjIdfu0XNEn8vnz9tg1czb0XO",
-        ),
-        _demo(
-            "bob@myflix.dev",
-            "Bob Builder",
-            "$2b$12$P5quqE2LEDXsCYS9iJbezelikk0It0z21CzZaN.06DvwiCT5zR1I.",
-        ),
-    )
-}
+# Seeded into the users table at start. Passwords (in the README): alice-wonderland, bob-builder.
+DEMO_USERS: tuple[UserRecord, ...] = (
+    _demo(
+        "alice@myflix.dev",
+        "Alice Liddell",
+        "$2b$12$BF1eK8J0QozZDs7NeJarAOL4dkK4cjIdfu0XNEn8vnz9tg1czb0XO",
+    ),
+    _demo(
+        "bob@myflix.dev",
+        "Bob Builder",
+        "$2b$12$P5quqE2LEDXsCYS9iJbezelikk0It0z21CzZaN.06DvwiCT5zR1I.",
+    ),
+)
 
 # Verified against for unknown emails, so that they cost what a wrong password costs.
 _DUMMY_HASH = "$2b$12$149OctSjYyZSdxO7E2PeruJ9Bnqr.EGFd3GVKcvozAI8lD4P5tJe."
@@ -69,18 +69,35 @@ def normalize_email(email: str) -> str:
     return email.strip().lower()
 
 
+# Looks a user up by normalised email.
+UserLookup = Callable[[str], Awaitable[UserRecord | None]]
+
+
+async def seed_demo_users(repository: Repository) -> None:
+    await repository.seed_users(
+        UserRow(email=r.user.email, full_name=r.user.full_name, password_hash=r.password_hash)
+        for r in DEMO_USERS
+    )
+
+
+def stored_users(repository: Repository) -> UserLookup:
+    async def find_user(email: str) -> UserRecord | None:
+        row = await repository.get_user(email)
+        return None if row is None else UserRecord(User(row.email, row.full_name), row.password_hash)
+
+    return find_user
+
+
 class AuthService:
-    def __init__(
-        self, users: dict[str, UserRecord], jwt_secret: str, token_lifetime: timedelta
-    ) -> None:
-        self._users = users
+    def __init__(self, find_user: UserLookup, jwt_secret: str, token_lifetime: timedelta) -> None:
+        self._find_user = find_user
         self._jwt_secret = jwt_secret
         self._token_lifetime = token_lifetime
 
     async def login(self, email: str, password: str) -> IssuedToken:
         if len(password.encode("utf-8")) > BCRYPT_MAX_PASSWORD_BYTES:
             raise PasswordTooLongError()
-        record = self._users.get(normalize_email(email))
+        record = await self._find_user(normalize_email(email))
         password_hash = record.password_hash if record else _DUMMY_HASH
         # bcrypt takes a quarter of a second of CPU: keep it off the event loop.
         matches = await asyncio.to_thread(verify_password, password, password_hash)
@@ -89,9 +106,9 @@ class AuthService:
         token = create_access_token(record.user.email, self._jwt_secret, self._token_lifetime)
         return IssuedToken(token, int(self._token_lifetime.total_seconds()))
 
-    def user_for_token(self, token: str) -> User:
+    async def user_for_token(self, token: str) -> User:
         """Raise InvalidTokenError unless the token is valid and names a known user."""
-        record = self._users.get(decode_access_token(token, self._jwt_secret))
+        record = await self._find_user(decode_access_token(token, self._jwt_secret))
         if record is None:
             raise InvalidTokenError("unknown subject")
         return record.user

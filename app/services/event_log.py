@@ -5,7 +5,7 @@ and several readers at once all see the whole stream, and a slow reader holds no
 """
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 
@@ -22,6 +22,14 @@ class EventLog:
         self._closed = False
         self._appended = asyncio.Event()
 
+    @classmethod
+    def replay(cls, events: Iterable["JobEvent"], closed: bool = True) -> "EventLog":
+        """A log holding stored events; closed unless the job goes on."""
+        log = cls()
+        log._events.extend(events)
+        log._closed = closed
+        return log
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -30,13 +38,13 @@ class EventLog:
     def last_id(self) -> int:
         return len(self._events)
 
-    def append(self, name: str, data: str) -> JobEvent:
+    def append(self, event: JobEvent) -> None:
         if self._closed:
             raise RuntimeError("event log is closed")
-        event = JobEvent(len(self._events) + 1, name, data)
+        if event.id != len(self._events) + 1:
+            raise ValueError(f"event {event.id} out of order after {len(self._events)}")
         self._events.append(event)
         self._wake()
-        return event
 
     def close(self) -> None:
         self._closed = True

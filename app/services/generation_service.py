@@ -1,27 +1,50 @@
-"""Image-generation jobs: fan-out over a thread pool, state, metrics and the event log.
+"""Image-generation jobs: scheduling, state, metrics, durability and the event log.
 
-Each image is one provider call on a worker thread. A worker reports each state change back
-to the event loop with `call_soon_threadsafe`; the loop thread alone mutates jobs and appends
-events, so no lock is needed and no one polls: every subscriber is woken by the append.
+Each image is one provider call on a worker thread, taken from a round-robin queue across
+jobs. Workers report back to the event loop with `call_soon_threadsafe`; only the loop
+thread changes a job. Every state change is written through the journal and published to
+subscribers right after its commit, so an event a client has seen survives any crash, and
+its id means the same thing after a restart.
 """
 
 import asyncio
+import base64
+import binascii
+import hashlib
+import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from app.models.generation import DoneEvent, ErrorEvent, ImageResult, ProgressEvent
-from app.providers.base import ImageProvider, ImageRequest, ProviderError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.core.security import ImageUrlSigner
+from app.db.repository import Repository, StoredJob, as_utc
+from app.db.tables import ImageRow, JobRow
+from app.models.generation import (
+    DoneEvent,
+    ErrorEvent,
+    ImageResult,
+    JobPage,
+    JobSnapshot,
+    ProgressEvent,
+)
+from app.providers.base import ImageProvider, ImageRequest, ImageStopped, ProviderError
 from app.services.event_log import EventLog, JobEvent
+from app.services.image_fetch import ImageFetcher, ImageFetchError, require_image
 from app.services.image_store import ImageStore, image_key
+from app.services.journal import ConflictingWriteError, Journal
+from app.services.scheduler import FairScheduler
 
 logger = logging.getLogger("myflix.jobs")
 
-FINISHED_IMAGE_STATUSES = frozenset({"succeeded", "failed"})
+FINISHED_IMAGE_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+FINISHED_JOB_STATUSES = frozenset({"succeeded", "partial", "failed", "canceled"})
+ACTIVE_JOBS_RETRY_AFTER_SECONDS = 5
 
 
 class JobNotFoundError(Exception):
@@ -33,29 +56,44 @@ class TooManyImagesError(ValueError):
         super().__init__(f"num_images must be between 1 and {limit}")
 
 
+class TooManyActiveJobsError(Exception):
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"You already have {limit} jobs in progress; wait for one to finish or cancel one."
+        )
+        self.retry_after = retry_after
+
+
+class JobAlreadyFinishedError(Exception):
+    def __init__(self, status: str) -> None:
+        super().__init__(f"The job has already finished ({status}); there is nothing to cancel.")
+
+
+class IdempotencyConflictError(Exception):
+    def __init__(self) -> None:
+        super().__init__("This Idempotency-Key was used with a different request body.")
+
+
+class ServiceUnavailableError(Exception):
+    def __init__(self) -> None:
+        super().__init__("The service is shutting down; retry in a moment.")
+
+
+class InvalidCursorError(ValueError):
+    def __init__(self) -> None:
+        super().__init__("cursor is not one this service issued")
+
+
 @dataclass
 class ImageState:
     index: int
     status: str = "queued"
-    url: str | None = None
+    image_key: str | None = None
     error: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def latency_ms(self) -> float | None:
-        if self.started_at is None or self.finished_at is None:
-            return None
-        return _ms(self.finished_at - self.started_at)
-
-    def result(self) -> ImageResult:
-        return ImageResult(
-            index=self.index,
-            status=self.status,
-            url=self.url,
-            error=self.error,
-            latency_ms=self.latency_ms,
-        )
+    latency_ms: float | None = None
+    prediction_id: str | None = None
+    started_at: float | None = None  # time.monotonic(), this process only
+    request: ImageRequest | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -67,33 +105,41 @@ class Job:
     seed: int | None
     image_base_url: str
     created_at: datetime
-    accepted_at: float  # time.monotonic()
+    accepted_at: float  # time.monotonic(); for a job from before a restart, reconstructed
     images: list[ImageState]
-    events: EventLog = field(default_factory=EventLog)
-    requests: list[ImageRequest] = field(default_factory=list, repr=False)
-    first_success_at: float | None = None
-    finished_at: float | None = None
+    status: str = "queued"
+    cancel_requested: bool = False
+    ttfi_ms: float | None = None
+    total_ms: float | None = None
+    idempotency_key: str | None = None
+    request_fingerprint: str | None = None
+    events: EventLog = field(default_factory=EventLog, repr=False)
+    last_event_id: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_JOB_STATUSES
 
     @property
     def completed(self) -> int:
         return sum(image.status in FINISHED_IMAGE_STATUSES for image in self.images)
 
-    @property
-    def status(self) -> str:
-        if self.finished_at is None:
-            return "running" if any(i.status != "queued" for i in self.images) else "queued"
+    def elapsed_ms(self, at: float) -> float:
+        return _ms(at - self.accepted_at)
+
+    def outcome(self) -> str:
+        if self.cancel_requested:
+            return "canceled"
         succeeded = sum(image.status == "succeeded" for image in self.images)
         if succeeded == self.num_images:
             return "succeeded"
         return "partial" if succeeded else "failed"
 
-    @property
-    def ttfi_ms(self) -> float | None:
-        return None if self.first_success_at is None else _ms(self.first_success_at - self.accepted_at)
 
-    @property
-    def total_ms(self) -> float | None:
-        return None if self.finished_at is None else _ms(self.finished_at - self.accepted_at)
+@dataclass
+class _ImageTask:
+    job: Job
+    image: ImageState
 
 
 def _ms(seconds: float) -> float:
@@ -104,12 +150,22 @@ def new_job_id() -> str:
     return f"job_{secrets.token_hex(12)}"
 
 
-@dataclass(frozen=True)
-class _ImageChange:
-    status: str
-    at: float
-    url: str | None = None
-    error: str | None = None
+def request_fingerprint(prompt: str, num_images: int, seed: int | None) -> str:
+    canonical = json.dumps({"prompt": prompt, "num_images": num_images, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    raw = json.dumps([as_utc(created_at).isoformat(), job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created_at), str(job_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidCursorError() from None
 
 
 class GenerationService:
@@ -117,37 +173,97 @@ class GenerationService:
         self,
         provider: ImageProvider,
         image_store: ImageStore,
+        repository: Repository,
+        journal: Journal,
+        url_signer: ImageUrlSigner,
         max_workers: int,
         max_images_per_job: int,
+        max_active_jobs_per_user: int,
+        shutdown_grace_seconds: float,
     ) -> None:
         self._provider = provider
-        self._max_images_per_job = max_images_per_job
         self._image_store = image_store
+        self._repository = repository
+        self._journal = journal
+        self._url_signer = url_signer
+        self._max_images_per_job = max_images_per_job
+        self._max_active_jobs_per_user = max_active_jobs_per_user
+        self._shutdown_grace_seconds = shutdown_grace_seconds
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
-        self._jobs: dict[str, Job] = {}
+        self._scheduler: FairScheduler[_ImageTask] = FairScheduler(max_workers, self._start_image)
+        self._fetcher = ImageFetcher()
+        self._live: dict[str, Job] = {}  # unfinished jobs, and no others
+        self._pending_keys: dict[tuple[str, str], Job] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = True
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def provider(self) -> ImageProvider:
         return self._provider
 
+    # Lifecycle ---------------------------------------------------------------------------
+
     async def start(self) -> None:
+        """Pick up the jobs a previous process left unfinished."""
         self._loop = asyncio.get_running_loop()
+        for stored in await self._repository.unfinished_jobs():
+            job = self._job_from_rows(stored)
+            try:
+                await self._resume(job)
+            except Exception:
+                logger.exception("could not resume job", extra={"job_id": job.id})
+                self._fail_job(job, "The job could not be resumed after a restart.")
 
     async def shutdown(self) -> None:
-        # Unfinished images would only hold the pool open; stop waiting for them.
-        for job in self._jobs.values():
-            if job.finished_at is None:
-                for request in job.requests:
-                    request.canceled.set()
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        """Take no new work, let running images finish for the grace period, then leave the
+        rest recorded for the next start (Replicate predictions stay running there)."""
+        self._accepting = False
+        self._scheduler.pause()
+        try:
+            await asyncio.wait_for(self._idle.wait(), self._shutdown_grace_seconds)
+        except TimeoutError:
+            logger.warning("shutdown grace period over; %d images left for the next start", self._scheduler.busy)
+        self._stopping = True
+        for job in self._live.values():
+            for image in job.images:
+                if image.request is not None:
+                    image.request.stop.interrupt()
+        await self._journal.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._fetcher.close()
         self._provider.close()
 
-    def create_job(
-        self, owner: str, prompt: str, num_images: int, seed: int | None, image_base_url: str
-    ) -> Job:
+    # Commands ----------------------------------------------------------------------------
+
+    async def create_job(
+        self,
+        owner: str,
+        prompt: str,
+        num_images: int,
+        seed: int | None,
+        image_base_url: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """The new job, or with an Idempotency-Key seen before the earlier job; and whether it
+        was an earlier one."""
+        if not self._accepting:
+            raise ServiceUnavailableError()
         if not 1 <= num_images <= self._max_images_per_job:
             raise TooManyImagesError(self._max_images_per_job)
+        fingerprint = request_fingerprint(prompt, num_images, seed)
+        if idempotency_key is not None:
+            earlier = await self._find_idempotent(owner, idempotency_key)
+            if earlier is not None:
+                if earlier.request_fingerprint != fingerprint:
+                    raise IdempotencyConflictError()
+                return earlier, True
+        active = sum(job.owner == owner for job in self._live.values())
+        if active >= self._max_active_jobs_per_user:
+            raise TooManyActiveJobsError(self._max_active_jobs_per_user, ACTIVE_JOBS_RETRY_AFTER_SECONDS)
+
         job = Job(
             id=new_job_id(),
             owner=owner,
@@ -158,119 +274,370 @@ class GenerationService:
             created_at=datetime.now(timezone.utc),
             accepted_at=time.monotonic(),
             images=[ImageState(index) for index in range(num_images)],
+            idempotency_key=idempotency_key,
+            request_fingerprint=fingerprint,
         )
-        self._jobs[job.id] = job
+        self._live[job.id] = job
+        if idempotency_key is not None:
+            self._pending_keys[(owner, idempotency_key)] = job
+        positions = self._scheduler.positions_for_new_job(num_images)
+        queued = [
+            self._event(job, "progress", self._progress(job, image, job.accepted_at, queue_position=place))
+            for image, place in zip(job.images, positions)
+        ]
+        job_row, image_rows = self._rows(job)
+
+        async def insert(session: AsyncSession) -> None:
+            await Repository.insert_job(session, job_row, image_rows)
+            await Repository.insert_events(session, job.id, [(e.id, e.name, e.data) for e in queued])
+
+        def publish() -> None:
+            for event in queued:
+                job.events.append(event)
+            self._scheduler.push(job.id, [_ImageTask(job, image) for image in job.images])
+
         logger.info(
             "job accepted",
-            extra={"job_id": job.id, "owner": owner, "num_images": num_images,
-                   "provider": self._provider.name},
+            extra={"job_id": job.id, "owner": owner, "num_images": num_images, "provider": self._provider.name},
         )
-        for image in job.images:
-            self._apply(job, image.index, _ImageChange("queued", job.accepted_at))
-            job.requests.append(
-                ImageRequest(
-                    job_id=job.id,
-                    index=image.index,
-                    prompt=prompt,
-                    seed=None if seed is None else seed + image.index,
-                )
-            )
         try:
-            for request in job.requests:
-                self._executor.submit(self._run_image, job, request)
-        except RuntimeError as exc:  # the pool is shutting down
-            self._fail_job(job, f"The service is shutting down: {exc}")
+            await self._journal.write(insert, publish)
+        except ConflictingWriteError:
+            # Another process stored this Idempotency-Key first.
+            del self._live[job.id]
+            earlier = await self._find_idempotent(owner, idempotency_key) if idempotency_key else None
+            if earlier is None:
+                raise
+            if earlier.request_fingerprint != fingerprint:
+                raise IdempotencyConflictError() from None
+            return earlier, True
+        finally:
+            if idempotency_key is not None:
+                self._pending_keys.pop((owner, idempotency_key), None)
+        return job, False
+
+    async def cancel_job(self, job_id: str, owner: str) -> Job:
+        job = await self.get_job(job_id, owner)
+        if job.finished or job.cancel_requested:
+            raise JobAlreadyFinishedError(job.status)
+        job.cancel_requested = True
+        self._journal.write(lambda session: Repository.update_job(session, job.id, {"cancel_requested": True}))
+        self._scheduler.remove_job(job.id)
+        now = time.monotonic()
+        for image in job.images:
+            if image.status not in FINISHED_IMAGE_STATUSES:
+                if image.request is not None:
+                    image.request.stop.cancel()
+                self._change(job, image, "canceled", now)
+        logger.info("job cancel requested", extra={"job_id": job.id})
         return job
 
-    def get_job(self, job_id: str, owner: str) -> Job:
-        job = self._jobs.get(job_id)
+    # Queries -----------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str, owner: str) -> Job:
+        job = self._live.get(job_id)
+        if job is None:
+            stored = await self._repository.get_job(job_id)
+            job = None if stored is None else self._job_from_rows(stored)
         if job is None or job.owner != owner:
             raise JobNotFoundError(job_id)
         return job
 
-    def follow(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
-        """The job's events after `after_id`, live until the job ends; None means keepalive."""
-        return job.events.follow(after_id, keepalive_seconds)
+    async def list_jobs(self, owner: str, limit: int, cursor: str | None) -> JobPage:
+        before = decode_cursor(cursor) if cursor else None
+        stored = await self._repository.list_jobs(owner, limit + 1, before)
+        page = [self._live.get(s.job.id) or self._job_from_rows(s) for s in stored[:limit]]
+        next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(stored) > limit else None
+        return JobPage(jobs=[self.snapshot(job) for job in page], next_cursor=next_cursor)
 
-    # Worker threads -------------------------------------------------------------------
-
-    def _run_image(self, job: Job, request: ImageRequest) -> None:
-        self._report(job, request.index, _ImageChange("running", time.monotonic()))
-        try:
-            generated = self._provider.generate(request)
-            if generated.content is not None:
-                key = image_key(f"{job.id}-{request.index}", generated.content_type or "")
-                self._image_store.save(key, generated.content)
-                url = f"{job.image_base_url}/api/images/{key}"
-            elif generated.url:
-                url = generated.url
-            else:
-                raise ProviderError("The provider returned no image.")
-            change = _ImageChange("succeeded", time.monotonic(), url=url)
-        except ProviderError as exc:
-            change = _ImageChange("failed", time.monotonic(), error=str(exc))
-        except Exception as exc:  # a bug or an unexpected library error: fail the image, not the pool
-            logger.exception("image crashed", extra={"job_id": job.id, "index": request.index})
-            change = _ImageChange("failed", time.monotonic(), error=f"Internal error: {type(exc).__name__}")
-        self._report(job, request.index, change)
-
-    def _report(self, job: Job, index: int, change: _ImageChange) -> None:
-        assert self._loop is not None, "GenerationService.start() was not awaited"
-        self._loop.call_soon_threadsafe(self._apply, job, index, change)
-
-    # Event-loop thread only --------------------------------------------------------------
-
-    def _apply(self, job: Job, index: int, change: _ImageChange) -> None:
-        image = job.images[index]
-        if image.status in FINISHED_IMAGE_STATUSES:
-            return
-        image.status = change.status
-        if change.status == "running":
-            image.started_at = change.at
-        elif change.status in FINISHED_IMAGE_STATUSES:
-            image.finished_at = change.at
-            image.url, image.error = change.url, change.error
-            if change.status == "succeeded" and job.first_success_at is None:
-                job.first_success_at = change.at
-        logger.info(
-            "image %s", change.status,
-            extra={"job_id": job.id, "index": index, "status": change.status, "error": change.error},
-        )
-        job.events.append(
-            "progress",
-            ProgressEvent(
-                job_id=job.id,
-                index=index,
-                status=change.status,
-                url=change.url,
-                error=change.error,
-                elapsed_ms=_ms(change.at - job.accepted_at),
-                completed=job.completed,
-                total=job.num_images,
-            ).model_dump_json(exclude_none=True),
-        )
-        if job.completed == job.num_images:
-            self._finish_job(job, change.at)
-
-    def _finish_job(self, job: Job, at: float) -> None:
-        # Workers stamp their own times, so the last change applied need not be the latest.
-        job.finished_at = max(at, *(image.finished_at or at for image in job.images))
-        done = DoneEvent(
+    def snapshot(self, job: Job) -> JobSnapshot:
+        return JobSnapshot(
             job_id=job.id,
             status=job.status,
-            images=[image.result() for image in job.images],
+            prompt=job.prompt,
+            num_images=job.num_images,
+            seed=job.seed,
+            created_at=job.created_at.isoformat(),
+            images=[self._result(job, image) for image in job.images],
             ttfi_ms=job.ttfi_ms,
             total_ms=job.total_ms,
         )
+
+    async def follow(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
+        """The job's events after `after_id`, live until the job ends; None means keepalive."""
+        if job.id not in self._live:
+            # Finished (possibly before a restart): replay what was stored.
+            job.events = EventLog.replay(
+                JobEvent(row.id, row.name, row.data) for row in await self._repository.events(job.id)
+            )
+        async for event in job.events.follow(after_id, keepalive_seconds):
+            yield event
+
+    @property
+    def healthy(self) -> bool:
+        return self._journal.healthy
+
+    # Images on worker threads ----------------------------------------------------------------
+
+    def _start_image(self, task: _ImageTask) -> None:
+        """Called by the scheduler, on the loop, when a worker is free for this image."""
+        job, image = task.job, task.image
+        self._idle.clear()
+        image.request = ImageRequest(
+            job_id=job.id,
+            index=image.index,
+            prompt=job.prompt,
+            seed=None if job.seed is None else job.seed + image.index,
+            resume_prediction_id=image.prediction_id,
+            on_prediction=lambda prediction_id: self._report(self._record_prediction, job, image, prediction_id),
+        )
+        now = time.monotonic()
+        image.started_at = now
+        if image.status == "queued":
+            self._change(job, image, "running", now)
+        self._executor.submit(self._run_image, job, image, image.request)
+
+    def _run_image(self, job: Job, image: ImageState, request: ImageRequest) -> None:
+        outcome: tuple | None
+        try:
+            generated = self._provider.generate(request)
+            if generated.content is not None:
+                content, media_type = generated.content, require_image(generated.content)
+            elif generated.url:
+                content, media_type = self._fetcher.fetch(generated.url)
+            else:
+                raise ProviderError("The provider returned no image.")
+            key = image_key(f"{job.id}-{image.index}", media_type)
+            self._image_store.save(key, content)
+            outcome = ("succeeded", time.monotonic(), key, None)
+        except ImageStopped:
+            outcome = None  # canceled (already recorded) or interrupted (resumed at next start)
+        except (ProviderError, ImageFetchError) as exc:
+            outcome = ("failed", time.monotonic(), None, str(exc))
+        except Exception as exc:  # a bug or an unexpected library error: fail the image, not the pool
+            logger.exception("image crashed", extra={"job_id": job.id, "index": image.index})
+            outcome = ("failed", time.monotonic(), None, f"Internal error: {type(exc).__name__}")
+        self._report(self._finish_image, job, image, request, outcome)
+
+    def _report(self, callback: Callable, *args: object) -> None:
+        assert self._loop is not None, "GenerationService.start() was not awaited"
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: this process is gone, the next start resumes
+            pass
+
+    # Event-loop thread only ------------------------------------------------------------
+
+    def _finish_image(self, job: Job, image: ImageState, request: ImageRequest, outcome: tuple | None) -> None:
+        if image.request is request:
+            image.request = None
+        self._scheduler.release()
+        if self._scheduler.busy == 0:
+            self._idle.set()
+        if outcome is None or self._stopping:
+            return
+        status, at, key, error = outcome
+        self._change(job, image, status, at, key=key, error=error)
+
+    def _record_prediction(self, job: Job, image: ImageState, prediction_id: str) -> None:
+        image.prediction_id = prediction_id
+        self._journal.write(
+            lambda session: Repository.update_image(session, job.id, image.index, {"prediction_id": prediction_id})
+        )
+
+    def _change(
+        self, job: Job, image: ImageState, status: str, at: float,
+        key: str | None = None, error: str | None = None,
+    ) -> None:
+        if image.status in FINISHED_IMAGE_STATUSES:
+            return  # e.g. a result that arrives after the image was canceled
+        image.status = status
+        job.status = "running" if job.status == "queued" else job.status
+        image_values: dict = {"status": status}
+        if status in FINISHED_IMAGE_STATUSES:
+            image.image_key, image.error = key, error
+            if image.started_at is not None:
+                image.latency_ms = _ms(at - image.started_at)
+            image_values.update(image_key=key, error=error, latency_ms=image.latency_ms)
+            if status == "succeeded" and job.ttfi_ms is None:
+                job.ttfi_ms = job.elapsed_ms(at)
+        logger.info(
+            "image %s", status,
+            extra={"job_id": job.id, "index": image.index, "status": status, "error": error},
+        )
+        event = self._event(job, "progress", self._progress(job, image, at))
+        writes = [lambda session: Repository.update_image(session, job.id, image.index, image_values)]
+        if job.completed == job.num_images:
+            self._finish_job(job, at, [event], writes)
+        else:
+            self._persist_and_publish(job, [event], writes)
+
+    def _finish_job(self, job: Job, at: float, events: list[JobEvent], writes: list) -> None:
+        job.status = job.outcome()
+        job.total_ms = max(job.elapsed_ms(at), job.ttfi_ms or 0.0)
+        done = self._event(
+            job, "done",
+            DoneEvent(
+                job_id=job.id,
+                status=job.status,
+                images=[self._result(job, image) for image in job.images],
+                ttfi_ms=job.ttfi_ms,
+                total_ms=job.total_ms,
+            ).model_dump_json(),
+        )
+        job_values = {
+            "status": job.status,
+            "finished_at": datetime.now(timezone.utc),
+            "ttfi_ms": job.ttfi_ms,
+            "total_ms": job.total_ms,
+        }
+        writes.append(lambda session: Repository.update_job(session, job.id, job_values))
         logger.info(
             "job %s", job.status,
             extra={"job_id": job.id, "status": job.status, "ttfi_ms": job.ttfi_ms, "total_ms": job.total_ms},
         )
-        job.events.append("done", done.model_dump_json())
-        job.events.close()
+        self._persist_and_publish(job, [*events, done], writes, closes=True)
 
     def _fail_job(self, job: Job, message: str) -> None:
-        job.finished_at = time.monotonic()
+        job.status = "failed"
+        self._live.pop(job.id, None)
         logger.error("job failed: %s", message, extra={"job_id": job.id})
-        job.events.append("error", ErrorEvent(job_id=job.id, message=message).model_dump_json())
-        job.events.close()
+        error = self._event(job, "error", ErrorEvent(job_id=job.id, message=message).model_dump_json())
+        writes = [lambda session: Repository.update_job(
+            session, job.id, {"status": "failed", "finished_at": datetime.now(timezone.utc)}
+        )]
+        self._persist_and_publish(job, [error], writes, closes=True)
+
+    def _persist_and_publish(self, job: Job, events: list[JobEvent], writes: list, closes: bool = False) -> None:
+        async def apply(session: AsyncSession) -> None:
+            for write in writes:
+                await write(session)
+            await Repository.insert_events(session, job.id, [(e.id, e.name, e.data) for e in events])
+
+        def publish() -> None:
+            for event in events:
+                job.events.append(event)
+            if closes:
+                job.events.close()
+                self._live.pop(job.id, None)
+
+        self._journal.write(apply, publish)
+
+    def _event(self, job: Job, name: str, data: str) -> JobEvent:
+        job.last_event_id += 1
+        return JobEvent(job.last_event_id, name, data)
+
+    def _progress(self, job: Job, image: ImageState, at: float, queue_position: int | None = None) -> str:
+        return ProgressEvent(
+            job_id=job.id,
+            index=image.index,
+            status=image.status,
+            url=self._image_url(job, image.image_key),
+            error=image.error,
+            elapsed_ms=job.elapsed_ms(at),
+            completed=job.completed,
+            total=job.num_images,
+            queue_position=queue_position,
+        ).model_dump_json(exclude_none=True)
+
+    def _result(self, job: Job, image: ImageState) -> ImageResult:
+        return ImageResult(
+            index=image.index,
+            status=image.status,
+            url=self._image_url(job, image.image_key),
+            error=image.error,
+            latency_ms=image.latency_ms,
+            queue_position=self._scheduler.position(job.id, _ImageTask(job, image)) if image.status == "queued" else None,
+        )
+
+    def _image_url(self, job: Job, key: str | None) -> str | None:
+        if key is None:
+            return None
+        return f"{job.image_base_url}/api/images/{key}?{self._url_signer.query(key)}"
+
+    # Persistence -------------------------------------------------------------------------
+
+    async def _find_idempotent(self, owner: str, key: str) -> Job | None:
+        pending = self._pending_keys.get((owner, key))
+        if pending is not None:
+            return pending
+        row = await self._repository.find_by_idempotency_key(owner, key)
+        if row is None:
+            return None
+        return self._live.get(row.id) or await self.get_job(row.id, owner)
+
+    def _rows(self, job: Job) -> tuple[JobRow, list[ImageRow]]:
+        job_row = JobRow(
+            id=job.id,
+            owner_email=job.owner,
+            prompt=job.prompt,
+            num_images=job.num_images,
+            seed=job.seed,
+            provider=self._provider.name,
+            model=self._provider.model,
+            image_base_url=job.image_base_url,
+            status="queued",
+            cancel_requested=False,
+            created_at=job.created_at,
+            idempotency_key=job.idempotency_key,
+            request_fingerprint=job.request_fingerprint,
+        )
+        images = [ImageRow(job_id=job.id, index=image.index, status="queued") for image in job.images]
+        return job_row, images
+
+    @staticmethod
+    def _job_from_rows(stored: StoredJob) -> Job:
+        row = stored.job
+        created_at = as_utc(row.created_at)
+        age = (datetime.now(timezone.utc) - created_at).total_seconds()
+        return Job(
+            id=row.id,
+            owner=row.owner_email,
+            prompt=row.prompt,
+            num_images=row.num_images,
+            seed=row.seed,
+            image_base_url=row.image_base_url,
+            created_at=created_at,
+            # The monotonic clock restarts with the process; carry the job's age across.
+            accepted_at=time.monotonic() - age,
+            images=[
+                ImageState(
+                    index=image.index,
+                    status=image.status,
+                    image_key=image.image_key,
+                    error=image.error,
+                    latency_ms=image.latency_ms,
+                    prediction_id=image.prediction_id,
+                )
+                for image in stored.images
+            ],
+            status=row.status,
+            cancel_requested=row.cancel_requested,
+            ttfi_ms=row.ttfi_ms,
+            total_ms=row.total_ms,
+            idempotency_key=row.idempotency_key,
+            request_fingerprint=row.request_fingerprint,
+        )
+
+    async def _resume(self, job: Job) -> None:
+        events = await self._repository.events(job.id)
+        job.events = EventLog.replay((JobEvent(e.id, e.name, e.data) for e in events), closed=False)
+        job.last_event_id = events[-1].id if events else 0
+        if any(image.status != "queued" for image in job.images):
+            job.status = "running"
+        self._live[job.id] = job
+        logger.info("job resumed after restart", extra={"job_id": job.id})
+        unfinished = [image for image in job.images if image.status not in FINISHED_IMAGE_STATUSES]
+        if job.cancel_requested:
+            now = time.monotonic()
+            for image in unfinished:
+                self._change(job, image, "canceled", now)
+            return
+        if not unfinished:  # every image finished but the process stopped before `done`
+            self._finish_job(job, time.monotonic(), [], [])
+            return
+        running = [_ImageTask(job, image) for image in unfinished if image.status == "running"]
+        queued = [_ImageTask(job, image) for image in unfinished if image.status == "queued"]
+        # Work that had started goes first: it may only need re-attaching.
+        self._scheduler.push(job.id, running, front=True)
+        self._scheduler.push(job.id, queued)

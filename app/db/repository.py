@@ -1,0 +1,128 @@
+"""Queries and writes over the storage models. Reads open their own session; writes take the
+journal's session, so that they commit in its batches."""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db.tables import EventRow, ImageRow, JobRow, UserRow
+
+UNFINISHED_JOB_STATUSES = ("queued", "running")
+
+
+@dataclass
+class StoredJob:
+    job: JobRow
+    images: list[ImageRow]
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class Repository:
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
+        self._sessionmaker = sessionmaker
+
+    # Users ------------------------------------------------------------------------------
+
+    async def seed_users(self, users: Iterable[UserRow]) -> None:
+        """Insert the users that are missing; existing rows are left as they are."""
+        async with self._sessionmaker.begin() as session:
+            existing = set((await session.scalars(select(UserRow.email))).all())
+            for user in users:
+                if user.email not in existing:
+                    session.add(user)
+
+    async def get_user(self, email: str) -> UserRow | None:
+        async with self._sessionmaker() as session:
+            return await session.get(UserRow, email)
+
+    # Jobs -------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> StoredJob | None:
+        async with self._sessionmaker() as session:
+            job = await session.get(JobRow, job_id)
+            if job is None:
+                return None
+            return StoredJob(job, (await self._images_of(session, [job_id]))[job_id])
+
+    async def find_by_idempotency_key(self, owner_email: str, key: str) -> JobRow | None:
+        async with self._sessionmaker() as session:
+            return await session.scalar(
+                select(JobRow).where(JobRow.owner_email == owner_email, JobRow.idempotency_key == key)
+            )
+
+    async def list_jobs(
+        self, owner_email: str, limit: int, before: tuple[datetime, str] | None
+    ) -> list[StoredJob]:
+        """The owner's jobs, newest first, strictly after the `before` (created_at, id) key."""
+        query = select(JobRow).where(JobRow.owner_email == owner_email)
+        if before is not None:
+            created_at, job_id = before
+            query = query.where(
+                or_(JobRow.created_at < created_at, and_(JobRow.created_at == created_at, JobRow.id < job_id))
+            )
+        query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit)
+        async with self._sessionmaker() as session:
+            jobs = list((await session.scalars(query)).all())
+            images = await self._images_of(session, [job.id for job in jobs])
+        return [StoredJob(job, images[job.id]) for job in jobs]
+
+    async def unfinished_jobs(self) -> list[StoredJob]:
+        async with self._sessionmaker() as session:
+            jobs = list(
+                (await session.scalars(
+                    select(JobRow).where(JobRow.status.in_(UNFINISHED_JOB_STATUSES)).order_by(JobRow.created_at)
+                )).all()
+            )
+            images = await self._images_of(session, [job.id for job in jobs])
+        return [StoredJob(job, images[job.id]) for job in jobs]
+
+    async def events(self, job_id: str) -> list[EventRow]:
+        async with self._sessionmaker() as session:
+            return list(
+                (await session.scalars(
+                    select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id)
+                )).all()
+            )
+
+    @staticmethod
+    async def _images_of(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, list[ImageRow]]:
+        found: dict[str, list[ImageRow]] = {job_id: [] for job_id in job_ids}
+        if job_ids:
+            rows = await session.scalars(
+                select(ImageRow).where(ImageRow.job_id.in_(job_ids)).order_by(ImageRow.job_id, ImageRow.index)
+            )
+            for row in rows:
+                found[row.job_id].append(row)
+        return found
+
+    # Writes, inside the journal's transaction -------------------------------------------
+
+    @staticmethod
+    async def insert_job(session: AsyncSession, job: JobRow, images: list[ImageRow]) -> None:
+        session.add(job)
+        await session.flush()
+        session.add_all(images)
+
+    @staticmethod
+    async def insert_events(session: AsyncSession, job_id: str, events: Iterable[tuple[int, str, str]]) -> None:
+        rows = [{"job_id": job_id, "id": id_, "name": name, "data": data} for id_, name, data in events]
+        if rows:
+            await session.execute(insert(EventRow), rows)
+
+    @staticmethod
+    async def update_image(session: AsyncSession, job_id: str, index: int, values: dict[str, Any]) -> None:
+        await session.execute(
+            update(ImageRow).where(ImageRow.job_id == job_id, ImageRow.index == index).values(**values)
+        )
+
+    @staticmethod
+    async def update_job(session: AsyncSession, job_id: str, values: dict[str, Any]) -> None:
+        await session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
