@@ -22,6 +22,9 @@ from app.services.image_store import LocalImageStore
 from app.services.journal import Journal
 
 
+MAX_REQUEST_BODY_BYTES = 64 * 1024
+
+
 def _image_url_secret(settings: Settings) -> bytes:
     if settings.IMAGE_URL_SECRET is not None:
         return settings.IMAGE_URL_SECRET.get_secret_value().encode()
@@ -52,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_workers=settings.GENERATION_MAX_WORKERS,
             max_images_per_job=settings.MAX_IMAGES_PER_JOB,
             max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
+            image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,
             shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
         )
         await generation_service.start()
@@ -75,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="JWT login and AI image generation with live progress over Server-Sent Events.",
         version="0.2.0",
         lifespan=lifespan,
+        # The largest valid body (a 2000-character prompt) is a few KiB; refuse far more (413).
+        max_body_size=MAX_REQUEST_BODY_BYTES,
     )
     app.dependency_overrides[get_settings] = lambda: settings
     app.add_middleware(

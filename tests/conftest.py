@@ -17,6 +17,7 @@ from app.core.config import Settings
 from main import create_app
 from tests.fake_replicate import FakeReplicate
 
+TEST_JWT_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 ALICE = ("alice@myflix.dev", "alice-wonderland")
 BOB = ("bob@myflix.dev", "bob-builder")
 
@@ -32,6 +33,9 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         LOG_FORMAT="text",
         REPLICATE_API_TOKEN=None,
         PUBLIC_BASE_URL=None,
+        JWT_SECRET_KEY=TEST_JWT_SECRET,
+        DATABASE_URL=None,
+        IMAGE_STORE_DIR=None,
     )
     values.update(overrides)
     # Init arguments win over the environment and the dotenv files.

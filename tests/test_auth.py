@@ -9,11 +9,10 @@ import pytest
 from fastapi.testclient import TestClient
 from jose import jwt
 
-from app.core.config import PLACEHOLDER_JWT_SECRET
 from app.core.security import create_access_token
 from app.services import auth_service
 from main import create_app
-from tests.conftest import ALICE, BOB, make_settings
+from tests.conftest import ALICE, BOB, TEST_JWT_SECRET, make_settings
 
 
 @pytest.fixture
@@ -91,7 +90,9 @@ def test_password_over_72_bytes_is_a_clear_422(client, route):
     else:
         response = client.post("/api/auth/token", data={"username": ALICE[0], "password": password})
     assert response.status_code == 422
-    assert "72 bytes" in response.json()["detail"]
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "password"] and "72 bytes" in error["msg"]
+    assert "input" not in error  # a password is never echoed back
 
 
 def test_malformed_login_body_is_422(client):
@@ -104,7 +105,7 @@ def _b64(data: dict) -> str:
 
 
 def _forged_tokens() -> dict[str, str]:
-    secret = PLACEHOLDER_JWT_SECRET
+    secret = TEST_JWT_SECRET
     valid = create_access_token(ALICE[0], secret, timedelta(minutes=5))
     header, payload, signature = valid.split(".")
     tampered_payload = _b64({"sub": BOB[0], "exp": 4102444800})
@@ -117,6 +118,7 @@ def _forged_tokens() -> dict[str, str]:
         "unknown subject": create_access_token("mallory@myflix.dev", secret, timedelta(minutes=5)),
         "no expiry": jwt.encode({"sub": ALICE[0]}, secret, algorithm="HS256"),
         "HS512": jwt.encode({"sub": ALICE[0], "exp": 4102444800}, secret, algorithm="HS512"),
+        "infinite expiry": f"{header}.{_b64({'sub': ALICE[0], 'exp': 1e999})}.{signature}",
         "garbage": "not-a-jwt",
     }
 
@@ -127,6 +129,30 @@ def test_bad_tokens_are_refused_with_401(client, kind):
     assert response.status_code == 401
     assert response.json() == {"detail": "Could not validate credentials"}
     assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_the_forged_tokens_are_otherwise_valid(client):
+    """The control for the test above: each forgery starts from a token that works."""
+    assert _me(client, create_access_token(ALICE[0], TEST_JWT_SECRET, timedelta(minutes=5))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"email": ALICE[0], "password": "a\u0000b"},
+        {"email": ALICE[0], "password": "lone \ud800 surrogate"},
+        {"email": "\ud800", "password": "x"},
+    ],
+)
+def test_odd_passwords_are_refused_without_a_500(client, body):
+    raw = json.dumps(body).encode()  # keeps the escapes: lone surrogates stay JSON-valid
+    response = client.post("/api/auth/login", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code in (401, 422)
+
+
+def test_an_oversized_body_is_413(client):
+    response = client.post("/api/auth/login", json={"email": ALICE[0], "password": "x" * 200_000})
+    assert response.status_code == 413
 
 
 def test_missing_token_is_401(client):

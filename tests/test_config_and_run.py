@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-from app.core.config import PROJECT_ROOT, Settings
+from app.core.config import PLACEHOLDER_JWT_SECRET, PROJECT_ROOT, Settings
 from app.core.logging import JsonFormatter
-from tests.conftest import create_job, login, read_stream
+from tests.conftest import create_job, login, read_stream, wait_until
 
 
 def test_environment_overrides_env_local_which_overrides_env(tmp_path, monkeypatch):
@@ -40,24 +41,41 @@ def test_comma_separated_cors_origins_and_json_replicate_input():
 
 
 def _run_py(env_overrides: dict[str, str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REPLICATE_", "JWT_", "IMAGE_"))}
-    env.update(env_overrides)
+    # Environment variables beat a developer's .env.local, so every setting that matters here
+    # is given explicitly.
+    env = {
+        **os.environ,
+        "ENVIRONMENT": "development",
+        "IMAGE_PROVIDER": "local",
+        "REPLICATE_API_TOKEN": "",
+        "JWT_SECRET_KEY": PLACEHOLDER_JWT_SECRET,
+        **env_overrides,
+    }
     return subprocess.Popen(
         [sys.executable, "run.py"], cwd=PROJECT_ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
-def test_run_py_refuses_the_placeholder_secret_in_production():
-    process = _run_py({"ENVIRONMENT": "production"})
-    out, err = process.communicate(timeout=30)
+@pytest.mark.parametrize(
+    "secret, complaint", [(PLACEHOLDER_JWT_SECRET, "placeholder"), ("", "placeholder"), ("short", "at least 32 bytes")]
+)
+def test_run_py_refuses_a_weak_secret_in_production(secret, complaint):
+    process = _run_py({"ENVIRONMENT": "production", "JWT_SECRET_KEY": secret})
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
     assert process.returncode != 0
-    assert "JWT_SECRET_KEY" in err and "placeholder" in err
+    assert "JWT_SECRET_KEY" in err and complaint in err
 
 
 def test_run_py_refuses_an_unknown_provider():
     process = _run_py({"IMAGE_PROVIDER": "dalle"})
-    _, err = process.communicate(timeout=30)
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
     assert process.returncode != 0
     assert "unknown IMAGE_PROVIDER 'dalle'" in err
 
@@ -80,9 +98,24 @@ def test_run_py_says_what_is_active_and_serves(tmp_path):
         assert "alice@myflix.dev" in banner and "bob@myflix.dev" in banner
         assert "development placeholder" in banner
         assert f":{port}" in banner
+        url = f"http://127.0.0.1:{port}/api/auth/login"
+        wait_until(lambda: _answers(url), timeout=30, what="run.py to serve")
+        login = httpx.post(url, json={"email": "bob@myflix.dev", "password": "bob-builder"})
+        assert login.status_code == 200
     finally:
         process.terminate()
-        process.communicate(timeout=30)
+        try:
+            process.communicate(timeout=30)
+        finally:
+            process.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url)
+        return True
+    except httpx.TransportError:
+        return False
 
 
 def test_cors_allows_only_the_configured_origins(live_server):

@@ -59,7 +59,10 @@ async def running_service(tmp_path, provider, **limits):
     await seed_demo_users(repository)
     journal = Journal(create_sessionmaker(engine))
     journal.start()
-    options = dict(max_workers=4, max_images_per_job=8, max_active_jobs_per_user=4, shutdown_grace_seconds=1)
+    options = dict(
+        max_workers=4, max_images_per_job=8, max_active_jobs_per_user=4, image_timeout_seconds=30,
+        shutdown_grace_seconds=1,
+    )
     options.update(limits)
     service = GenerationService(
         provider, LocalImageStore(tmp_path / "images"), repository, journal,

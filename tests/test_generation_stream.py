@@ -90,15 +90,28 @@ def test_last_event_id_resumes_exactly_after_that_event(live_server):
         assert rest[-1].event == "done"
 
 
-def test_invalid_last_event_id_is_422(live_server):
+@pytest.mark.parametrize("last_event_id", ["abc", "1.5", "", "-3", "9" * 40])
+def test_a_last_event_id_we_never_sent_replays_from_the_start(live_server, last_event_id):
     with live_server() as server, server.client() as client:
         token = login(client)
         job_id = create_job(client, token, prompt="x", num_images=1)
-        response = client.get(
-            f"/api/generate/{job_id}/stream",
-            headers={"Authorization": f"Bearer {token}", "Last-Event-ID": "abc"},
-        )
-        assert response.status_code == 422
+        headers = {"Authorization": f"Bearer {token}"}
+        events = read_stream(client, job_id, headers={**headers, "Last-Event-ID": last_event_id})
+        assert events[0].id == "1" and events[-1].event == "done"
+
+
+def test_a_subscriber_joining_mid_job_gets_the_past_then_the_rest_live(live_server):
+    with live_server(LOCAL_LATENCY_MS=300, GENERATION_MAX_WORKERS=1) as server, server.client() as client:
+        token = login(client)
+        headers = {"Authorization": f"Bearer {token}"}
+        job_id = create_job(client, token, prompt="joining", num_images=3)
+        # Wait until the job is under way: the first image has finished, two remain.
+        first = read_stream(client, job_id, headers=headers, stop=lambda e: e.data.get("status") == "succeeded")
+        joined = read_stream(client, job_id, headers=headers)
+        assert [(e.id, e.data) for e in joined[: len(first)]] == [(e.id, e.data) for e in first]
+        assert joined[-1].event == "done" and len(joined) > len(first)
+        snapshot = client.get(f"/api/generate/{job_id}", headers=headers).json()
+        assert snapshot["status"] == "succeeded"
 
 
 def test_two_subscribers_at_once_each_get_every_event(live_server):
@@ -164,6 +177,9 @@ def test_keepalive_is_sent_while_the_stream_is_quiet(live_server):
         ({"prompt": "ok", "num_images": 0}, "greater than or equal to 1"),
         ({"prompt": "ok", "num_images": 9}, "between 1 and 8"),
         ({"prompt": "ok", "num_images": "four"}, "valid integer"),
+        ({"prompt": "ok", "num_images": "2"}, "valid integer"),
+        ({"prompt": "ok", "num_images": True}, "valid integer"),
+        ({"prompt": "ok", "num_images": 2.0}, "valid integer"),
         ({"prompt": "ok", "num_images": 1, "seed": -1}, "greater than or equal to 0"),
         ({"prompt": "ok", "num_images": 1, "colour": "red"}, "Extra inputs are not permitted"),
         ({"num_images": 1}, "Field required"),
@@ -175,6 +191,19 @@ def test_invalid_job_requests_are_422_with_a_message(live_server, body, fragment
         response = client.post("/api/generate/", json=body, headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 422
         assert fragment in response.text
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"prompt": "ok", "num_images": 1e400}', b'{"prompt": "\\ud800", "num_images": 1}', b"[]", b"{"]
+)
+def test_odd_json_is_a_422_not_a_500(live_server, raw):
+    with live_server() as server, server.client() as client:
+        token = login(client)
+        response = client.post(
+            "/api/generate/", content=raw,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 422, response.text
 
 
 def test_creating_a_job_needs_a_token(live_server):

@@ -1,5 +1,6 @@
 """The Replicate provider, through the real `replicate` client, against the fake server."""
 
+import socket
 import threading
 import time
 
@@ -74,10 +75,40 @@ def test_server_error_on_create_is_retried(fake_replicate, status):
     assert len(_creates(fake_replicate)) == 2
 
 
-def test_connection_reset_is_retried(fake_replicate):
+def test_a_create_whose_answer_was_lost_is_not_sent_again(fake_replicate):
+    # Replicate may have made the prediction: a second create could bill the image twice.
     fake_replicate.push_create_fault(Fault(reset=True))
+    with pytest.raises(ProviderError, match="Lost the connection"):
+        _provider(fake_replicate).generate(_request())
+    assert len(_creates(fake_replicate)) == 1
+
+
+def test_connection_refused_is_retried_then_reported(fake_replicate):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    provider = _provider(fake_replicate, base_url=f"http://127.0.0.1:{port}", max_retries=1)
+    with pytest.raises(ProviderError, match="Replicate is unavailable"):
+        provider.generate(_request())
+
+
+def test_a_reset_while_polling_is_retried(fake_replicate):
+    fake_replicate.wait_cap = 0.05
+    fake_replicate.latency = 0.3
+    fake_replicate.push_get_fault(Fault(reset=True))
+    fake_replicate.push_get_fault(Fault(status=500))
     assert _provider(fake_replicate).generate(_request()).url
-    assert len(_creates(fake_replicate)) == 2
+
+
+def test_the_clients_own_get_retries_are_off(fake_replicate):
+    fake_replicate.wait_cap = 0.05
+    fake_replicate.latency = 0.3
+    for _ in range(3):
+        fake_replicate.push_get_fault(Fault(status=503, retry_after=0))
+    with pytest.raises(ProviderError, match="503"):
+        _provider(fake_replicate, max_retries=2).generate(_request())
+    # One GET per attempt: 1 + 2 retries, not 10 per attempt from the client's RetryTransport.
+    assert len(fake_replicate.requests_to("/v1/predictions/", method="GET")) == 3
 
 
 def test_retries_are_bounded(fake_replicate):

@@ -1,6 +1,7 @@
 """The one Settings object: environment variables override `.env.local`, which overrides `.env`."""
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -10,8 +11,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-# Shipped in `.env` so the service starts with no setup; production refuses it.
+# Used when JWT_SECRET_KEY is unset, so the service starts with no setup; production refuses it.
 PLACEHOLDER_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"
+MIN_PRODUCTION_SECRET_BYTES = 32
+_MODEL_REF = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
 
 
 class Settings(BaseSettings):
@@ -62,9 +65,29 @@ class Settings(BaseSettings):
     REPLICATE_INPUT: Annotated[dict[str, Any], NoDecode] = {}
     REPLICATE_MAX_RETRIES: int = Field(3, ge=0, le=10)
     REPLICATE_POLL_INTERVAL: float = Field(0.5, gt=0)
+    # A provider call that has not finished by then is abandoned (and canceled at Replicate).
+    IMAGE_TIMEOUT_SECONDS: float = Field(120.0, gt=0)
 
     LOCAL_LATENCY_MS: int = Field(800, ge=0)
     LOCAL_LATENCY_JITTER_MS: int = Field(400, ge=0)
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("JWT_SECRET_KEY", mode="before")
+    @classmethod
+    def _empty_secret_is_placeholder(cls, value: Any) -> Any:
+        # `.env.local.example` leaves it empty; an empty key would sign forgeable tokens.
+        return PLACEHOLDER_JWT_SECRET if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("REPLICATE_MODEL")
+    @classmethod
+    def _model_reference(cls, value: str) -> str:
+        if not _MODEL_REF.fullmatch(value):
+            raise ValueError("REPLICATE_MODEL must be owner/name or owner/name:version")
+        return value
 
     @field_validator("CORS_ORIGINS", mode="before")
     @classmethod
@@ -103,6 +126,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "JWT_SECRET_KEY is the development placeholder; set a real secret in production"
             )
+        if self.ENVIRONMENT == "production" and (
+            len(self.JWT_SECRET_KEY.get_secret_value().encode()) < MIN_PRODUCTION_SECRET_BYTES
+        ):
+            raise ValueError(f"JWT_SECRET_KEY must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production")
         return self
 
     @property

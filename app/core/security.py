@@ -25,7 +25,10 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password: str, password_hash: str) -> bool:
-    return _password_context.verify(password, password_hash)
+    try:
+        return _password_context.verify(password, password_hash)
+    except ValueError:  # e.g. a NUL byte, which bcrypt refuses: it cannot be anyone's password
+        return False
 
 
 def create_access_token(subject: str, secret: str, expires_in: timedelta) -> str:
@@ -43,7 +46,7 @@ def decode_access_token(token: str, secret: str) -> str:
             algorithms=[JWT_ALGORITHM],
             options={"require_exp": True, "require_sub": True},
         )
-    except JWTError as exc:
+    except (JWTError, ValueError, OverflowError, TypeError) as exc:  # e.g. "exp": 1e999
         raise InvalidTokenError(str(exc)) from exc
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:

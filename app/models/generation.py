@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 ImageStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 JobStatus = Literal["queued", "running", "succeeded", "partial", "failed", "canceled"]
@@ -20,8 +20,8 @@ class GenerateRequest(BaseModel):
     prompt: Annotated[
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)
     ]
-    num_images: int = Field(ge=1, description="1 to MAX_IMAGES_PER_JOB (default 8).")
-    seed: int | None = Field(
+    num_images: StrictInt = Field(ge=1, description="1 to MAX_IMAGES_PER_JOB (default 8).")
+    seed: StrictInt | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Random when absent."
     )
 

@@ -7,9 +7,10 @@ from typing import Literal, Protocol
 
 
 class StopSignal:
-    """Tells a running provider call to stop: `cancel` (the user no longer wants the image:
-    cancel it at the provider too) or `interrupt` (this process is stopping: leave the work at
-    the provider running, to be re-attached after a restart)."""
+    """Tells a running provider call to stop. `cancel`: the image is no longer wanted (the
+    user canceled it, or it ran out of time), so cancel it at the provider too. `interrupt`:
+    this process is stopping, so leave the provider's work running, to be re-attached after a
+    restart."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -24,7 +25,7 @@ class StopSignal:
         self._event.set()
 
     @property
-    def canceled(self) -> bool:
+    def cancels_at_provider(self) -> bool:
         return self.reason == "canceled"
 
     def is_set(self) -> bool:

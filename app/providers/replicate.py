@@ -22,6 +22,8 @@ from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, Provi
 logger = logging.getLogger("myflix.provider.replicate")
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+# Failures before the request left this machine: retrying them cannot duplicate anything.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 
@@ -90,7 +92,8 @@ class ReplicateProvider:
         poll_interval: float,
     ) -> None:
         self.model = model
-        self._extra_input = extra_input
+        # Seeds are the service's: image i gets seed + i, or none for a random one each.
+        self._extra_input = {k: v for k, v in extra_input.items() if k != "seed"}
         self._max_retries = max_retries
         self._poll_interval = poll_interval
         self._client = replicate.Client(
@@ -99,8 +102,10 @@ class ReplicateProvider:
             event_hooks={"response": [_raise_transient]},
         )
         # The client builds its httpx client lazily without a lock; build it once here so
-        # worker threads share one connection pool.
-        self._client._client  # noqa: B018
+        # worker threads share one connection pool. Its RetryTransport would retry GETs up to
+        # 10 times, sleeping any Retry-After unbounded and deaf to a cancel: this module
+        # does the retrying, so turn that off.
+        self._client._client._transport.max_attempts = 1
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         if request.resume_prediction_id:
@@ -111,7 +116,7 @@ class ReplicateProvider:
             model_input = {**self._extra_input, "prompt": request.prompt, "num_outputs": 1}
             if request.seed is not None:
                 model_input["seed"] = request.seed
-            prediction = self._with_retries(request, lambda: self._create(model_input))
+            prediction = self._with_retries(request, lambda: self._create(model_input), creating=True)
             if not self._is_finished(prediction):
                 request.on_prediction(prediction.id)
         prediction = self._follow(request, prediction)
@@ -137,7 +142,7 @@ class ReplicateProvider:
         interrupt leaves it running there, to be re-attached after a restart."""
         while True:
             if request.stop.is_set():
-                if request.stop.canceled and not self._is_finished(prediction):
+                if request.stop.cancels_at_provider and not self._is_finished(prediction):
                     self._cancel(prediction.id)
                 raise ImageStopped()
             if self._is_finished(prediction):
@@ -158,12 +163,16 @@ class ReplicateProvider:
             prediction.status == "processing" and bool(prediction.output)
         )
 
-    def _with_retries(self, request: ImageRequest, call):  # noqa: ANN001, ANN202
+    def _with_retries(self, request: ImageRequest, call, creating: bool = False):  # noqa: ANN001, ANN202
+        """Retry transient failures. A create is retried only when Replicate cannot have made
+        the prediction (an error answer, or no connection at all): never pay twice."""
         attempt = 0
         while True:
             try:
                 return call()
             except (TransientReplicateError, httpx.TransportError) as exc:
+                if creating and isinstance(exc, httpx.TransportError) and not isinstance(exc, _NOT_SENT):
+                    raise ProviderError(f"Lost the connection to Replicate while creating the prediction: {exc!r}") from exc
                 attempt += 1
                 if attempt > self._max_retries:
                     raise ProviderError(f"Replicate is unavailable: {exc}") from exc

@@ -1,19 +1,19 @@
 """Domain errors to HTTP answers, in one table."""
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.core.security import InvalidImageSignatureError, InvalidTokenError
 from app.routers.deps import MissingTokenError
-from app.services.auth_service import InvalidCredentialsError, PasswordTooLongError
+from app.services.auth_service import InvalidCredentialsError
+from app.services.errors import InvalidFieldError
 from app.services.generation_service import (
     IdempotencyConflictError,
-    InvalidCursorError,
     JobAlreadyFinishedError,
     JobNotFoundError,
     ServiceUnavailableError,
     TooManyActiveJobsError,
-    TooManyImagesError,
 )
 from app.services.image_store import ImageNotFoundError
 
@@ -24,9 +24,6 @@ _ERROR_RESPONSES: dict[type[Exception], tuple[int, str | None, dict[str, str]]] 
     MissingTokenError: (401, "Not authenticated", _BEARER),
     InvalidTokenError: (401, "Could not validate credentials", _BEARER),
     InvalidCredentialsError: (401, "Incorrect email or password", _BEARER),
-    PasswordTooLongError: (422, None, {}),
-    TooManyImagesError: (422, None, {}),
-    InvalidCursorError: (422, None, {}),
     JobNotFoundError: (404, "Job not found", {}),
     ImageNotFoundError: (404, "Image not found", {}),
     InvalidImageSignatureError: (403, None, {}),
@@ -35,6 +32,20 @@ _ERROR_RESPONSES: dict[type[Exception], tuple[int, str | None, dict[str, str]]] 
     TooManyActiveJobsError: (429, None, {}),
     ServiceUnavailableError: (503, None, {"Retry-After": "5"}),
 }
+
+
+def _validation_detail(errors: list[dict]) -> list[dict]:
+    # The input is left out: it may be a password, megabytes long, or not JSON-encodable.
+    return [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
+
+
+async def _handle_request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": _validation_detail(exc.errors())}, status_code=422)
+
+
+async def _handle_invalid_field(request: Request, exc: InvalidFieldError) -> JSONResponse:
+    detail = [{"type": "value_error", "loc": list(exc.location), "msg": str(exc)}]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
@@ -49,5 +60,7 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
 
 
 def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _handle_request_validation)
+    app.add_exception_handler(InvalidFieldError, _handle_invalid_field)
     for error_class in _ERROR_RESPONSES:
         app.add_exception_handler(error_class, _handle)

@@ -108,11 +108,15 @@ async def stream_job(
     user: StreamUser,
     service: GenerationServiceDep,
     settings: SettingsDep,
-    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events of the job from the start, or after `Last-Event-ID`: `progress`,
     then `done` (or `error`), with `keepalive` while nothing else happens."""
     job = await service.get_job(job_id, user.email)
-    events = service.follow(job, last_event_id or 0, settings.SSE_KEEPALIVE_SECONDS)
+    # An id we did not send means nothing; replay from the start rather than end a
+    # browser's reconnects with an error.
+    valid = last_event_id and last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) < 19
+    after_id = int(last_event_id) if valid else 0
+    events = service.follow(job, after_id, settings.SSE_KEEPALIVE_SECONDS)
     # Keepalives are our own `keepalive` events, sent only when the stream is quiet.
     return EventSourceResponse(_to_sse(events), ping=0)

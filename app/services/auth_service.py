@@ -14,6 +14,7 @@ from app.core.security import (
 )
 from app.db.repository import Repository
 from app.db.tables import UserRow
+from app.services.errors import InvalidFieldError
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class InvalidCredentialsError(Exception):
     """Unknown email or wrong password; deliberately the same error for both."""
 
 
-class PasswordTooLongError(ValueError):
+class PasswordTooLongError(InvalidFieldError):
+    location = ("body", "password")
+
     def __init__(self) -> None:
         super().__init__(f"password must be at most {BCRYPT_MAX_PASSWORD_BYTES} bytes (UTF-8)")
 

@@ -34,6 +34,7 @@ from app.models.generation import (
     ProgressEvent,
 )
 from app.providers.base import ImageProvider, ImageRequest, ImageStopped, ProviderError
+from app.services.errors import InvalidFieldError
 from app.services.event_log import EventLog, JobEvent
 from app.services.image_fetch import ImageFetcher, ImageFetchError, require_image
 from app.services.image_store import ImageStore, image_key
@@ -51,7 +52,9 @@ class JobNotFoundError(Exception):
     """No such job for this user (another user's job is not found either)."""
 
 
-class TooManyImagesError(ValueError):
+class TooManyImagesError(InvalidFieldError):
+    location = ("body", "num_images")
+
     def __init__(self, limit: int) -> None:
         super().__init__(f"num_images must be between 1 and {limit}")
 
@@ -79,7 +82,9 @@ class ServiceUnavailableError(Exception):
         super().__init__("The service is shutting down; retry in a moment.")
 
 
-class InvalidCursorError(ValueError):
+class InvalidCursorError(InvalidFieldError):
+    location = ("query", "cursor")
+
     def __init__(self) -> None:
         super().__init__("cursor is not one this service issued")
 
@@ -94,6 +99,7 @@ class ImageState:
     prediction_id: str | None = None
     started_at: float | None = None  # time.monotonic(), this process only
     request: ImageRequest | None = field(default=None, repr=False)
+    deadline: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -179,6 +185,7 @@ class GenerationService:
         max_workers: int,
         max_images_per_job: int,
         max_active_jobs_per_user: int,
+        image_timeout_seconds: float,
         shutdown_grace_seconds: float,
     ) -> None:
         self._provider = provider
@@ -188,6 +195,7 @@ class GenerationService:
         self._url_signer = url_signer
         self._max_images_per_job = max_images_per_job
         self._max_active_jobs_per_user = max_active_jobs_per_user
+        self._image_timeout_seconds = image_timeout_seconds
         self._shutdown_grace_seconds = shutdown_grace_seconds
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
         self._scheduler: FairScheduler[_ImageTask] = FairScheduler(max_workers, self._start_image)
@@ -395,6 +403,7 @@ class GenerationService:
         image.started_at = now
         if image.status == "queued":
             self._change(job, image, "running", now)
+        image.deadline = self._loop.call_later(self._image_timeout_seconds, self._time_out, job, image, image.request)
         self._executor.submit(self._run_image, job, image, image.request)
 
     def _run_image(self, job: Job, image: ImageState, request: ImageRequest) -> None:
@@ -428,9 +437,19 @@ class GenerationService:
 
     # Event-loop thread only ------------------------------------------------------------
 
+    def _time_out(self, job: Job, image: ImageState, request: ImageRequest) -> None:
+        if image.request is not request or self._stopping:
+            return
+        # The worker thread ends when the provider notices; the image does not wait for it.
+        request.stop.cancel()
+        message = f"The provider did not finish the image within {self._image_timeout_seconds:g} s."
+        self._change(job, image, "failed", time.monotonic(), error=message)
+
     def _finish_image(self, job: Job, image: ImageState, request: ImageRequest, outcome: tuple | None) -> None:
         if image.request is request:
             image.request = None
+            if image.deadline is not None:
+                image.deadline.cancel()
         self._scheduler.release()
         if self._scheduler.busy == 0:
             self._idle.set()
@@ -459,8 +478,10 @@ class GenerationService:
             if image.started_at is not None:
                 image.latency_ms = _ms(at - image.started_at)
             image_values.update(image_key=key, error=error, latency_ms=image.latency_ms)
-            if status == "succeeded" and job.ttfi_ms is None:
-                job.ttfi_ms = job.elapsed_ms(at)
+            if status == "succeeded":
+                # Workers stamp their own times, so the first applied need not be the first.
+                elapsed = job.elapsed_ms(at)
+                job.ttfi_ms = elapsed if job.ttfi_ms is None else min(job.ttfi_ms, elapsed)
         logger.info(
             "image %s", status,
             extra={"job_id": job.id, "index": image.index, "status": status, "error": error},
