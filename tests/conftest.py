@@ -1,7 +1,12 @@
 """Shared fixtures: settings for a test, a real uvicorn server on a free port, SSE reading."""
 
+import asyncio
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,9 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import create_async_engine
 from sse_starlette.sse import AppStatus
 
-from app.core.config import Settings
+from app.core.config import PROJECT_ROOT, Settings, async_database_url
 from main import create_app
 from tests.fake_replicate import FakeReplicate
 
@@ -154,3 +162,127 @@ def live_server(tmp_path: Path) -> Callable[..., LiveServer]:
 def fake_replicate() -> Iterator[FakeReplicate]:
     with FakeReplicate(latency=0.05).start() as fake:
         yield fake
+
+
+# Databases ------------------------------------------------------------------------------
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_TABLES = ("job_events", "images", "jobs", "users", "alembic_version")
+
+
+def _unavailable(reason: str) -> None:
+    """Skip with the reason; under CI, where the server must be there, fail instead."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: this must not be skipped)")
+    pytest.skip(reason)
+
+
+def postgres_url() -> str:
+    url = os.environ.get("TEST_DATABASE_URL")
+    if not url:
+        _unavailable("TEST_DATABASE_URL is not set: PostgreSQL tests skipped")
+    url = async_database_url(url)
+
+    async def reset() -> None:
+        engine = create_async_engine(url)
+        try:
+            async with engine.begin() as connection:
+                for table in _TABLES:
+                    await connection.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(reset())
+    except (OSError, SQLAlchemyError) as exc:
+        _unavailable(f"PostgreSQL at TEST_DATABASE_URL is unreachable: {exc}")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """Each storage test runs on a fresh SQLite file, and on PostgreSQL when configured."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'myflix.db'}"
+    return postgres_url()
+
+
+def query_database(url: str, sql: str) -> list[tuple]:
+    async def run() -> list[tuple]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as connection:
+                return [tuple(row) for row in await connection.execute(text(sql))]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+# A service in its own process, to stop with SIGTERM or SIGKILL and start again ------------
+
+
+class ServiceProcess:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        # Every setting given explicitly: environment variables beat a developer's .env.local.
+        self.env = {
+            **os.environ,
+            "ENVIRONMENT": "development",
+            "JWT_SECRET_KEY": TEST_JWT_SECRET,
+            "REPLICATE_API_TOKEN": "",
+            "PUBLIC_BASE_URL": "",
+            "IMAGE_STORE_DIR": "",
+            "LOG_LEVEL": "INFO",
+            **env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "ServiceProcess":
+        with open(self.log_path, "ab") as log:  # a file, not a pipe nobody drains
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(self._serving, timeout=30, what="the service process to serve")
+        return self
+
+    def _serving(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"service exited: {self.log_path.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{self.base_url}/openapi.json", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def service_process(tmp_path):
+    """Start services in their own processes: `service_process(IMAGE_PROVIDER="local", ...)`."""
+    started: list[ServiceProcess] = []
+
+    def start(**env: str) -> ServiceProcess:
+        service = ServiceProcess(
+            {"DATA_DIR": str(tmp_path / "data"), **{k: str(v) for k, v in env.items()}},
+            tmp_path / f"service-{len(started)}.log",
+        )
+        started.append(service)
+        return service.start()
+
+    yield start
+    for service in started:
+        if service.process is not None and service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()

@@ -144,13 +144,25 @@ class Settings(BaseSettings):
 
     @property
     def database_url(self) -> str:
-        return self.DATABASE_URL or f"sqlite+aiosqlite:///{self.DATA_DIR / 'myflix.db'}"
+        return async_database_url(self.DATABASE_URL or f"sqlite:///{self.DATA_DIR / 'myflix.db'}")
 
     @property
     def image_store_dir(self) -> Path:
         if self.IMAGE_STORE_DIR is None:
             return self.DATA_DIR / "images"
         return self.IMAGE_STORE_DIR if self.IMAGE_STORE_DIR.is_absolute() else PROJECT_ROOT / self.IMAGE_STORE_DIR
+
+
+def async_database_url(url: str) -> str:
+    """The URL with the async driver this service uses: `postgresql://…` works as given."""
+    for plain, async_scheme in (
+        ("postgres://", "postgresql+asyncpg://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(plain):
+            return async_scheme + url[len(plain):]
+    return url
 
 
 @lru_cache

@@ -65,5 +65,11 @@ async def get_stream_user(
     return await _user_for(token or access_token, auth)
 
 
+def get_image_base_url(request: Request, settings: SettingsDep) -> str:
+    """Where browsers reach this service, for the image links it hands out."""
+    return settings.PUBLIC_BASE_URL or str(request.base_url)
+
+
+ImageBaseUrl = Annotated[str, Depends(get_image_base_url)]
 CurrentUser = Annotated[User, Depends(get_current_user)]
 StreamUser = Annotated[User, Depends(get_stream_user)]

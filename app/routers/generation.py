@@ -1,11 +1,11 @@
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.models.generation import GenerateRequest, GenerateResponse, JobPage, JobSnapshot
-from app.routers.deps import CurrentUser, GenerationServiceDep, SettingsDep, StreamUser
+from app.routers.deps import CurrentUser, GenerationServiceDep, ImageBaseUrl, SettingsDep, StreamUser
 from app.services.event_log import JobEvent
 
 router = APIRouter(prefix="/api/generate", tags=["generation"])
@@ -27,8 +27,7 @@ async def create_job(
     body: GenerateRequest,
     user: CurrentUser,
     service: GenerationServiceDep,
-    settings: SettingsDep,
-    request: Request,
+    image_base_url: ImageBaseUrl,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -41,7 +40,7 @@ async def create_job(
         prompt=body.prompt,
         num_images=body.num_images,
         seed=body.seed,
-        image_base_url=settings.PUBLIC_BASE_URL or str(request.base_url),
+        image_base_url=image_base_url,
         idempotency_key=idempotency_key,
     )
     response.headers["Location"] = f"/api/generate/{job.id}"
@@ -54,18 +53,21 @@ async def create_job(
 async def list_jobs(
     user: CurrentUser,
     service: GenerationServiceDep,
+    image_base_url: ImageBaseUrl,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the previous page.")] = None,
 ) -> JobPage:
     """The caller's jobs, newest first, with their images and metrics."""
-    return await service.list_jobs(user.email, limit, cursor)
+    return await service.list_jobs(user.email, limit, cursor, image_base_url)
 
 
 @router.get("/{job_id}", response_model=JobSnapshot, responses=_NOT_FOUND)
-async def get_job(job_id: str, user: CurrentUser, service: GenerationServiceDep) -> JobSnapshot:
+async def get_job(
+    job_id: str, user: CurrentUser, service: GenerationServiceDep, image_base_url: ImageBaseUrl
+) -> JobSnapshot:
     """The job's current state: each image's status, url, error and latency, and its metrics.
     Image URLs are freshly signed on every call."""
-    return service.snapshot(await service.get_job(job_id, user.email))
+    return service.snapshot(await service.get_job(job_id, user.email), image_base_url)
 
 
 @router.post(
@@ -74,9 +76,11 @@ async def get_job(job_id: str, user: CurrentUser, service: GenerationServiceDep)
     response_model=JobSnapshot,
     responses=_CANCEL_RESPONSES,
 )
-async def cancel_job(job_id: str, user: CurrentUser, service: GenerationServiceDep) -> JobSnapshot:
+async def cancel_job(
+    job_id: str, user: CurrentUser, service: GenerationServiceDep, image_base_url: ImageBaseUrl
+) -> JobSnapshot:
     """Stop the images that have not finished; the stream ends with `done` status `canceled`."""
-    return service.snapshot(await service.cancel_job(job_id, user.email))
+    return service.snapshot(await service.cancel_job(job_id, user.email), image_base_url)
 
 
 @router.delete(
@@ -85,9 +89,11 @@ async def cancel_job(job_id: str, user: CurrentUser, service: GenerationServiceD
     response_model=JobSnapshot,
     responses=_CANCEL_RESPONSES,
 )
-async def delete_job(job_id: str, user: CurrentUser, service: GenerationServiceDep) -> JobSnapshot:
+async def delete_job(
+    job_id: str, user: CurrentUser, service: GenerationServiceDep, image_base_url: ImageBaseUrl
+) -> JobSnapshot:
     """The same as `POST /api/generate/{job_id}/cancel`."""
-    return service.snapshot(await service.cancel_job(job_id, user.email))
+    return await cancel_job(job_id, user, service, image_base_url)
 
 
 async def _to_sse(events: AsyncIterator[JobEvent | None]) -> AsyncIterator[ServerSentEvent]:

@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
 from app.routers.deps import ImageStoreDep, ImageUrlSignerDep
@@ -18,20 +18,16 @@ async def get_image(
     key: str,
     store: ImageStoreDep,
     signer: ImageUrlSignerDep,
-    request: Request,
     expires: Annotated[int, Query()],
     signature: Annotated[str, Query(max_length=128)],
-) -> FileResponse:
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     """An image made by this service, by the signed link in a snapshot or event; no token
     needed, so an `<img src>` loads it. Keys are never reused, so the bytes never change."""
     check_image_key(key)
     remaining = signer.verify(key, expires, signature)
     path = store.path_of(key)
-    return FileResponse(
-        path,
-        media_type=media_type_of(key),
-        headers={
-            "Cache-Control": f"private, max-age={remaining}, immutable",
-            "ETag": f'"{key}"',
-        },
-    )
+    headers = {"Cache-Control": f"private, max-age={remaining}, immutable", "ETag": f'"{key}"'}
+    if if_none_match == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, media_type=media_type_of(key), headers=headers)

@@ -268,7 +268,7 @@ class GenerationService:
                 if earlier.request_fingerprint != fingerprint:
                     raise IdempotencyConflictError()
                 return earlier, True
-        active = sum(job.owner == owner for job in self._live.values())
+        active = sum(job.owner == owner and not job.finished for job in self._live.values())
         if active >= self._max_active_jobs_per_user:
             raise TooManyActiveJobsError(self._max_active_jobs_per_user, ACTIVE_JOBS_RETRY_AFTER_SECONDS)
 
@@ -351,14 +351,15 @@ class GenerationService:
             raise JobNotFoundError(job_id)
         return job
 
-    async def list_jobs(self, owner: str, limit: int, cursor: str | None) -> JobPage:
+    async def list_jobs(self, owner: str, limit: int, cursor: str | None, image_base_url: str) -> JobPage:
         before = decode_cursor(cursor) if cursor else None
         stored = await self._repository.list_jobs(owner, limit + 1, before)
         page = [self._live.get(s.job.id) or self._job_from_rows(s) for s in stored[:limit]]
         next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(stored) > limit else None
-        return JobPage(jobs=[self.snapshot(job) for job in page], next_cursor=next_cursor)
+        return JobPage(jobs=[self.snapshot(job, image_base_url) for job in page], next_cursor=next_cursor)
 
-    def snapshot(self, job: Job) -> JobSnapshot:
+    def snapshot(self, job: Job, image_base_url: str) -> JobSnapshot:
+        """The job now, with image links freshly signed for `image_base_url`."""
         return JobSnapshot(
             job_id=job.id,
             status=job.status,
@@ -366,7 +367,7 @@ class GenerationService:
             num_images=job.num_images,
             seed=job.seed,
             created_at=job.created_at.isoformat(),
-            images=[self._result(job, image) for image in job.images],
+            images=[self._result(job, image, image_base_url.rstrip("/")) for image in job.images],
             ttfi_ms=job.ttfi_ms,
             total_ms=job.total_ms,
         )
@@ -501,7 +502,7 @@ class GenerationService:
             DoneEvent(
                 job_id=job.id,
                 status=job.status,
-                images=[self._result(job, image) for image in job.images],
+                images=[self._result(job, image, job.image_base_url) for image in job.images],
                 ttfi_ms=job.ttfi_ms,
                 total_ms=job.total_ms,
             ).model_dump_json(),
@@ -553,7 +554,7 @@ class GenerationService:
             job_id=job.id,
             index=image.index,
             status=image.status,
-            url=self._image_url(job, image.image_key),
+            url=self._image_url(job.image_base_url, image.image_key),
             error=image.error,
             elapsed_ms=job.elapsed_ms(at),
             completed=job.completed,
@@ -561,20 +562,20 @@ class GenerationService:
             queue_position=queue_position,
         ).model_dump_json(exclude_none=True)
 
-    def _result(self, job: Job, image: ImageState) -> ImageResult:
+    def _result(self, job: Job, image: ImageState, image_base_url: str) -> ImageResult:
         return ImageResult(
             index=image.index,
             status=image.status,
-            url=self._image_url(job, image.image_key),
+            url=self._image_url(image_base_url, image.image_key),
             error=image.error,
             latency_ms=image.latency_ms,
             queue_position=self._scheduler.position(job.id, _ImageTask(job, image)) if image.status == "queued" else None,
         )
 
-    def _image_url(self, job: Job, key: str | None) -> str | None:
+    def _image_url(self, base_url: str, key: str | None) -> str | None:
         if key is None:
             return None
-        return f"{job.image_base_url}/api/images/{key}?{self._url_signer.query(key)}"
+        return f"{base_url}/api/images/{key}?{self._url_signer.query(key)}"
 
     # Persistence -------------------------------------------------------------------------
 
