@@ -209,7 +209,7 @@ def database_url(request, tmp_path) -> str:
 
 def query_database(url: str, sql: str) -> list[tuple]:
     async def run() -> list[tuple]:
-        engine = create_async_engine(url)
+        engine = create_async_engine(async_database_url(url))
         try:
             async with engine.connect() as connection:
                 return [tuple(row) for row in await connection.execute(text(sql))]
