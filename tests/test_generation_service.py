@@ -16,6 +16,7 @@ from app.services.auth_service import seed_demo_users
 from app.services.generation_service import (
     GenerationService,
     JobNotFoundError,
+    ServiceUnavailableError,
     TooManyActiveJobsError,
     TooManyImagesError,
 )
@@ -150,3 +151,56 @@ def test_round_robin_takes_every_jobs_first_image_before_any_second():
     for _ in order:
         scheduler.release()
     assert started == order
+
+
+def test_a_stopping_service_takes_no_new_jobs_and_the_next_one_resumes_them(tmp_path):
+    gate = threading.Event()  # never opened: the images are still running at shutdown
+
+    async def first_life():
+        async with running_service(tmp_path, ScriptedProvider(gate=gate), shutdown_grace_seconds=0) as service:
+            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=2, seed=None, image_base_url="http://t")
+            stopping = asyncio.create_task(service.shutdown())
+            await asyncio.sleep(0)  # let shutdown begin
+            with pytest.raises(ServiceUnavailableError):
+                await service.create_job(owner=OWNER, prompt="q", num_images=1, seed=None, image_base_url="http://t")
+            await stopping
+            gate.set()  # free the worker threads the first life left behind
+            return job.id
+
+    async def second_life(job_id):
+        async with running_service(tmp_path, ScriptedProvider()) as service:
+            job = await service.get_job(job_id, OWNER)
+            events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
+            return (await service.get_job(job_id, OWNER)), events
+
+    job_id = asyncio.run(first_life())
+    job, events = asyncio.run(second_life(job_id))
+    assert job.status == "succeeded"
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].name == "done"
+
+
+def test_a_job_that_cannot_be_resumed_ends_with_an_error_event(tmp_path, monkeypatch):
+    gate = threading.Event()
+
+    async def first_life():
+        async with running_service(tmp_path, ScriptedProvider(gate=gate), shutdown_grace_seconds=0) as service:
+            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t")
+        gate.set()
+        return job.id
+
+    def broken_push(self, *args, **kwargs):
+        raise RuntimeError("scheduler is broken")
+
+    async def second_life(job_id):
+        monkeypatch.setattr(FairScheduler, "push", broken_push)
+        async with running_service(tmp_path, ScriptedProvider()) as service:
+            job = await service.get_job(job_id, OWNER)
+            events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
+            return (await service.get_job(job_id, OWNER)), events
+
+    job_id = asyncio.run(first_life())
+    job, events = asyncio.run(second_life(job_id))
+    assert job.status == "failed"
+    assert events[-1].name == "error"
+    assert "could not be resumed" in events[-1].data

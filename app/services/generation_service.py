@@ -219,8 +219,12 @@ class GenerationService:
         self._loop = asyncio.get_running_loop()
         for stored in await self._repository.unfinished_jobs():
             job = self._job_from_rows(stored)
+            events = await self._repository.events(job.id)
+            job.events = EventLog.replay((JobEvent(e.id, e.name, e.data) for e in events), closed=False)
+            job.last_event_id = events[-1].id if events else 0
+            self._live[job.id] = job
             try:
-                await self._resume(job)
+                self._resume(job)
             except Exception:
                 logger.exception("could not resume job", extra={"job_id": job.id})
                 self._fail_job(job, "The job could not be resumed after a restart.")
@@ -228,6 +232,8 @@ class GenerationService:
     async def shutdown(self) -> None:
         """Take no new work, let running images finish for the grace period, then leave the
         rest recorded for the next start (Replicate predictions stay running there)."""
+        if not self._accepting:
+            return  # already shut down, or shutting down
         self._accepting = False
         self._scheduler.pause()
         try:
@@ -522,7 +528,6 @@ class GenerationService:
 
     def _fail_job(self, job: Job, message: str) -> None:
         job.status = "failed"
-        self._live.pop(job.id, None)
         logger.error("job failed: %s", message, extra={"job_id": job.id})
         error = self._event(job, "error", ErrorEvent(job_id=job.id, message=message).model_dump_json())
         writes = [lambda session: Repository.update_job(
@@ -641,13 +646,9 @@ class GenerationService:
             request_fingerprint=row.request_fingerprint,
         )
 
-    async def _resume(self, job: Job) -> None:
-        events = await self._repository.events(job.id)
-        job.events = EventLog.replay((JobEvent(e.id, e.name, e.data) for e in events), closed=False)
-        job.last_event_id = events[-1].id if events else 0
+    def _resume(self, job: Job) -> None:
         if any(image.status != "queued" for image in job.images):
             job.status = "running"
-        self._live[job.id] = job
         logger.info("job resumed after restart", extra={"job_id": job.id})
         unfinished = [image for image in job.images if image.status not in FINISHED_IMAGE_STATUSES]
         if job.cancel_requested:
