@@ -6,8 +6,10 @@ from datetime import timedelta
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
-from app.core.config import Settings, get_settings
+from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
 from app.core.security import ImageUrlSigner, derive_key
 from app.db.engine import create_engine, create_sessionmaker
@@ -23,6 +25,7 @@ from app.services.journal import Journal
 
 
 MAX_REQUEST_BODY_BYTES = 64 * 1024
+STATIC_DIR = PROJECT_ROOT / "app" / "static"
 
 
 def _image_url_secret(settings: Settings) -> bytes:
@@ -95,6 +98,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(generation.router)
     app.include_router(images.router)
+
+    @app.get("/", include_in_schema=False)
+    async def demo_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
