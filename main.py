@@ -5,21 +5,25 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
+from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner, derive_key
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
 from app.db.repository import Repository
+from app.models.generation import STREAM_EVENT_MODELS
 from app.providers import create_provider
-from app.routers import auth, generation, images
+from app.routers import auth, generation, health, images
 from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
 from app.services.generation_service import GenerationService
+from app.services.health_service import HealthService
 from app.services.image_store import LocalImageStore
 from app.services.journal import Journal
 
@@ -49,12 +53,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         journal.start()
         image_store = LocalImageStore(settings.image_store_dir)
         signer = ImageUrlSigner(_image_url_secret(settings), settings.IMAGE_URL_TTL_SECONDS)
+        metrics = Metrics()
+        provider = create_provider(settings)
         generation_service = GenerationService(
-            provider=create_provider(settings),
+            provider=provider,
             image_store=image_store,
             repository=repository,
             journal=journal,
             url_signer=signer,
+            metrics=metrics,
             max_workers=settings.GENERATION_MAX_WORKERS,
             max_images_per_job=settings.MAX_IMAGES_PER_JOB,
             max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
@@ -65,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.image_store = image_store
         app.state.image_url_signer = signer
+        app.state.metrics = metrics
+        app.state.health_service = HealthService(engine, journal, settings.image_store_dir, provider)
         app.state.auth_service = AuthService(
             find_user=stored_users(repository),
             jwt_secret=settings.JWT_SECRET_KEY.get_secret_value(),
@@ -98,13 +107,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(generation.router)
     app.include_router(images.router)
+    app.include_router(health.router)
 
     @app.get("/", include_in_schema=False)
     async def demo_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.openapi = lambda: _openapi_with_stream_events(app)
     return app
+
+
+def _openapi_with_stream_events(app: FastAPI) -> dict:
+    """The schema, plus the stream's event payloads, which no JSON response refers to."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in STREAM_EVENT_MODELS.values():
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 app = create_app()

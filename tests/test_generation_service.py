@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
@@ -67,7 +68,7 @@ async def running_service(tmp_path, provider, **limits):
     options.update(limits)
     service = GenerationService(
         provider, LocalImageStore(tmp_path / "images"), repository, journal,
-        ImageUrlSigner(b"k", 60), **options,
+        ImageUrlSigner(b"k", 60), Metrics(), **options,
     )
     await service.start()
     try:

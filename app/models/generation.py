@@ -61,11 +61,11 @@ class JobPage(BaseModel):
 
 
 class ProgressEvent(BaseModel):
-    """`event: progress` — one per state change of one image."""
+    """One per state change of one image, and one per retry."""
 
     job_id: str
     index: int
-    status: ImageStatus
+    status: ImageStatus | Literal["retrying"]
     url: str | None = None
     error: str | None = None
     elapsed_ms: float = Field(description="Since the job was accepted.")
@@ -74,10 +74,12 @@ class ProgressEvent(BaseModel):
     queue_position: int | None = Field(
         default=None, description="On `queued`: 1-based place among all images waiting for a worker."
     )
+    attempt: int | None = Field(default=None, description="On `retrying`: the retry's number, from 1.")
+    delay_ms: float | None = Field(default=None, description="On `retrying`: the wait before it.")
 
 
 class DoneEvent(BaseModel):
-    """`event: done` — the last event of a job that ran to its end."""
+    """The last event of a job that ran to its end."""
 
     job_id: str
     status: Literal["succeeded", "partial", "failed", "canceled"]
@@ -87,7 +89,20 @@ class DoneEvent(BaseModel):
 
 
 class ErrorEvent(BaseModel):
-    """`event: error` — a job-level failure; the stream ends after it."""
+    """A job-level failure; the stream ends after it."""
 
     job_id: str
     message: str
+
+
+class KeepaliveEvent(BaseModel):
+    """`{}` after SSE_KEEPALIVE_SECONDS without another event; no `id`."""
+
+
+# The stream's event names and the schemas of their data, for the docs (OpenAPI).
+STREAM_EVENT_MODELS: dict[str, type[BaseModel]] = {
+    "progress": ProgressEvent,
+    "done": DoneEvent,
+    "error": ErrorEvent,
+    "keepalive": KeepaliveEvent,
+}

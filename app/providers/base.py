@@ -47,6 +47,8 @@ class ImageRequest:
     resume_prediction_id: str | None = None
     # Called (on the worker thread) with the id of provider-side work as soon as it exists.
     on_prediction: Callable[[str], None] = field(default=lambda prediction_id: None)
+    # Called (on the worker thread) before a retry: attempt number, delay in seconds, reason.
+    on_retry: Callable[[int, float, str], None] = field(default=lambda attempt, delay, reason: None)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from replicate.prediction import Prediction
 from app.core.config import Settings
 from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, ProviderError
 
-logger = logging.getLogger("myflix.provider.replicate")
+logger = logging.getLogger("myflix.provider.replicate")  # for what the service never sees
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 # Failures before the request left this machine: retrying them cannot duplicate anything.
@@ -178,11 +178,7 @@ class ReplicateProvider:
                     raise ProviderError(f"Replicate is unavailable: {exc}") from exc
                 retry_after = getattr(exc, "retry_after", None)
                 delay = retry_after if retry_after is not None else self._backoff(attempt)
-                logger.warning(
-                    "replicate call failed, retrying",
-                    extra={"job_id": request.job_id, "index": request.index, "attempt": attempt,
-                           "delay_s": round(delay, 2), "reason": str(exc)},
-                )
+                request.on_retry(attempt, delay, str(exc))
                 if request.stop.wait(delay):
                     raise ImageStopped() from exc
             except ModelError as exc:

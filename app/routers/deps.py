@@ -9,6 +9,7 @@ from app.core.config import Settings, get_settings
 from app.core.security import ImageUrlSigner
 from app.services.auth_service import AuthService, User
 from app.services.generation_service import GenerationService
+from app.services.health_service import HealthService
 from app.services.image_store import ImageStore
 
 TOKEN_URL = "/api/auth/token"
@@ -30,6 +31,10 @@ def get_generation_service(request: Request) -> GenerationService:
     return request.app.state.generation_service
 
 
+def get_health_service(request: Request) -> HealthService:
+    return request.app.state.health_service
+
+
 def get_image_store(request: Request) -> ImageStore:
     return request.app.state.image_store
 
@@ -40,6 +45,7 @@ def get_image_url_signer(request: Request) -> ImageUrlSigner:
 
 AuthServiceDep = Annotated[AuthService, Depends(get_auth_service)]
 GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
+HealthServiceDep = Annotated[HealthService, Depends(get_health_service)]
 ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
 ImageUrlSignerDep = Annotated[ImageUrlSigner, Depends(get_image_url_signer)]
 

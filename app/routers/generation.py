@@ -4,7 +4,13 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.models.generation import GenerateRequest, GenerateResponse, JobPage, JobSnapshot
+from app.models.generation import (
+    STREAM_EVENT_MODELS,
+    GenerateRequest,
+    GenerateResponse,
+    JobPage,
+    JobSnapshot,
+)
 from app.routers.deps import CurrentUser, GenerationServiceDep, ImageBaseUrl, SettingsDep, StreamUser
 from app.services.event_log import JobEvent
 
@@ -104,9 +110,30 @@ async def _to_sse(events: AsyncIterator[JobEvent | None]) -> AsyncIterator[Serve
             yield ServerSentEvent(id=str(event.id), event=event.name, data=event.data)
 
 
+_STREAM_DESCRIPTION = "\n".join(
+    ["Server-Sent Events. Each event's `data` is JSON:", ""]
+    + [f"- `{name}`: `{model.__name__}` — {model.__doc__.strip()}" for name, model in STREAM_EVENT_MODELS.items()]
+)
+
+
 @router.get(
     "/{job_id}/stream",
-    responses={**_NOT_FOUND, 200: {"content": {"text/event-stream": {}}}},
+    responses={
+        **_NOT_FOUND,
+        200: {
+            "description": _STREAM_DESCRIPTION,
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "oneOf": [
+                            {"$ref": f"#/components/schemas/{model.__name__}"}
+                            for model in STREAM_EVENT_MODELS.values()
+                        ]
+                    }
+                }
+            },
+        },
+    },
     response_class=EventSourceResponse,
 )
 async def stream_job(

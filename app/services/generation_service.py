@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner
 from app.db.repository import Repository, StoredJob, as_utc
 from app.db.tables import ImageRow, JobRow
@@ -182,6 +183,7 @@ class GenerationService:
         repository: Repository,
         journal: Journal,
         url_signer: ImageUrlSigner,
+        metrics: Metrics,
         max_workers: int,
         max_images_per_job: int,
         max_active_jobs_per_user: int,
@@ -200,6 +202,8 @@ class GenerationService:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
         self._scheduler: FairScheduler[_ImageTask] = FairScheduler(max_workers, self._start_image)
         self._fetcher = ImageFetcher()
+        self._metrics = metrics
+        metrics.watch_workers(lambda: self._scheduler.busy, lambda: self._scheduler.waiting)
         self._live: dict[str, Job] = {}  # unfinished jobs, and no others
         self._pending_keys: dict[tuple[str, str], Job] = {}
         self._idle = asyncio.Event()
@@ -385,8 +389,12 @@ class GenerationService:
             job.events = EventLog.replay(
                 JobEvent(row.id, row.name, row.data) for row in await self._repository.events(job.id)
             )
-        async for event in job.events.follow(after_id, keepalive_seconds):
-            yield event
+        self._metrics.open_streams.inc()
+        try:
+            async for event in job.events.follow(after_id, keepalive_seconds):
+                yield event
+        finally:
+            self._metrics.open_streams.dec()
 
     @property
     def healthy(self) -> bool:
@@ -405,6 +413,7 @@ class GenerationService:
             seed=None if job.seed is None else job.seed + image.index,
             resume_prediction_id=image.prediction_id,
             on_prediction=lambda prediction_id: self._report(self._record_prediction, job, image, prediction_id),
+            on_retry=lambda attempt, delay, reason: self._report(self._retrying, job, image, attempt, delay, reason),
         )
         now = time.monotonic()
         image.started_at = now
@@ -471,6 +480,20 @@ class GenerationService:
             lambda session: Repository.update_image(session, job.id, image.index, {"prediction_id": prediction_id})
         )
 
+    def _retrying(self, job: Job, image: ImageState, attempt: int, delay: float, reason: str) -> None:
+        if image.status in FINISHED_IMAGE_STATUSES:
+            return
+        self._metrics.provider_retries.labels(self._provider.name).inc()
+        logger.info(
+            "image retrying", extra={"job_id": job.id, "index": image.index, "attempt": attempt, "reason": reason}
+        )
+        event = self._event(
+            job, "progress",
+            self._progress(job, image, time.monotonic(), status="retrying", error=reason,
+                           attempt=attempt, delay_ms=_ms(delay)),
+        )
+        self._persist_and_publish(job, [event], [])
+
     def _change(
         self, job: Job, image: ImageState, status: str, at: float,
         key: str | None = None, error: str | None = None,
@@ -485,6 +508,7 @@ class GenerationService:
             if image.started_at is not None:
                 image.latency_ms = _ms(at - image.started_at)
             image_values.update(image_key=key, error=error, latency_ms=image.latency_ms)
+            self._count_image(image)
             if status == "succeeded":
                 # Workers stamp their own times, so the first applied need not be the first.
                 elapsed = job.elapsed_ms(at)
@@ -513,6 +537,7 @@ class GenerationService:
                 total_ms=job.total_ms,
             ).model_dump_json(),
         )
+        self._count_job(job)
         job_values = {
             "status": job.status,
             "finished_at": datetime.now(timezone.utc),
@@ -550,12 +575,29 @@ class GenerationService:
 
         self._journal.write(apply, publish)
 
+    def _count_image(self, image: ImageState) -> None:
+        provider = self._provider.name
+        self._metrics.images.labels(provider, image.status).inc()
+        if image.status == "failed":
+            self._metrics.provider_errors.labels(provider).inc()
+        if image.latency_ms is not None:
+            self._metrics.image_latency.labels(provider, image.status).observe(image.latency_ms / 1000)
+
+    def _count_job(self, job: Job) -> None:
+        provider = self._provider.name
+        self._metrics.jobs.labels(provider, job.status).inc()
+        if job.ttfi_ms is not None:
+            self._metrics.ttfi.labels(provider, job.status).observe(job.ttfi_ms / 1000)
+        if job.total_ms is not None:
+            self._metrics.batch.labels(provider, job.status).observe(job.total_ms / 1000)
+
     def _event(self, job: Job, name: str, data: str) -> JobEvent:
         job.last_event_id += 1
         return JobEvent(job.last_event_id, name, data)
 
-    def _progress(self, job: Job, image: ImageState, at: float, queue_position: int | None = None) -> str:
-        return ProgressEvent(
+    def _progress(self, job: Job, image: ImageState, at: float, **extra: object) -> str:
+        """The image's `progress` event now; `extra` adds or overrides fields (e.g. a retry's)."""
+        fields = dict(
             job_id=job.id,
             index=image.index,
             status=image.status,
@@ -564,8 +606,8 @@ class GenerationService:
             elapsed_ms=job.elapsed_ms(at),
             completed=job.completed,
             total=job.num_images,
-            queue_position=queue_position,
-        ).model_dump_json(exclude_none=True)
+        )
+        return ProgressEvent(**{**fields, **extra}).model_dump_json(exclude_none=True)
 
     def _result(self, job: Job, image: ImageState, image_base_url: str) -> ImageResult:
         return ImageResult(

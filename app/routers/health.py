@@ -1,0 +1,33 @@
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from app.models.health import HealthResponse, ReadinessResponse
+from app.routers.deps import HealthServiceDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    """The process is up and serving."""
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=ReadinessResponse, responses={503: {"model": ReadinessResponse}})
+async def readyz(health: HealthServiceDep) -> JSONResponse:
+    """Database, image store and provider configuration; 503 when any is not ready."""
+    checks = await health.readiness()
+    ready = all(check.ok for check in checks.values())
+    body = ReadinessResponse(
+        status="ready" if ready else "not ready",
+        checks={name: {"ok": check.ok, "detail": check.detail} for name, check in checks.items()},
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: TTFI, batch and image latency histograms; job, image, retry and
+    error counters; open streams, busy workers and queued images."""
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,52 @@
+"""Readiness: can this process do its work right now?"""
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.providers.base import ImageProvider
+from app.services.journal import Journal
+
+CHECK_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    detail: str
+
+
+class HealthService:
+    def __init__(self, engine: AsyncEngine, journal: Journal, image_store_dir: Path, provider: ImageProvider) -> None:
+        self._engine = engine
+        self._journal = journal
+        self._image_store_dir = image_store_dir
+        self._provider = provider
+
+    async def readiness(self) -> dict[str, Check]:
+        return {
+            "database": await self._database(),
+            "image_store": self._image_store(),
+            "provider": Check(True, f"{self._provider.name} ({self._provider.model})"),
+        }
+
+    async def _database(self) -> Check:
+        if not self._journal.healthy:
+            return Check(False, "writes are failing and being retried")
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+                async with self._engine.connect() as connection:
+                    await connection.execute(text("SELECT 1"))
+        except Exception as exc:  # any failure means not ready; say which
+            return Check(False, f"{type(exc).__name__}: {exc}"[:300])
+        return Check(True, self._engine.dialect.name)
+
+    def _image_store(self) -> Check:
+        directory = self._image_store_dir
+        if directory.is_dir() and os.access(directory, os.W_OK):
+            return Check(True, str(directory))
+        return Check(False, f"{directory} is not a writable directory")
