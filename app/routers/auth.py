@@ -4,25 +4,26 @@ from fastapi import APIRouter, Depends
 from fastapi.security import OAuth2PasswordRequestForm
 
 from app.models.auth import LoginRequest, TokenResponse, UserPublic
+from app.models.errors import BODY_ERRORS, error_responses
 from app.routers.deps import AuthServiceDep, CurrentUser
 from app.services.auth_service import IssuedToken
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])
 
-_UNAUTHORIZED = {401: {"description": "Incorrect email or password"}}
+_LOGIN_ERRORS = {**BODY_ERRORS, **error_responses(_401="Incorrect email or password")}
 
 
 def _token_response(issued: IssuedToken) -> TokenResponse:
     return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)
 
 
-@router.post("/login", response_model=TokenResponse, responses=_UNAUTHORIZED)
+@router.post("/login", response_model=TokenResponse, responses=_LOGIN_ERRORS)
 async def login(body: LoginRequest, auth: AuthServiceDep) -> TokenResponse:
     """Sign in with a demo user's email and password; returns a bearer token."""
     return _token_response(await auth.login(body.email, body.password))
 
 
-@router.post("/token", response_model=TokenResponse, responses=_UNAUTHORIZED)
+@router.post("/token", response_model=TokenResponse, responses=_LOGIN_ERRORS)
 async def token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], auth: AuthServiceDep
 ) -> TokenResponse:
@@ -30,6 +31,6 @@ async def token(
     return _token_response(await auth.login(form.username, form.password))
 
 
-@router.get("/me", response_model=UserPublic)
+@router.get("/me", response_model=UserPublic, responses=error_responses(_401="Missing or invalid token"))
 async def me(user: CurrentUser) -> UserPublic:
     return UserPublic(email=user.email, full_name=user.full_name)

@@ -4,6 +4,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from app.models.errors import BODY_ERRORS, error_responses
 from app.models.generation import (
     STREAM_EVENT_MODELS,
     GenerateRequest,
@@ -16,8 +17,9 @@ from app.services.event_log import JobEvent
 
 router = APIRouter(prefix="/api/generate", tags=["generation"])
 
-_NOT_FOUND = {404: {"description": "No such job for this user"}}
-_CANCEL_RESPONSES = {**_NOT_FOUND, 409: {"description": "The job has already finished"}}
+_UNAUTHORIZED = error_responses(_401="Missing or invalid token")
+_NOT_FOUND = {**_UNAUTHORIZED, **error_responses(_404="No such job for this user")}
+_CANCEL_RESPONSES = {**_NOT_FOUND, **error_responses(_409="The job has already finished")}
 
 
 @router.post(
@@ -25,8 +27,13 @@ _CANCEL_RESPONSES = {**_NOT_FOUND, 409: {"description": "The job has already fin
     status_code=status.HTTP_202_ACCEPTED,
     response_model=GenerateResponse,
     responses={
-        409: {"description": "Idempotency-Key reused with a different body"},
-        429: {"description": "Too many jobs in progress; see Retry-After"},
+        **BODY_ERRORS,
+        **_UNAUTHORIZED,
+        **error_responses(
+            _409="Idempotency-Key reused with a different body",
+            _429="Too many jobs in progress; see Retry-After",
+            _503="The service is shutting down",
+        ),
     },
 )
 async def create_job(
@@ -55,7 +62,7 @@ async def create_job(
     return GenerateResponse(job_id=job.id)
 
 
-@router.get("/", response_model=JobPage)
+@router.get("/", response_model=JobPage, responses=_UNAUTHORIZED)
 async def list_jobs(
     user: CurrentUser,
     service: GenerationServiceDep,

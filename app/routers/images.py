@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 
+from app.models.errors import error_responses
 from app.routers.deps import ImageStoreDep, ImageUrlSignerDep
 from app.services.image_store import check_image_key, media_type_of
 
@@ -12,7 +13,10 @@ router = APIRouter(prefix="/api/images", tags=["images"])
 @router.get(
     "/{key}",
     response_class=FileResponse,
-    responses={403: {"description": "Link expired or tampered with"}, 404: {"description": "No such image"}},
+    responses={
+        304: {"description": "Not modified: the If-None-Match ETag still holds"},
+        **error_responses(_403="Link expired or tampered with", _404="No such image"),
+    },
 )
 async def get_image(
     key: str,

@@ -1,0 +1,19 @@
+from pydantic import BaseModel
+
+
+class ErrorResponse(BaseModel):
+    """Every error but a validation error (422) is `{"detail": "<what went wrong>"}`."""
+
+    detail: str
+
+
+def error_responses(**descriptions: str) -> dict[int | str, dict]:
+    """OpenAPI `responses` for error statuses: `error_responses(_404="No such job")`."""
+    return {int(code.lstrip("_")): {"model": ErrorResponse, "description": text} for code, text in descriptions.items()}
+
+
+# What any endpoint with a JSON or form body may answer before it runs.
+BODY_ERRORS = error_responses(
+    _400="The body could not be read (not UTF-8, or not JSON)",
+    _413="The body is larger than 64 KiB",
+)
