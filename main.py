@@ -14,6 +14,7 @@ from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
 from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner, derive_key
+from app.core.security_headers import SecurityHeadersMiddleware
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
 from app.db.repository import Repository
@@ -26,6 +27,7 @@ from app.services.generation_service import GenerationService
 from app.services.health_service import HealthService
 from app.services.image_store import LocalImageStore
 from app.services.journal import Journal
+from app.services.login_throttle import LoginThrottle
 
 
 MAX_REQUEST_BODY_BYTES = 64 * 1024
@@ -78,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             find_user=stored_users(repository),
             jwt_secret=settings.JWT_SECRET_KEY.get_secret_value(),
             token_lifetime=timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES),
+            throttle=LoginThrottle(settings.LOGIN_MAX_FAILURES, settings.LOGIN_FAILURE_WINDOW_SECONDS),
         )
         app.state.generation_service = generation_service
         try:
@@ -102,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
         expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
     )
+    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.ENVIRONMENT == "production")
     app.add_middleware(RequestLogMiddleware)
     register_error_handlers(app)
     app.include_router(auth.router)

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
 
     JWT_SECRET_KEY: SecretStr = SecretStr(PLACEHOLDER_JWT_SECRET)
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(60, ge=1)
+    LOGIN_MAX_FAILURES: int = Field(5, ge=1)
+    LOGIN_FAILURE_WINDOW_SECONDS: float = Field(300, gt=0)
 
     DATA_DIR: Path = Path("data")
     # SQLAlchemy async URL; empty: a SQLite file under DATA_DIR.
@@ -55,6 +57,9 @@ class Settings(BaseSettings):
     SHUTDOWN_GRACE_SECONDS: float = Field(10.0, ge=0)
     GENERATION_MAX_WORKERS: int = Field(16, ge=1, le=256)
     SSE_KEEPALIVE_SECONDS: float = Field(15.0, gt=0)
+    # A subscriber that takes longer than this to accept one event is disconnected (it can
+    # resume with Last-Event-ID); others never wait for it.
+    SSE_SEND_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
 
     # A module name under app/providers. None: `replicate` when a token is set, else `local`.
     IMAGE_PROVIDER: str | None = None

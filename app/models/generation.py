@@ -2,7 +2,9 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+import unicodedata
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 
 ImageStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 JobStatus = Literal["queued", "running", "succeeded", "partial", "failed", "canceled"]
@@ -24,6 +26,15 @@ class GenerateRequest(BaseModel):
     seed: StrictInt | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Random when absent."
     )
+
+    @field_validator("prompt")
+    @classmethod
+    def _printable(cls, prompt: str) -> str:
+        # Any language and emoji are welcome; control characters (but line breaks and tabs)
+        # are not, as they only ever come from broken clients or injection attempts.
+        if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in prompt):
+            raise ValueError("prompt must not contain control characters")
+        return prompt
 
 
 class GenerateResponse(BaseModel):

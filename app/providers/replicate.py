@@ -185,8 +185,13 @@ class ReplicateProvider:
                 raise ProviderError(str(exc) or "The prediction failed.") from exc
             except ReplicateError as exc:
                 raise ProviderError(_client_error_message(exc)) from exc
-            except ClientValidationError as exc:
-                raise ProviderError(f"Replicate sent a response this client cannot read: {exc}") from exc
+            except ClientValidationError as exc:  # e.g. the newer "aborted" status
+                raise ProviderError(
+                    "Replicate answered with a prediction this client cannot read "
+                    "(a status such as 'aborted'): the image was not made."
+                ) from exc
+            except ValueError as exc:  # a body that is not JSON, e.g. a proxy's error page
+                raise ProviderError("Replicate sent a response that is not JSON.") from exc
 
     @staticmethod
     def _backoff(attempt: int) -> float:

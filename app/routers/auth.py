@@ -5,12 +5,15 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 from app.models.auth import LoginRequest, TokenResponse, UserPublic
 from app.models.errors import BODY_ERRORS, error_responses
-from app.routers.deps import AuthServiceDep, CurrentUser
+from app.routers.deps import AuthServiceDep, ClientAddress, CurrentUser
 from app.services.auth_service import IssuedToken
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])
 
-_LOGIN_ERRORS = {**BODY_ERRORS, **error_responses(_401="Incorrect email or password")}
+_LOGIN_ERRORS = {
+    **BODY_ERRORS,
+    **error_responses(_401="Incorrect email or password", _429="Too many failed sign-ins; see Retry-After"),
+}
 
 
 def _token_response(issued: IssuedToken) -> TokenResponse:
@@ -18,17 +21,17 @@ def _token_response(issued: IssuedToken) -> TokenResponse:
 
 
 @router.post("/login", response_model=TokenResponse, responses=_LOGIN_ERRORS)
-async def login(body: LoginRequest, auth: AuthServiceDep) -> TokenResponse:
+async def login(body: LoginRequest, auth: AuthServiceDep, client: ClientAddress) -> TokenResponse:
     """Sign in with a demo user's email and password; returns a bearer token."""
-    return _token_response(await auth.login(body.email, body.password))
+    return _token_response(await auth.login(body.email, body.password, client))
 
 
 @router.post("/token", response_model=TokenResponse, responses=_LOGIN_ERRORS)
 async def token(
-    form: Annotated[OAuth2PasswordRequestForm, Depends()], auth: AuthServiceDep
+    form: Annotated[OAuth2PasswordRequestForm, Depends()], auth: AuthServiceDep, client: ClientAddress
 ) -> TokenResponse:
     """OAuth2 password flow for Swagger's Authorize button: the email is the username."""
-    return _token_response(await auth.login(form.username, form.password))
+    return _token_response(await auth.login(form.username, form.password, client))
 
 
 @router.get("/me", response_model=UserPublic, responses=error_responses(_401="Missing or invalid token"))

@@ -76,6 +76,12 @@ def get_image_base_url(request: Request, settings: SettingsDep) -> str:
     return settings.PUBLIC_BASE_URL or str(request.base_url)
 
 
+def get_client_address(request: Request) -> str:
+    """The caller's address (behind a proxy, run uvicorn with --proxy-headers)."""
+    return request.client.host if request.client else "unknown"
+
+
 ImageBaseUrl = Annotated[str, Depends(get_image_base_url)]
+ClientAddress = Annotated[str, Depends(get_client_address)]
 CurrentUser = Annotated[User, Depends(get_current_user)]
 StreamUser = Annotated[User, Depends(get_stream_user)]

@@ -16,6 +16,7 @@ from app.services.generation_service import (
     TooManyActiveJobsError,
 )
 from app.services.image_store import ImageNotFoundError
+from app.services.login_throttle import LoginThrottledError
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
 
@@ -30,6 +31,7 @@ _ERROR_RESPONSES: dict[type[Exception], tuple[int, str | None, dict[str, str]]] 
     JobAlreadyFinishedError: (409, None, {}),
     IdempotencyConflictError: (409, None, {}),
     TooManyActiveJobsError: (429, None, {}),
+    LoginThrottledError: (429, None, {}),
     ServiceUnavailableError: (503, None, {"Retry-After": "5"}),
 }
 

@@ -159,4 +159,4 @@ async def stream_job(
     after_id = int(last_event_id) if valid else 0
     events = service.follow(job, after_id, settings.SSE_KEEPALIVE_SECONDS)
     # Keepalives are our own `keepalive` events, sent only when the stream is quiet.
-    return EventSourceResponse(_to_sse(events), ping=0)
+    return EventSourceResponse(_to_sse(events), ping=0, send_timeout=settings.SSE_SEND_TIMEOUT_SECONDS)

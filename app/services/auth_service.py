@@ -15,6 +15,7 @@ from app.core.security import (
 from app.db.repository import Repository
 from app.db.tables import UserRow
 from app.services.errors import InvalidFieldError
+from app.services.login_throttle import LoginThrottle
 
 
 @dataclass(frozen=True)
@@ -92,20 +93,28 @@ def stored_users(repository: Repository) -> UserLookup:
 
 
 class AuthService:
-    def __init__(self, find_user: UserLookup, jwt_secret: str, token_lifetime: timedelta) -> None:
+    def __init__(
+        self, find_user: UserLookup, jwt_secret: str, token_lifetime: timedelta, throttle: LoginThrottle
+    ) -> None:
         self._find_user = find_user
+        self._throttle = throttle
         self._jwt_secret = jwt_secret
         self._token_lifetime = token_lifetime
 
-    async def login(self, email: str, password: str) -> IssuedToken:
-        if len(password.encode("utf-8")) > BCRYPT_MAX_PASSWORD_BYTES:
+    async def login(self, email: str, password: str, client: str) -> IssuedToken:
+        """`client` identifies the caller (its address) for throttling failed attempts."""
+        if len(password.encode("utf-8", "surrogatepass")) > BCRYPT_MAX_PASSWORD_BYTES:
             raise PasswordTooLongError()
-        record = await self._find_user(normalize_email(email))
+        account = normalize_email(email)
+        self._throttle.check(account, client)
+        record = await self._find_user(account)
         password_hash = record.password_hash if record else _DUMMY_HASH
         # bcrypt takes a quarter of a second of CPU: keep it off the event loop.
         matches = await asyncio.to_thread(verify_password, password, password_hash)
         if record is None or not matches:
+            self._throttle.failed(account, client)
             raise InvalidCredentialsError()
+        self._throttle.succeeded(account, client)
         token = create_access_token(record.user.email, self._jwt_secret, self._token_lifetime)
         return IssuedToken(token, int(self._token_lifetime.total_seconds()))
 
