@@ -1,5 +1,6 @@
 """The FastAPI application (`main:app`)."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta

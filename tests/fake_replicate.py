@@ -998,3 +998,26 @@ class FakeReplicate:
             "default_example": None,
             "latest_version": self._version_json(version),
         }
+
+
+def _serve_forever() -> None:
+    """`python -m tests.fake_replicate --latency 0.5`: serve until SIGTERM; prints the base URL
+    on its first line (the benchmark runs it in a process of its own)."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(description=_serve_forever.__doc__)
+    parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--token", default="r8_test")
+    args = parser.parse_args()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FakeReplicate(token=args.token, latency=args.latency) as fake:
+        print(fake.base_url, flush=True)
+        stop.wait()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    _serve_forever()

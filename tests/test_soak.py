@@ -1,4 +1,4 @@
-"""The bounded soak (scripts/soak.py): a minute in CI, a few seconds on a developer's machine
+"""The bounded soak (bench/soak.py): a minute in CI, a few seconds on a developer's machine
 (SOAK_SECONDS overrides); by hand, run it for ten minutes."""
 
 import os
@@ -13,7 +13,7 @@ SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", 60 if IN_CI else 10))
 
 def test_a_soak_loses_no_event_answers_no_5xx_and_keeps_memory_flat():
     result = subprocess.run(
-        [sys.executable, "scripts/soak.py", "--seconds", str(SOAK_SECONDS)],
+        [sys.executable, "-m", "bench.soak", "--seconds", str(SOAK_SECONDS)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=SOAK_SECONDS + 120,
     )
     print(result.stdout)

@@ -1,11 +1,15 @@
 """Prometheus metrics, in a registry of their own per app (so tests can build many apps)."""
 
+import asyncio
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # From a fast first image to a slow batch of slow images.
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60, 120)
+_LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
+LOOP_LAG_PROBE_SECONDS = 0.05
 
 
 class Metrics:
@@ -37,11 +41,22 @@ class Metrics:
         self.open_streams = Gauge("myflix_open_streams", "SSE streams open now.", registry=self.registry)
         self.busy_workers = Gauge("myflix_busy_workers", "Worker threads making an image now.", registry=self.registry)
         self.queued_images = Gauge("myflix_queued_images", "Images waiting for a worker.", registry=self.registry)
+        self.loop_lag = Histogram(
+            "myflix_event_loop_lag_seconds", "How late the event loop runs a timer: time it spends blocked.",
+            buckets=_LOOP_LAG_BUCKETS, registry=self.registry,
+        )
 
     def watch_workers(self, busy: Callable[[], float], queued: Callable[[], float]) -> None:
         """Read at scrape time, from the scheduler itself: no counts to keep in step."""
         self.busy_workers.set_function(busy)
         self.queued_images.set_function(queued)
+
+    async def probe_loop_lag(self) -> None:
+        """Runs for the app's life: a timer's lateness is how long the loop was blocked."""
+        while True:
+            expected = time.perf_counter() + LOOP_LAG_PROBE_SECONDS
+            await asyncio.sleep(LOOP_LAG_PROBE_SECONDS)
+            self.loop_lag.observe(max(0.0, time.perf_counter() - expected))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,8 +2,8 @@
 loopback, checking that no event is lost or repeated, nothing answers 5xx, and the server's
 memory stays flat.
 
-    python scripts/soak.py --seconds 600          # ten minutes, by hand
-    python scripts/soak.py --seconds 60           # what CI runs
+    python -m bench.soak --seconds 600          # ten minutes, by hand
+    python -m bench.soak --seconds 60           # what CI runs
 
 It starts its own service (local provider, temporary data directory) unless --base-url
 points at one already running. Exits 1 if any check fails.
@@ -12,11 +12,7 @@ points at one already running. Exits 1 if any check fails.
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,9 +21,16 @@ from pathlib import Path
 
 import httpx
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-USERS = (("alice@myflix.dev", "alice-wonderland"), ("bob@myflix.dev", "bob-builder"))
+from bench.processes import USERS, ServerProcess, rss_mib
+
 MEMORY_GROWTH_LIMIT_MIB = 30
+SOAK_SETTINGS = {
+    "IMAGE_PROVIDER": "local",
+    "LOCAL_LATENCY_MS": "300",
+    "LOCAL_LATENCY_JITTER_MS": "200",
+    "GENERATION_MAX_WORKERS": "8",
+    "MAX_ACTIVE_JOBS_PER_USER": "1000",
+}
 
 
 @dataclass
@@ -41,49 +44,6 @@ class Tally:
     server_errors: list[str] = field(default_factory=list)
     lost_or_repeated: list[str] = field(default_factory=list)
     rss_samples_mib: list[float] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_service(data_dir: Path, port: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "DATA_DIR": str(data_dir),
-        "IMAGE_PROVIDER": "local",
-        "REPLICATE_API_TOKEN": "",
-        "DATABASE_URL": "",
-        "IMAGE_STORE_DIR": "",
-        "LOCAL_LATENCY_MS": "300",
-        "LOCAL_LATENCY_JITTER_MS": "200",
-        "GENERATION_MAX_WORKERS": "8",
-        "MAX_ACTIVE_JOBS_PER_USER": "1000",
-        "LOG_LEVEL": "WARNING",
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-
-def wait_until_serving(base_url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the service at {base_url} did not come up")
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
 
 
 def check_status(response: httpx.Response, tally: Tally) -> None:
@@ -224,20 +184,12 @@ def main() -> int:
     parser.add_argument("--base-url", help="a running service; default: start one")
     args = parser.parse_args()
 
-    service = None
-    base_url = args.base_url
     with tempfile.TemporaryDirectory(prefix="myflix-soak-") as data_dir:
-        if base_url is None:
-            port = free_port()
-            base_url = f"http://127.0.0.1:{port}"
-            service = start_service(Path(data_dir), port)
-        try:
-            wait_until_serving(base_url)
-            tally = asyncio.run(soak(base_url, args.seconds, args.users, service.pid if service else None))
-        finally:
-            if service is not None:
-                service.send_signal(signal.SIGTERM)
-                service.wait(timeout=60)
+        if args.base_url:
+            tally = asyncio.run(soak(args.base_url, args.seconds, args.users, None))
+        else:
+            with ServerProcess("main:app", SOAK_SETTINGS, Path(data_dir)) as service:
+                tally = asyncio.run(soak(service.base_url, args.seconds, args.users, service.pid))
     ok = report(tally, args.seconds)
     print("soak: OK" if ok else "soak: FAILED")
     return 0 if ok else 1
