@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sse_starlette.sse import AppStatus
 
+from app import cli
 from app.core.config import PROJECT_ROOT, Settings, async_database_url
 from main import create_app
 from tests.fake_replicate import FakeReplicate
@@ -96,21 +97,9 @@ class SseEvent:
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
-    fields: dict[str, list[str]] = {}
-    for line in lines:
-        if line == "":
-            if "data" in fields or "event" in fields:
-                yield SseEvent(
-                    event=fields.get("event", ["message"])[0],
-                    data=json.loads("\n".join(fields.get("data", ["null"]))),
-                    id=fields.get("id", [None])[0],
-                )
-            fields = {}
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+    """The CLI's parser, with ids as the strings they are on the wire."""
+    for event in cli.parse_sse(lines):
+        yield SseEvent(event=event.name, data=event.data, id=None if event.id is None else str(event.id))
 
 
 def read_stream(

@@ -30,6 +30,9 @@ class EventLog:
         log._closed = closed
         return log
 
+    def all(self) -> list[JobEvent]:
+        return list(self._events)
+
     @property
     def closed(self) -> bool:
         return self._closed

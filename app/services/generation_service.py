@@ -153,6 +153,16 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
+def _ttfi_from_events(events: EventLog) -> float | None:
+    """TTFI as the events recorded it: stored only when a job ends, so a job resumed after a
+    restart takes it from its first `succeeded` event."""
+    succeeded = (
+        data["elapsed_ms"] for data in (json.loads(e.data) for e in events.all() if e.name == "progress")
+        if data["status"] == "succeeded"
+    )
+    return min(succeeded, default=None)
+
+
 def new_job_id() -> str:
     return f"job_{secrets.token_hex(12)}"
 
@@ -226,6 +236,7 @@ class GenerationService:
             events = await self._repository.events(job.id)
             job.events = EventLog.replay((JobEvent(e.id, e.name, e.data) for e in events), closed=False)
             job.last_event_id = events[-1].id if events else 0
+            job.ttfi_ms = _ttfi_from_events(job.events)
             self._live[job.id] = job
             try:
                 self._resume(job)

@@ -1,0 +1,204 @@
+"""The command-line client run as a user runs it, `python -m app.cli ...` in a subprocess,
+against a real server: sign in, generate, list jobs, failures, a dropped stream, Ctrl-C."""
+
+import os
+import queue
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from app import cli
+from app.core.config import PROJECT_ROOT
+from tests.conftest import ALICE, login, read_stream
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+APPLIED = re.compile(r"\[(\d+)\] image (\d+): (.*)")
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("MYFLIX_", "XDG_"))}
+    env["MYFLIX_TOKEN_FILE"] = str(tmp_path / "config" / "token.json")
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def sign_in(env: dict[str, str], base_url: str) -> subprocess.CompletedProcess:
+    result = run_cli(env, "--base-url", base_url, "login", "--email", ALICE[0], "--password", ALICE[1])
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def job_id_of(stdout: str) -> str:
+    return re.match(r"job (job_\w+):", stdout).group(1)
+
+
+def job_id_of_line(line: str) -> str:
+    return re.search(r"\bjob_\w+", line).group(0)
+
+
+class BackgroundCli:
+    """The CLI in the background; a thread reads its output so a test can wait for a line."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args],
+            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for_line(self, predicate: Callable[[str], bool], timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            assert line is not None, f"the CLI exited: {self.lines} {self.process.stderr.read()}"
+            self.lines.append(line)
+            if predicate(line):
+                return line
+
+    def finish(self, timeout: float = 60) -> tuple[int, list[str], str]:
+        """Exit code, every stdout line, and stderr."""
+        code = self.process.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=5)) is not None:
+            self.lines.append(line)
+        return code, self.lines, self.process.stderr.read()
+
+
+def test_login_generate_save_images_and_list_jobs(live_server, cli_env, tmp_path):
+    with live_server(LOCAL_LATENCY_MS=50, LOCAL_LATENCY_JITTER_MS=0) as server:
+        url = server.base_url
+        wrong = run_cli(cli_env, "--base-url", url, "login", "--email", ALICE[0], "--password", "not-hers")
+        assert wrong.returncode == 1
+        assert "incorrect email or password" in wrong.stderr
+        assert "Signed in to" in sign_in(cli_env, url).stdout
+
+        out = tmp_path / "images"
+        result = run_cli(
+            cli_env, "--base-url", url, "generate", "a lighthouse", "-n", "3", "--seed", "7", "--out", str(out)
+        )
+        assert result.returncode == 0, result.stderr
+        job_id = job_id_of(result.stdout)
+        saved = sorted(out.iterdir())
+        assert [path.name for path in saved] == [f"{job_id}-{index}.png" for index in range(3)]
+        assert all(path.read_bytes().startswith(PNG_MAGIC) for path in saved)
+        assert re.search(r"TTFI: \d+\.\d\d s +batch time: \d+\.\d\d s", result.stdout)
+        assert all(str(path) in result.stdout for path in saved)
+        assert "\x1b" not in result.stdout, "control codes on a pipe"
+
+        # MYFLIX_URL instead of --base-url, and the default ./myflix-<job_id>/ (here in tmp_path).
+        elsewhere = {**cli_env, "MYFLIX_URL": url, "PYTHONPATH": str(PROJECT_ROOT)}
+        second = run_cli(elsewhere, "generate", "a second job", "-n", "1", cwd=tmp_path)
+        assert second.returncode == 0, second.stderr
+        second_id = job_id_of(second.stdout)
+        assert (tmp_path / f"myflix-{second_id}" / f"{second_id}-0.png").read_bytes().startswith(PNG_MAGIC)
+
+        history = run_cli(cli_env, "--base-url", url, "jobs").stdout.splitlines()
+        assert [job_id_of_line(line) for line in history] == [second_id, job_id]
+        assert re.search(r"succeeded +3 img +TTFI +\d+\.\d\d s +batch +\d+\.\d\d s +a lighthouse$", history[1])
+        newest = run_cli(cli_env, "--base-url", url, "jobs", "--limit", "1").stdout.splitlines()
+        assert [job_id_of_line(line) for line in newest] == [second_id]
+
+    gone = run_cli(cli_env, "--base-url", url, "generate", "nobody home", "--out", str(out))
+    assert gone.returncode == 3
+    assert "cannot reach the service" in gone.stderr
+
+
+def test_the_token_file_is_the_users_with_mode_0600(monkeypatch, tmp_path):
+    monkeypatch.delenv("MYFLIX_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cli.token_path() == tmp_path / "home" / ".config" / "myflix" / "token.json"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    path = tmp_path / "xdg" / "myflix" / "token.json"
+    assert cli.token_path() == path
+    assert not path.is_relative_to(PROJECT_ROOT)
+
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    path.chmod(0o644)
+    assert cli.save_session({"access_token": "secret"}) == path
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, "an existing file is made private too"
+
+
+def test_generate_and_jobs_need_a_login(cli_env):
+    for command in (["generate", "a cat"], ["jobs"]):
+        result = run_cli(cli_env, "--base-url", "http://127.0.0.1:9", *command)
+        assert result.returncode == 2
+        assert "not signed in: run `python -m app.cli login`" in result.stderr
+
+
+def test_a_job_whose_images_all_fail_exits_1_with_the_reason(live_server, fake_replicate, cli_env, tmp_path):
+    with live_server(
+        IMAGE_PROVIDER="replicate", REPLICATE_API_TOKEN="r8_wrong", REPLICATE_BASE_URL=fake_replicate.base_url
+    ) as server:
+        sign_in(cli_env, server.base_url)
+        result = run_cli(cli_env, "--base-url", server.base_url, "generate", "a cat", "-n", "2", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert re.search(r"job job_\w+ failed: 0 of 2 images saved", result.stdout)
+    failures = [line for line in result.stderr.splitlines() if line.startswith("image ")]
+    assert len(failures) == 2
+    assert all(" failed: " in line and "401" in line for line in failures)
+
+
+def test_a_dropped_stream_is_resumed_and_no_event_is_applied_twice(service_process, cli_env, tmp_path):
+    service = service_process(
+        IMAGE_PROVIDER="local", LOCAL_LATENCY_MS=1500, LOCAL_LATENCY_JITTER_MS=0,
+        GENERATION_MAX_WORKERS=1, SHUTDOWN_GRACE_SECONDS=0,
+    )
+    sign_in(cli_env, service.base_url)
+    out = tmp_path / "images"
+    cli_run = BackgroundCli(
+        cli_env, "--base-url", service.base_url, "generate", "survives", "-n", "3", "--out", str(out)
+    )
+    cli_run.wait_for_line(lambda line: ": done → " in line)
+    service.stop(signal.SIGKILL)
+    service.start()
+
+    code, lines, stderr = cli_run.finish()
+    assert code == 0, stderr
+    assert any(line.startswith("connection lost") for line in lines), "the stream was not dropped"
+    job_id = job_id_of(lines[0])
+    applied = [match for match in map(APPLIED.match, lines) if match]
+    with service.client() as client:
+        token = login(client)
+        stream = read_stream(client, job_id, headers={"Authorization": f"Bearer {token}"})
+    # Every progress event of the job, each once, in order: none lost, none applied twice.
+    assert [int(match[1]) for match in applied] == [int(e.id) for e in stream if e.event == "progress"]
+    assert sorted(int(match[2]) for match in applied if match[3].startswith("done")) == [0, 1, 2]
+    saved = sorted(out.iterdir())
+    assert [path.name for path in saved] == [f"{job_id}-{index}.png" for index in range(3)]
+    assert all(path.read_bytes().startswith(PNG_MAGIC) for path in saved)
+
+
+def test_ctrl_c_prints_the_job_id_and_exits_130(live_server, cli_env, tmp_path):
+    with live_server(LOCAL_LATENCY_MS=10_000, SHUTDOWN_GRACE_SECONDS=0) as server:
+        sign_in(cli_env, server.base_url)
+        cli_run = BackgroundCli(
+            cli_env, "--base-url", server.base_url, "generate", "slow", "-n", "1", "--out", str(tmp_path)
+        )
+        job_id = job_id_of(cli_run.wait_for_line(lambda line: line.startswith("job ")))
+        cli_run.wait_for_line(lambda line: line.endswith(": running"))
+        cli_run.process.send_signal(signal.SIGINT)
+        code, _, stderr = cli_run.finish()
+    assert code == 130
+    assert job_id in stderr
