@@ -84,9 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             throttle=LoginThrottle(settings.LOGIN_MAX_FAILURES, settings.LOGIN_FAILURE_WINDOW_SECONDS),
         )
         app.state.generation_service = generation_service
+        loop_lag_probe = asyncio.create_task(metrics.probe_loop_lag(), name="loop-lag-probe")
         try:
             yield
         finally:
+            loop_lag_probe.cancel()
             await generation_service.shutdown()
             await engine.dispose()
 

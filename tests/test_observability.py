@@ -64,6 +64,7 @@ def test_metrics_show_a_job_in_flight_and_its_outcome(live_server):
         assert after[("myflix_image_latency_seconds_count", tuple(sorted(done)))] == 4
         assert after[("myflix_busy_workers", ())] == 0
         assert after[("myflix_open_streams", ())] == 0
+        assert after[("myflix_event_loop_lag_seconds_count", ())] > 0  # the probe runs
 
 
 def test_retries_are_progress_events_and_counted(live_server, fake_replicate):

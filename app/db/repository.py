@@ -2,7 +2,7 @@
 journal's session, so that they commit in its batches."""
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -106,23 +106,38 @@ class Repository:
     # Writes, inside the journal's transaction -------------------------------------------
 
     @staticmethod
-    async def insert_job(session: AsyncSession, job: JobRow, images: list[ImageRow]) -> None:
-        session.add(job)
-        await session.flush()
-        session.add_all(images)
+    async def apply(session: AsyncSession, batch: list["Changes"]) -> None:
+        """Everything in `batch`, one statement per kind, in an order the foreign keys allow.
+        States are whole rows' worth of columns, so the last state of a row in the batch wins."""
+        for model, rows in (
+            (JobRow, [row for changes in batch for row in changes.jobs]),
+            (ImageRow, [row for changes in batch for row in changes.images]),
+            (EventRow, [row for changes in batch for row in changes.events]),
+        ):
+            if rows:
+                await session.execute(insert(model), rows)
+        for model, states in (
+            (ImageRow, _last_per_key(batch, "image_states", ("job_id", "index"))),
+            (JobRow, _last_per_key(batch, "job_states", ("id",))),
+        ):
+            if states:
+                await session.execute(update(model), states)
 
-    @staticmethod
-    async def insert_events(session: AsyncSession, job_id: str, events: Iterable[tuple[int, str, str]]) -> None:
-        rows = [{"job_id": job_id, "id": id_, "name": name, "data": data} for id_, name, data in events]
-        if rows:
-            await session.execute(insert(EventRow), rows)
 
-    @staticmethod
-    async def update_image(session: AsyncSession, job_id: str, index: int, values: dict[str, Any]) -> None:
-        await session.execute(
-            update(ImageRow).where(ImageRow.job_id == job_id, ImageRow.index == index).values(**values)
-        )
+@dataclass
+class Changes:
+    """Rows to insert and row states to set, written together by the journal."""
 
-    @staticmethod
-    async def update_job(session: AsyncSession, job_id: str, values: dict[str, Any]) -> None:
-        await session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    images: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    image_states: list[dict[str, Any]] = field(default_factory=list)  # primary key + every state column
+    job_states: list[dict[str, Any]] = field(default_factory=list)  # likewise
+
+
+def _last_per_key(batch: list[Changes], kind: str, key: tuple[str, ...]) -> list[dict[str, Any]]:
+    latest: dict[tuple, dict[str, Any]] = {}
+    for changes in batch:
+        for state in getattr(changes, kind):
+            latest[tuple(state[k] for k in key)] = state
+    return list(latest.values())

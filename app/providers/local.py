@@ -46,12 +46,12 @@ def render_image(prompt: str, seed: int | None, index: int) -> bytes:
     palette = _palette(prompt)
     rng = _rng("layout", prompt, seed, index)
     top, bottom = palette[0], palette[1]
-    gradient = Image.linear_gradient("L").resize((IMAGE_SIZE, IMAGE_SIZE))
-    image = Image.composite(
-        Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bottom),
-        Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), top),
-        gradient,
-    )
+    # A one-pixel-wide vertical gradient, stretched: far cheaper than blending two images.
+    column = Image.new("RGB", (1, IMAGE_SIZE))
+    column.putdata([
+        tuple(round(a + (b - a) * y / (IMAGE_SIZE - 1)) for a, b in zip(top, bottom)) for y in range(IMAGE_SIZE)
+    ])
+    image = column.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(image, "RGBA")
     for _ in range(rng.randint(6, 14)):
         colour = (*rng.choice(palette[2:]), rng.randint(90, 200))

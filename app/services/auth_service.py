@@ -1,6 +1,7 @@
 """Who may sign in, and the tokens that say so. Knows nothing of HTTP."""
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,6 +76,8 @@ def normalize_email(email: str) -> str:
 
 # Looks a user up by normalised email.
 UserLookup = Callable[[str], Awaitable[UserRecord | None]]
+USER_CACHE_SECONDS = 30.0
+USER_CACHE_SIZE = 10_000
 
 
 async def seed_demo_users(repository: Repository) -> None:
@@ -84,10 +87,21 @@ async def seed_demo_users(repository: Repository) -> None:
     )
 
 
-def stored_users(repository: Repository) -> UserLookup:
+def stored_users(repository: Repository, cache_seconds: float = USER_CACHE_SECONDS) -> UserLookup:
+    """Users from the database, each remembered for `cache_seconds`: every request checks its
+    token's user, and a database round trip per request costs more than the rest of it."""
+    cache: dict[str, tuple[float, UserRecord | None]] = {}
+
     async def find_user(email: str) -> UserRecord | None:
+        cached = cache.get(email)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
         row = await repository.get_user(email)
-        return None if row is None else UserRecord(User(row.email, row.full_name), row.password_hash)
+        record = None if row is None else UserRecord(User(row.email, row.full_name), row.password_hash)
+        if len(cache) >= USER_CACHE_SIZE:
+            cache.clear()
+        cache[email] = (time.monotonic() + cache_seconds, record)
+        return record
 
     return find_user
 

@@ -20,12 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner
-from app.db.repository import Repository, StoredJob, as_utc
-from app.db.tables import ImageRow, JobRow
+from app.db.repository import Changes, Repository, StoredJob, as_utc
 from app.models.generation import (
     DoneEvent,
     ErrorEvent,
@@ -120,6 +117,7 @@ class Job:
     total_ms: float | None = None
     idempotency_key: str | None = None
     request_fingerprint: str | None = None
+    finished_at: datetime | None = None
     events: EventLog = field(default_factory=EventLog, repr=False)
     last_event_id: int = 0
 
@@ -161,6 +159,10 @@ def _ttfi_from_events(events: EventLog) -> float | None:
         if data["status"] == "succeeded"
     )
     return min(succeeded, default=None)
+
+
+def _event_rows(job: Job, events: list[JobEvent]) -> list[dict]:
+    return [{"job_id": job.id, "id": e.id, "name": e.name, "data": e.data} for e in events]
 
 
 def new_job_id() -> str:
@@ -314,11 +316,11 @@ class GenerationService:
             self._event(job, "progress", self._progress(job, image, job.accepted_at, queue_position=place))
             for image, place in zip(job.images, positions)
         ]
-        job_row, image_rows = self._rows(job)
-
-        async def insert(session: AsyncSession) -> None:
-            await Repository.insert_job(session, job_row, image_rows)
-            await Repository.insert_events(session, job.id, [(e.id, e.name, e.data) for e in queued])
+        changes = Changes(
+            jobs=[self._job_row(job)],
+            images=[self._image_state(job, image) for image in job.images],
+            events=_event_rows(job, queued),
+        )
 
         def publish() -> None:
             for event in queued:
@@ -330,7 +332,7 @@ class GenerationService:
             extra={"job_id": job.id, "owner": owner, "num_images": num_images, "provider": self._provider.name},
         )
         try:
-            await self._journal.write(insert, publish)
+            await self._journal.write(changes, publish)
         except ConflictingWriteError:
             # Another process stored this Idempotency-Key first.
             del self._live[job.id]
@@ -350,7 +352,7 @@ class GenerationService:
         if job.finished or job.cancel_requested:
             raise JobAlreadyFinishedError(job.status)
         job.cancel_requested = True
-        self._journal.write(lambda session: Repository.update_job(session, job.id, {"cancel_requested": True}))
+        self._journal.write(Changes(job_states=[self._job_state(job)]))
         self._scheduler.remove_job(job.id)
         now = time.monotonic()
         for image in job.images:
@@ -487,9 +489,7 @@ class GenerationService:
 
     def _record_prediction(self, job: Job, image: ImageState, prediction_id: str) -> None:
         image.prediction_id = prediction_id
-        self._journal.write(
-            lambda session: Repository.update_image(session, job.id, image.index, {"prediction_id": prediction_id})
-        )
+        self._journal.write(Changes(image_states=[self._image_state(job, image)]))
 
     def _retrying(self, job: Job, image: ImageState, attempt: int, delay: float, reason: str) -> None:
         if image.status in FINISHED_IMAGE_STATUSES:
@@ -503,7 +503,7 @@ class GenerationService:
             self._progress(job, image, time.monotonic(), status="retrying", error=reason,
                            attempt=attempt, delay_ms=_ms(delay)),
         )
-        self._persist_and_publish(job, [event], [])
+        self._persist_and_publish(job, [event], Changes())
 
     def _change(
         self, job: Job, image: ImageState, status: str, at: float,
@@ -513,12 +513,10 @@ class GenerationService:
             return  # e.g. a result that arrives after the image was canceled
         image.status = status
         job.status = "running" if job.status == "queued" else job.status
-        image_values: dict = {"status": status}
         if status in FINISHED_IMAGE_STATUSES:
             image.image_key, image.error = key, error
             if image.started_at is not None:
                 image.latency_ms = _ms(at - image.started_at)
-            image_values.update(image_key=key, error=error, latency_ms=image.latency_ms)
             self._count_image(image)
             if status == "succeeded":
                 # Workers stamp their own times, so the first applied need not be the first.
@@ -529,14 +527,15 @@ class GenerationService:
             extra={"job_id": job.id, "index": image.index, "status": status, "error": error},
         )
         event = self._event(job, "progress", self._progress(job, image, at))
-        writes = [lambda session: Repository.update_image(session, job.id, image.index, image_values)]
+        changes = Changes(image_states=[self._image_state(job, image)])
         if job.completed == job.num_images:
-            self._finish_job(job, at, [event], writes)
+            self._finish_job(job, at, [event], changes)
         else:
-            self._persist_and_publish(job, [event], writes)
+            self._persist_and_publish(job, [event], changes)
 
-    def _finish_job(self, job: Job, at: float, events: list[JobEvent], writes: list) -> None:
+    def _finish_job(self, job: Job, at: float, events: list[JobEvent], changes: Changes) -> None:
         job.status = job.outcome()
+        job.finished_at = datetime.now(timezone.utc)
         job.total_ms = max(job.elapsed_ms(at), job.ttfi_ms or 0.0)
         done = self._event(
             job, "done",
@@ -549,33 +548,22 @@ class GenerationService:
             ).model_dump_json(),
         )
         self._count_job(job)
-        job_values = {
-            "status": job.status,
-            "finished_at": datetime.now(timezone.utc),
-            "ttfi_ms": job.ttfi_ms,
-            "total_ms": job.total_ms,
-        }
-        writes.append(lambda session: Repository.update_job(session, job.id, job_values))
+        changes.job_states.append(self._job_state(job))
         logger.info(
             "job %s", job.status,
             extra={"job_id": job.id, "status": job.status, "ttfi_ms": job.ttfi_ms, "total_ms": job.total_ms},
         )
-        self._persist_and_publish(job, [*events, done], writes, closes=True)
+        self._persist_and_publish(job, [*events, done], changes, closes=True)
 
     def _fail_job(self, job: Job, message: str) -> None:
         job.status = "failed"
+        job.finished_at = datetime.now(timezone.utc)
         logger.error("job failed: %s", message, extra={"job_id": job.id})
         error = self._event(job, "error", ErrorEvent(job_id=job.id, message=message).model_dump_json())
-        writes = [lambda session: Repository.update_job(
-            session, job.id, {"status": "failed", "finished_at": datetime.now(timezone.utc)}
-        )]
-        self._persist_and_publish(job, [error], writes, closes=True)
+        self._persist_and_publish(job, [error], Changes(job_states=[self._job_state(job)]), closes=True)
 
-    def _persist_and_publish(self, job: Job, events: list[JobEvent], writes: list, closes: bool = False) -> None:
-        async def apply(session: AsyncSession) -> None:
-            for write in writes:
-                await write(session)
-            await Repository.insert_events(session, job.id, [(e.id, e.name, e.data) for e in events])
+    def _persist_and_publish(self, job: Job, events: list[JobEvent], changes: Changes, closes: bool = False) -> None:
+        changes.events += _event_rows(job, events)
 
         def publish() -> None:
             for event in events:
@@ -584,7 +572,7 @@ class GenerationService:
                 job.events.close()
                 self._live.pop(job.id, None)
 
-        self._journal.write(apply, publish)
+        self._journal.write(changes, publish)
 
     def _count_image(self, image: ImageState) -> None:
         provider = self._provider.name
@@ -646,24 +634,44 @@ class GenerationService:
             return None
         return self._live.get(row.id) or await self.get_job(row.id, owner)
 
-    def _rows(self, job: Job) -> tuple[JobRow, list[ImageRow]]:
-        job_row = JobRow(
-            id=job.id,
-            owner_email=job.owner,
-            prompt=job.prompt,
-            num_images=job.num_images,
-            seed=job.seed,
-            provider=self._provider.name,
-            model=self._provider.model,
-            image_base_url=job.image_base_url,
-            status="queued",
-            cancel_requested=False,
-            created_at=job.created_at,
-            idempotency_key=job.idempotency_key,
-            request_fingerprint=job.request_fingerprint,
-        )
-        images = [ImageRow(job_id=job.id, index=image.index, status="queued") for image in job.images]
-        return job_row, images
+    def _job_row(self, job: Job) -> dict:
+        return {
+            "id": job.id,
+            "owner_email": job.owner,
+            "prompt": job.prompt,
+            "num_images": job.num_images,
+            "seed": job.seed,
+            "provider": self._provider.name,
+            "model": self._provider.model,
+            "image_base_url": job.image_base_url,
+            "created_at": job.created_at,
+            "idempotency_key": job.idempotency_key,
+            "request_fingerprint": job.request_fingerprint,
+            **self._job_state(job),
+        }
+
+    @staticmethod
+    def _job_state(job: Job) -> dict:
+        return {
+            "id": job.id,
+            "status": job.status if job.finished else "queued",  # unfinished is all a restart needs
+            "cancel_requested": job.cancel_requested,
+            "finished_at": job.finished_at,
+            "ttfi_ms": job.ttfi_ms if job.finished else None,
+            "total_ms": job.total_ms,
+        }
+
+    @staticmethod
+    def _image_state(job: Job, image: ImageState) -> dict:
+        return {
+            "job_id": job.id,
+            "index": image.index,
+            "status": image.status,
+            "image_key": image.image_key,
+            "error": image.error,
+            "latency_ms": image.latency_ms,
+            "prediction_id": image.prediction_id,
+        }
 
     @staticmethod
     def _job_from_rows(stored: StoredJob) -> Job:
@@ -695,6 +703,7 @@ class GenerationService:
             cancel_requested=row.cancel_requested,
             ttfi_ms=row.ttfi_ms,
             total_ms=row.total_ms,
+            finished_at=as_utc(row.finished_at) if row.finished_at else None,
             idempotency_key=row.idempotency_key,
             request_fingerprint=row.request_fingerprint,
         )
@@ -710,7 +719,7 @@ class GenerationService:
                 self._change(job, image, "canceled", now)
             return
         if not unfinished:  # every image finished but the process stopped before `done`
-            self._finish_job(job, time.monotonic(), [], [])
+            self._finish_job(job, time.monotonic(), [], Changes())
             return
         running = [_ImageTask(job, image) for image in unfinished if image.status == "running"]
         queued = [_ImageTask(job, image) for image in unfinished if image.status == "queued"]

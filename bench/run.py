@@ -1,0 +1,428 @@
+"""The benchmark: how much the service adds to the provider's own latency, and how many streams
+it holds. It starts everything itself (the service, the naive baseline of bench/baseline.py,
+and the fake Replicate API as a process), on a provider of fixed latency L, and measures at
+the client, from the POST to each event's arrival, as a browser would.
+
+    python -m bench.run            # the full run (about 2 minutes); writes docs/benchmark.*
+    python -m bench.run --quick    # fewer repetitions, for a smoke test
+
+Prints a table; writes the figures as JSON and a chart as PNG.
+"""
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from bench.processes import PROJECT_ROOT, USERS, FakeReplicateProcess, ServerProcess, rss_mib
+from bench.sse import Arrival, stream_events
+
+L_MS = 500
+L = L_MS / 1000
+OUT_DIR = PROJECT_ROOT / "docs"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class JobTiming:
+    ttfi: float  # seconds from sending the POST to the first `succeeded` event's arrival
+    total: float  # seconds from sending the POST to the `done` event's arrival
+
+
+async def login(base_url: str) -> str:
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        response = await http.post("/api/auth/login", json={"email": USERS[0][0], "password": USERS[0][1]})
+        response.raise_for_status()
+        return response.json()["access_token"]
+
+
+async def create(http: httpx.AsyncClient, token: str, num_images: int) -> str:
+    response = await http.post(
+        "/api/generate/", json={"prompt": "benchmark", "num_images": num_images},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    response.raise_for_status()
+    return response.json()["job_id"]
+
+
+def ended(arrival: Arrival) -> bool:
+    return arrival.name in ("done", "error")
+
+
+async def timed_job(http: httpx.AsyncClient, base_url: str, token: str, num_images: int) -> JobTiming:
+    started = time.perf_counter()
+    job_id = await create(http, token, num_images)
+    arrivals = await stream_events(base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended)
+    first = min(a.at_perf for a in arrivals if a.name == "progress" and a.data.get("status") == "succeeded")
+    return JobTiming(first - started, arrivals[-1].at_perf - started)
+
+
+def service_settings(provider: str, workers: int, fake: FakeReplicateProcess | None = None, **extra: str) -> dict:
+    settings = {
+        "IMAGE_PROVIDER": provider,
+        "LOCAL_LATENCY_MS": str(L_MS),
+        "LOCAL_LATENCY_JITTER_MS": "0",
+        "GENERATION_MAX_WORKERS": str(workers),
+        "MAX_ACTIVE_JOBS_PER_USER": "100000",
+        "MAX_IMAGES_PER_JOB": "16",
+        "LOGIN_MAX_FAILURES": "100000",
+        **extra,
+    }
+    if fake is not None:
+        settings.update(REPLICATE_API_TOKEN=fake.token, REPLICATE_BASE_URL=fake.base_url, REPLICATE_POLL_INTERVAL="0.5")
+    return settings
+
+
+# Scenario a: one job at a time ----------------------------------------------------------------
+
+
+async def scenario_a(base_url: str, repeats: int) -> dict:
+    token = await login(base_url)
+    rows = {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        await timed_job(http, base_url, token, 1)  # warm-up: connections, caches
+        for n in (1, 4, 8, 16):
+            timings = [await timed_job(http, base_url, token, n) for _ in range(repeats)]
+            rows[n] = {
+                "ttfi_over_l_p50": statistics.median(t.ttfi for t in timings) / L,
+                "total_over_l_p50": statistics.median(t.total for t in timings) / L,
+                "ttfi_ms": [round(t.ttfi * 1000, 1) for t in timings],
+                "total_ms": [round(t.total * 1000, 1) for t in timings],
+            }
+    return rows
+
+
+# Scenario b: many jobs, fewer workers --------------------------------------------------------
+
+
+def ideal_round_robin(jobs: int, images: int, workers: int) -> tuple[list[float], list[float]]:
+    """TTFI and batch time (in L) of each job if the service added nothing: every round, the
+    workers take the next images in round-robin order and finish them exactly L later."""
+    order = [(job, k) for k in range(images) for job in range(jobs)]
+    finish = {item: (position // workers + 1) for position, item in enumerate(order)}
+    ttfi = [finish[(job, 0)] for job in range(jobs)]
+    batch = [finish[(job, images - 1)] for job in range(jobs)]
+    return ttfi, batch
+
+
+async def scenario_b(base_url: str, jobs: int, images: int) -> dict:
+    token = await login(base_url)
+    limits = httpx.Limits(max_connections=jobs)
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
+        timings = await asyncio.gather(*(timed_job(http, base_url, token, images) for _ in range(jobs)))
+    ttfi = [t.ttfi / L for t in timings]
+    total = [t.total / L for t in timings]
+    return {
+        "ttfi_over_l": {"p50": percentile(ttfi, 50), "p99": percentile(ttfi, 99)},
+        "total_over_l": {"p50": percentile(total, 50), "p99": percentile(total, 99)},
+        "ttfi_over_l_all": sorted(ttfi),
+        "total_over_l_all": sorted(total),
+    }
+
+
+# Scenario c: a thousand subscribers -----------------------------------------------------------
+
+
+async def subscribe_many(base_url: str, token: str, job_ids: list[str], per_job: int) -> tuple[list, float]:
+    """Open per_job streams on each job; returns (arrivals per stream, time all were open)."""
+    opened = asyncio.Event()
+    count = 0
+
+    def on_open() -> None:
+        nonlocal count
+        count += 1
+        if count == len(job_ids) * per_job:
+            opened.set()
+
+    streams = [
+        asyncio.create_task(stream_events(base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended, on_open))
+        for job_id in job_ids for _ in range(per_job)
+    ]
+    await opened.wait()
+    all_open_at = time.time()
+    return await asyncio.gather(*streams), all_open_at
+
+
+async def delivery_lags(base_url: str, token: str, job_ids: list[str], arrivals_per_stream: list, since: float) -> list[float]:
+    """Seconds from the provider finishing an image (the server's clock: the job's wall-clock
+    accept time + the event's elapsed_ms) to the event's arrival, for events after `since`."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        accepted = {}
+        for job_id in job_ids:
+            snapshot = (await http.get(f"/api/generate/{job_id}", headers={"Authorization": f"Bearer {token}"})).json()
+            accepted[job_id] = datetime.fromisoformat(snapshot["created_at"]).timestamp()
+    lags = []
+    for arrivals in arrivals_per_stream:
+        for arrival in arrivals:
+            if arrival.name == "progress" and arrival.data["status"] == "succeeded":
+                finished = accepted[arrival.data["job_id"]] + arrival.data["elapsed_ms"] / 1000
+                if finished > since:
+                    lags.append(arrival.at - finished)
+    return lags
+
+
+async def scenario_c(service: ServerProcess, subscribers: int) -> dict:
+    base_url = service.base_url
+    token = await login(base_url)
+    rss_before = rss_mib(service.pid)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        job_ids = [await create(http, token, 4) for _ in range(10)]
+    peak = deque([rss_mib(service.pid)], maxlen=1)
+
+    async def watch_rss() -> None:
+        while True:
+            peak.append(max(peak[0], rss_mib(service.pid)))
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch_rss())
+    arrivals, all_open_at = await subscribe_many(base_url, token, job_ids, subscribers // len(job_ids))
+    watcher.cancel()
+    lags = await delivery_lags(base_url, token, job_ids, arrivals, all_open_at)
+    keepalives = sum(a.name == "keepalive" for stream in arrivals for a in stream)
+    return {
+        "subscribers": subscribers,
+        "lag_ms": {"p50": percentile(lags, 50) * 1000, "p99": percentile(lags, 99) * 1000, "samples": len(lags)},
+        "rss_mib": {"before": rss_before, "peak": peak[0], "growth": peak[0] - rss_before},
+        "keepalives_delivered": keepalives,
+        "all_done": all(stream and stream[-1].name == "done" for stream in arrivals),
+    }
+
+
+# Scenario d: logins while streams run ---------------------------------------------------------
+
+
+def loop_lag_buckets(metrics_text: str) -> dict[float, float]:
+    buckets = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("myflix_event_loop_lag_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets[math.inf if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def histogram_p99(before: dict[float, float], after: dict[float, float]) -> float:
+    """The 99th percentile of what was observed between two scrapes, interpolated in its bucket."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    if total == 0:
+        return math.nan
+    target, lower, previous = 0.99 * total, 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts):
+        if cumulative >= target:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (target - previous) / max(cumulative - previous, 1e-9)
+        lower, previous = bound, cumulative
+    return lower
+
+
+async def scenario_d(service: ServerProcess, streams: int, logins: int) -> dict:
+    base_url = service.base_url
+    token = await login(base_url)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        before = loop_lag_buckets((await http.get("/metrics")).text)
+        job_ids = [await create(http, token, 4) for _ in range(20)]
+        subscribing = asyncio.create_task(subscribe_many(base_url, token, job_ids, streams // len(job_ids)))
+
+        async def one_login() -> float:
+            started = time.perf_counter()
+            response = await http.post("/api/auth/login", json={"email": USERS[1][0], "password": USERS[1][1]})
+            response.raise_for_status()
+            return time.perf_counter() - started
+
+        login_times = await asyncio.gather(*(one_login() for _ in range(logins)))
+        arrivals, all_open_at = await subscribing
+        after = loop_lag_buckets((await http.get("/metrics")).text)
+    lags = await delivery_lags(base_url, token, job_ids, arrivals, all_open_at)
+    return {
+        "streams": streams,
+        "logins": logins,
+        "loop_lag_p99_ms": histogram_p99(before, after) * 1000,
+        "login_ms": {"p50": percentile(login_times, 50) * 1000, "max": max(login_times) * 1000},
+        "lag_ms": {"p50": percentile(lags, 50) * 1000, "p99": percentile(lags, 99) * 1000, "samples": len(lags)},
+    }
+
+
+# Scenario e: job creation rate ---------------------------------------------------------------
+
+
+async def scenario_e(base_url: str, seconds: float, concurrency: int) -> dict:
+    token = await login(base_url)
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
+        async def poster() -> None:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                await create(http, token, 1)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(poster() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "jobs": len(latencies),
+        "jobs_per_second": len(latencies) / elapsed,
+        "post_ms": {"p50": percentile(latencies, 50) * 1000, "p99": percentile(latencies, 99) * 1000},
+        "concurrency": concurrency,
+    }
+
+
+# The run ------------------------------------------------------------------------------------
+
+
+SYSTEMS = {"myflix": "main:app", "baseline": "bench.baseline:app"}
+
+
+def run(quick: bool) -> dict:
+    repeats = 2 if quick else 5
+    results: dict = {
+        "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
+                   f"Python {platform.python_version()}, {__import__('os').cpu_count()} cores",
+        "when": datetime.now().isoformat(timespec="seconds"),
+        "latency_ms": L_MS,
+        "a": {}, "b": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="myflix-bench-") as tmp, FakeReplicateProcess(latency=L) as fake:
+        for system, app in SYSTEMS.items():
+            for provider in ("local", "replicate"):
+                data = Path(tmp) / f"a-{system}-{provider}"
+                with ServerProcess(app, service_settings(provider, 16, fake), data) as server:
+                    print(f"a: {system} on {provider}", flush=True)
+                    results["a"][f"{system}/{provider}"] = asyncio.run(scenario_a(server.base_url, repeats))
+        ideal_ttfi, ideal_total = ideal_round_robin(100, 4, 32)
+        results["b"]["ideal"] = {
+            "ttfi_over_l": {"p50": percentile(ideal_ttfi, 50), "p99": percentile(ideal_ttfi, 99)},
+            "total_over_l": {"p50": percentile(ideal_total, 50), "p99": percentile(ideal_total, 99)},
+            "ttfi_over_l_all": sorted(ideal_ttfi), "total_over_l_all": sorted(ideal_total),
+        }
+        for system, app in SYSTEMS.items():
+            with ServerProcess(app, service_settings("local", 32), Path(tmp) / f"b-{system}") as server:
+                print(f"b: {system}", flush=True)
+                results["b"][system] = asyncio.run(scenario_b(server.base_url, 100, 4))
+        c_settings = service_settings("local", 16, LOCAL_LATENCY_MS="3000", SSE_KEEPALIVE_SECONDS="1")
+        with ServerProcess("main:app", c_settings, Path(tmp) / "c") as server:
+            print("c: 1,000 subscribers", flush=True)
+            results["c"] = asyncio.run(scenario_c(server, 1000))
+        d_settings = service_settings("local", 16, LOCAL_LATENCY_MS="1000")
+        with ServerProcess("main:app", d_settings, Path(tmp) / "d") as server:
+            print("d: logins during streams", flush=True)
+            results["d"] = asyncio.run(scenario_d(server, 200, 20))
+        with ServerProcess("main:app", service_settings("local", 16), Path(tmp) / "e") as server:
+            print("e: job creation", flush=True)
+            results["e"] = asyncio.run(scenario_e(server.base_url, 3 if quick else 10, 32))
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"L = {results['latency_ms']} ms; {results['machine']}; {results['when']}",
+        "",
+        "| scenario | figure | myflix | baseline | ideal | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for provider in ("local", "replicate"):
+        for n in (1, 4, 8, 16):
+            ours, base = results["a"][f"myflix/{provider}"][n], results["a"][f"baseline/{provider}"][n]
+            lines.append(
+                f"| a: 1 job, N={n}, {provider} | TTFI / L, p50 | {ours['ttfi_over_l_p50']:.3f} | "
+                f"{base['ttfi_over_l_p50']:.3f} | 1.000 | ≤ {1.02 + 0.005 / L:.3f} |"
+            )
+            lines.append(
+                f"| a: 1 job, N={n}, {provider} | total / L, p50 | {ours['total_over_l_p50']:.3f} | "
+                f"{base['total_over_l_p50']:.3f} | 1.000 | ≤ 1.050 |"
+            )
+    b = results["b"]
+    for figure, key, targets in (("TTFI / L", "ttfi_over_l", ("≤ 2.2", "≤ 4.4")), ("batch / L", "total_over_l", ("", ""))):
+        for p, target in zip(("p50", "p99"), targets):
+            lines.append(
+                f"| b: 100 jobs × 4, 32 workers | {figure}, {p} | {b['myflix'][key][p]:.2f} | "
+                f"{b['baseline'][key][p]:.2f} | {b['ideal'][key][p]:.2f} | {target} |"
+            )
+    c, d, e = results["c"], results["d"], results["e"]
+    lines += [
+        f"| c: {c['subscribers']} subscribers | delivery lag p50 / p99 | {c['lag_ms']['p50']:.1f} / "
+        f"{c['lag_ms']['p99']:.1f} ms | | 0 | p99 ≤ 100 ms |",
+        f"| c: {c['subscribers']} subscribers | server RSS growth | {c['rss_mib']['growth']:.0f} MiB "
+        f"({c['rss_mib']['before']:.0f} → {c['rss_mib']['peak']:.0f}) | | | ≤ 150 MiB |",
+        f"| c: {c['subscribers']} subscribers | keepalives delivered | {c['keepalives_delivered']} | | | |",
+        f"| d: {d['logins']} logins, {d['streams']} streams | event-loop lag p99 | {d['loop_lag_p99_ms']:.1f} ms "
+        f"| | 0 | ≤ 20 ms |",
+        f"| d: {d['logins']} logins, {d['streams']} streams | delivery lag p50 / p99 | {d['lag_ms']['p50']:.1f} / "
+        f"{d['lag_ms']['p99']:.1f} ms | | 0 | |",
+        f"| e: job creation, {e['concurrency']} clients | jobs/s | {e['jobs_per_second']:.0f} | | | ≥ 300 |",
+        f"| e: job creation, {e['concurrency']} clients | POST p50 / p99 | {e['post_ms']['p50']:.1f} / "
+        f"{e['post_ms']['p99']:.1f} ms | | | |",
+    ]
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.8))
+    ns = [1, 4, 8, 16]
+    for key, style in (("myflix/local", "o-"), ("myflix/replicate", "s-"), ("baseline/local", "o--"),
+                       ("baseline/replicate", "s--")):
+        row = results["a"][key]
+        left.plot(ns, [row[n]["total_over_l_p50"] for n in ns], style, label=key)
+    left.axhline(1.0, color="grey", linewidth=1, label="ideal (L)")
+    left.set(title="a: one job, batch time / L (p50)", xlabel="images per job", ylabel="× L", xticks=ns)
+    left.legend(fontsize=8)
+    for name, style in (("ideal", ":"), ("myflix", "-"), ("baseline", "--")):
+        values = results["b"][name]["ttfi_over_l_all"]
+        middle.plot(values, [i / len(values) for i in range(1, len(values) + 1)], style, label=f"TTFI {name}")
+        values = results["b"][name]["total_over_l_all"]
+        middle.plot(values, [i / len(values) for i in range(1, len(values) + 1)], style, alpha=0.5,
+                    label=f"batch {name}")
+    middle.set(title="b: 100 jobs × 4 images, 32 workers", xlabel="× L", ylabel="fraction of jobs")
+    middle.legend(fontsize=8)
+    c, d = results["c"], results["d"]
+    right.bar(["c p50", "c p99", "d p50", "d p99"],
+              [c["lag_ms"]["p50"], c["lag_ms"]["p99"], d["lag_ms"]["p50"], d["lag_ms"]["p99"]])
+    right.axhline(100, color="red", linewidth=1, label="target p99")
+    right.set(title="c/d: delivery lag (provider done → client)", ylabel="ms")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="where benchmark.json and .png go")
+    args = parser.parse_args()
+    results = run(args.quick)
+    print(table(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark.json").write_text(json.dumps(results, indent=1))
+    (args.out / "benchmark.md").write_text(table(results) + "\n")
+    chart(results, args.out / "benchmark.png")
+    print(f"wrote {args.out / 'benchmark.json'}, benchmark.md and benchmark.png")
+
+
+if __name__ == "__main__":
+    main()
