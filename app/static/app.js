@@ -1,0 +1,463 @@
+/*
+ * MyFlix demo page, and the reference client for the React frontend. No framework, no build.
+ *
+ * How a job is followed (the contract is in README.md, "Events"):
+ *
+ *   POST /api/generate/ {prompt, num_images}  ->  202 {job_id}
+ *   new EventSource(`/api/generate/${job_id}/stream?access_token=${token}`)
+ *     (EventSource cannot send an Authorization header, hence the query token.)
+ *
+ *   event `progress`  {index, status, url?, error?, queue_position?, elapsed_ms, completed, total}
+ *       One per state change of one image: queued (with its queue_position) -> running ->
+ *       succeeded (with url) | failed (with error) | canceled. Updates that image's tile.
+ *   event `done`      {status, images[], ttfi_ms, total_ms}
+ *       The last event. Tiles are reconciled with `images`, TTFI and batch time are shown,
+ *       the EventSource is CLOSED (or the browser would reconnect forever) and History reloads.
+ *   event `error`     {message}
+ *       A job-level failure; the stream ends. Shown in words, EventSource closed.
+ *   event `keepalive` {}
+ *       Sent on a quiet stream; nothing to do.
+ *
+ * Ids and reconnects: every event but `keepalive` has an SSE id 1, 2, 3... within its job.
+ * After a dropped connection the browser reconnects by itself and sends Last-Event-ID, and
+ * the server resumes after it. We also keep the id of the last event applied to the job
+ * (job.lastEventId) and ignore any event with an id <= it, so nothing is ever applied twice,
+ * even when we have to open a fresh EventSource (which replays the job from the start).
+ *
+ * EventSource fires its own `error` event (without `data`) for connection problems. While
+ * readyState is CONNECTING the browser is retrying; once it is CLOSED it gave up (the server
+ * answered with an error status, e.g. 401), so we ask for the job's snapshot to find out why:
+ * a finished job is shown from the snapshot, a running one gets a fresh EventSource.
+ */
+"use strict";
+
+const TOKEN_KEY = "myflix.token";
+const HISTORY_PAGE_SIZE = 12;
+const RECONNECT_DELAY_MS = 2000;
+const MAX_RECONNECTS = 5;
+const FIELD_LABELS = { email: "Email", password: "Password", prompt: "Prompt", num_images: "Number of images" };
+const STATUS_WORDS = { queued: "Queued", running: "Running…", succeeded: "Succeeded", failed: "Failed", canceled: "Canceled" };
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  token: sessionStorage.getItem(TOKEN_KEY),
+  job: null, // the job shown under "Current job", see watchJob()
+  historyCursor: null,
+  historyRequest: 0,
+};
+
+// --- Formatting -----------------------------------------------------------------------
+
+const formatMs = (ms) => `${Math.round(ms)} ms`;
+const formatSeconds = (ms) => `${(ms / 1000).toFixed(1)} s`;
+const altText = (index, total, prompt) => `Image ${index + 1} of ${total}: ${prompt}`;
+
+function el(tag, props = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+}
+
+// --- Messages -------------------------------------------------------------------------
+
+function showError(message) {
+  $("alert").textContent = message;
+}
+
+function clearError() {
+  $("alert").textContent = "";
+}
+
+function announce(message) {
+  $("job-status").textContent = message;
+}
+
+// --- API ------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+/** The `detail` of an error answer, in words. */
+function errorMessage(status, detail, hadToken) {
+  if (status === 401 && hadToken) return "Your session expired, sign in again";
+  if (status === 422 && Array.isArray(detail)) {
+    return detail
+      .map((item) => {
+        const field = FIELD_LABELS[(item.loc || []).at(-1)];
+        return field ? `${field}: ${item.msg}` : item.msg;
+      })
+      .join(". ");
+  }
+  if (typeof detail === "string" && detail) return detail;
+  return `The service answered ${status}`;
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  const hadToken = Boolean(state.token);
+  if (hadToken) headers.Authorization = `Bearer ${state.token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch {
+    throw new ApiError(0, "Cannot reach the service; is it running?");
+  }
+  if (response.ok) return response.json();
+  const payload = await response.json().catch(() => null);
+  const error = new ApiError(response.status, errorMessage(response.status, payload && payload.detail, hadToken));
+  if (response.status === 401 && hadToken) signOut(error.message);
+  throw error;
+}
+
+// --- Sign in / out --------------------------------------------------------------------
+
+async function signIn(event) {
+  event.preventDefault();
+  clearError();
+  const button = event.submitter || $("sign-in-form").querySelector("button");
+  button.disabled = true;
+  try {
+    const answer = await api("POST", "/api/auth/login", { email: $("email").value.trim(), password: $("password").value });
+    state.token = answer.access_token;
+    sessionStorage.setItem(TOKEN_KEY, state.token);
+    $("password").value = "";
+    await enterApp();
+  } catch (error) {
+    showError(error.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function signOut(message) {
+  stopWatching();
+  state.token = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("app").hidden = true;
+  $("account").hidden = true;
+  $("job-section").hidden = true;
+  $("history").replaceChildren();
+  $("sign-in-section").hidden = false;
+  if (typeof message === "string") showError(message);
+  else clearError();
+  $("email").focus();
+}
+
+async function enterApp() {
+  const me = await api("GET", "/api/auth/me");
+  $("account-email").textContent = me.email;
+  $("account").hidden = false;
+  $("sign-in-section").hidden = true;
+  $("app").hidden = false;
+  $("prompt").focus();
+  const page = await loadHistory();
+  // A job still in progress (e.g. after a reload) is followed again, from its first event.
+  const newest = page.jobs[0];
+  if (!state.job && newest && (newest.status === "queued" || newest.status === "running")) {
+    watchJob(newest.job_id, newest.prompt, newest.num_images, Date.now() - Date.parse(newest.created_at));
+  }
+}
+
+// --- Generating -----------------------------------------------------------------------
+
+async function generate(event) {
+  event.preventDefault();
+  clearError();
+  const prompt = $("prompt").value.trim();
+  const numImages = Number($("num-images").value);
+  $("generate").disabled = true;
+  const sentAt = performance.now();
+  try {
+    const { job_id: jobId } = await api("POST", "/api/generate/", { prompt, num_images: numImages });
+    watchJob(jobId, prompt, numImages, performance.now() - sentAt);
+    loadHistory().catch((error) => showError(error.message));
+  } catch (error) {
+    showError(error.message);
+    $("generate").disabled = false;
+  }
+}
+
+async function cancelJob() {
+  const job = state.job;
+  if (!job || job.finished) return;
+  $("cancel").disabled = true;
+  announce("Canceling…");
+  try {
+    await api("POST", `/api/generate/${job.id}/cancel`);
+    // The tiles turn "canceled" through the stream's progress events, then `done` arrives.
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+// --- Following a job ------------------------------------------------------------------
+
+/** Show a job under "Current job" and follow its events. `elapsedMs`: its age now. */
+function watchJob(id, prompt, total, elapsedMs) {
+  stopWatching();
+  const job = {
+    id,
+    prompt,
+    total,
+    lastEventId: 0, // id of the last event applied; events with id <= it are ignored
+    tiles: [],
+    source: null,
+    finished: false,
+    reconnects: 0,
+    clock: { ms: elapsedMs, at: performance.now() }, // server elapsed_ms at a local instant
+    timer: null,
+  };
+  state.job = job;
+
+  $("job-section").hidden = false;
+  $("job-prompt").textContent = prompt;
+  $("job-id").textContent = id;
+  $("job-ttfi").textContent = "";
+  $("job-total").textContent = "";
+  setJobState("queued");
+  job.tiles = Array.from({ length: total }, (_, index) => createTile(index, total));
+  $("tiles").replaceChildren(...job.tiles.map((tile) => tile.item));
+  announce(`Job started: ${total} image${total === 1 ? "" : "s"} queued`);
+
+  $("generate").disabled = true;
+  $("cancel").disabled = false;
+  job.timer = setInterval(() => showElapsed(job), 100);
+  showElapsed(job);
+  openStream(job);
+}
+
+function stopWatching() {
+  const job = state.job;
+  if (!job) return;
+  closeStream(job);
+  clearInterval(job.timer);
+  clearTimeout(job.retry);
+  state.job = null;
+  $("generate").disabled = false;
+  $("cancel").disabled = true;
+}
+
+function openStream(job) {
+  const url = `/api/generate/${encodeURIComponent(job.id)}/stream?access_token=${encodeURIComponent(state.token)}`;
+  const source = new EventSource(url);
+  job.source = source;
+  source.addEventListener("progress", handler(job, onProgress));
+  source.addEventListener("done", handler(job, onDone));
+  source.addEventListener("error", (event) => {
+    if (event.data !== undefined) handler(job, onJobError)(event); // the server's `error` event
+    else onConnectionError(job, source);
+  });
+  // `keepalive` needs no listener: it only keeps proxies from closing a quiet stream.
+}
+
+function closeStream(job) {
+  if (job.source) job.source.close();
+  job.source = null;
+}
+
+/** Wrap an event handler: parse the data, and apply each event id at most once. */
+function handler(job, apply) {
+  return (event) => {
+    if (state.job !== job || job.finished) return;
+    const id = Number(event.lastEventId);
+    if (id && id <= job.lastEventId) return; // already applied before a reconnect
+    apply(job, JSON.parse(event.data));
+    if (id) job.lastEventId = id;
+    job.reconnects = 0;
+  };
+}
+
+function onProgress(job, event) {
+  const tile = job.tiles[event.index];
+  if (!tile) return;
+  setTile(job, tile, event);
+  advanceClock(job, event.elapsed_ms);
+  if (event.status === "running") setJobState("running");
+  if (event.status === "succeeded" && !$("job-ttfi").textContent) {
+    // Provisional: the first success's elapsed_ms; `done` brings the job's ttfi_ms.
+    $("job-ttfi").textContent = `TTFI ${formatMs(event.elapsed_ms)}`;
+  }
+  if (event.status !== "queued" && event.status !== "running") {
+    announce(`Image ${event.index + 1} of ${job.total} ${event.status}; ${event.completed} of ${event.total} finished`);
+  }
+}
+
+function onDone(job, event) {
+  for (const image of event.images) {
+    const tile = job.tiles[image.index];
+    if (tile && tile.status !== image.status) setTile(job, tile, image);
+  }
+  finishJob(job, event);
+}
+
+function onJobError(job, event) {
+  showError(`The job failed: ${event.message}`);
+  finishJob(job, { status: "failed", ttfi_ms: null, total_ms: null, images: [] });
+}
+
+/** Show the outcome: `done`, or a finished job's snapshot (same fields). */
+function finishJob(job, result) {
+  job.finished = true;
+  closeStream(job);
+  clearInterval(job.timer);
+  clearTimeout(job.retry);
+  setJobState(result.status);
+  $("job-elapsed").textContent = "";
+  $("job-ttfi").textContent = result.ttfi_ms == null ? "TTFI –" : `TTFI ${formatMs(result.ttfi_ms)}`;
+  $("job-total").textContent = result.total_ms == null ? "" : `Batch ${formatSeconds(result.total_ms)}`;
+  const succeeded = job.tiles.filter((tile) => tile.status === "succeeded").length;
+  const batch = result.total_ms == null ? "" : ` in ${formatSeconds(result.total_ms)}`;
+  announce(`Job ${result.status}: ${succeeded} of ${job.total} images${batch}`);
+  const cancelHadFocus = document.activeElement === $("cancel");
+  $("cancel").disabled = true;
+  $("generate").disabled = false;
+  if (cancelHadFocus) $("generate").focus();
+  loadHistory().catch((error) => showError(error.message));
+}
+
+function onConnectionError(job, source) {
+  if (state.job !== job || job.finished || job.source !== source) return;
+  if (source.readyState === EventSource.CONNECTING) {
+    announce("Connection lost; reconnecting…"); // the browser retries with Last-Event-ID
+    return;
+  }
+  // CLOSED: the browser gave up on this EventSource. Ask the API what happened.
+  closeStream(job);
+  job.retry = setTimeout(() => recover(job), job.reconnects === 0 ? 0 : RECONNECT_DELAY_MS);
+}
+
+async function recover(job) {
+  if (state.job !== job || job.finished) return;
+  job.reconnects += 1;
+  try {
+    const snapshot = await api("GET", `/api/generate/${encodeURIComponent(job.id)}`);
+    if (state.job !== job || job.finished) return;
+    if (["queued", "running"].includes(snapshot.status)) {
+      if (job.reconnects > MAX_RECONNECTS) throw new ApiError(0, "Lost the job's live updates; reload the page to follow it.");
+      openStream(job); // a fresh EventSource replays from the start; applied ids are skipped
+    } else {
+      onDone(job, snapshot);
+    }
+  } catch (error) {
+    if (error.status === 401 || state.job !== job) return; // signOut() already said so
+    if (job.reconnects > MAX_RECONNECTS) showError(error.message);
+    else job.retry = setTimeout(() => recover(job), RECONNECT_DELAY_MS);
+  }
+}
+
+// --- Rendering the current job ----------------------------------------------------------
+
+function setJobState(status) {
+  const badge = $("job-state");
+  badge.textContent = status;
+  badge.dataset.status = status;
+}
+
+function advanceClock(job, elapsedMs) {
+  // Only forward: replayed events carry old elapsed_ms values.
+  if (elapsedMs > currentElapsed(job)) job.clock = { ms: elapsedMs, at: performance.now() };
+}
+
+function currentElapsed(job) {
+  return job.clock.ms + (performance.now() - job.clock.at);
+}
+
+function showElapsed(job) {
+  $("job-elapsed").textContent = `Elapsed ${formatSeconds(currentElapsed(job))}`;
+}
+
+function createTile(index, total) {
+  const frame = el("div", { className: "frame" });
+  const status = el("span", { className: "tile-status" }, STATUS_WORDS.queued);
+  const item = el(
+    "li",
+    { className: "tile" },
+    frame,
+    el("p", { className: "caption" }, el("span", { className: "tile-name" }, `Image ${index + 1} of ${total}`), status),
+  );
+  item.dataset.status = "queued";
+  return { index, item, frame, statusText: status, status: "queued" };
+}
+
+/** Apply an image's new state (a progress event, or an entry of done.images). */
+function setTile(job, tile, image) {
+  tile.status = image.status;
+  tile.item.dataset.status = image.status;
+  let words = STATUS_WORDS[image.status] || image.status;
+  if (image.status === "queued" && image.queue_position) words += ` · #${image.queue_position} in line`;
+  if (image.status === "failed" && image.error) words += `: ${image.error}`;
+  tile.statusText.textContent = words;
+  if (image.status === "succeeded" && image.url && !tile.frame.querySelector("img")) {
+    const img = el("img", { src: image.url, alt: altText(tile.index, job.total, job.prompt), decoding: "async" });
+    img.addEventListener("load", () => img.classList.add("loaded"));
+    img.addEventListener("error", () => { tile.statusText.textContent = "Succeeded, but the image did not load"; });
+    tile.frame.replaceChildren(img);
+  }
+}
+
+// --- History --------------------------------------------------------------------------
+
+async function loadHistory(more = false) {
+  const request = ++state.historyRequest;
+  const params = new URLSearchParams({ limit: String(HISTORY_PAGE_SIZE) });
+  if (more && state.historyCursor) params.set("cursor", state.historyCursor);
+  const page = await api("GET", `/api/generate/?${params}`);
+  if (request !== state.historyRequest) return page; // a newer load has started
+  const items = page.jobs.map(historyItem);
+  if (more) $("history").append(...items);
+  else $("history").replaceChildren(...items);
+  state.historyCursor = page.next_cursor;
+  $("load-more").hidden = !page.next_cursor;
+  $("history-empty").hidden = $("history").children.length > 0;
+  return page;
+}
+
+function historyItem(job) {
+  const metrics = [`${job.num_images} image${job.num_images === 1 ? "" : "s"}`];
+  if (job.ttfi_ms != null) metrics.push(`TTFI ${formatMs(job.ttfi_ms)}`);
+  if (job.total_ms != null) metrics.push(`Batch ${formatSeconds(job.total_ms)}`);
+  metrics.push(new Date(job.created_at).toLocaleString());
+
+  const thumbs = el("div", { className: "thumbs" });
+  for (const image of job.images) {
+    if (image.status === "succeeded" && image.url) {
+      thumbs.append(el("img", { src: image.url, alt: altText(image.index, job.num_images, job.prompt), loading: "lazy" }));
+    } else {
+      const empty = el("span", { className: "thumb-empty", title: image.status });
+      empty.setAttribute("aria-hidden", "true");
+      empty.dataset.status = image.status;
+      thumbs.append(empty);
+    }
+  }
+  const badge = el("span", { className: "badge" }, job.status);
+  badge.dataset.status = job.status;
+  return el(
+    "li",
+    { className: "history-item" },
+    el("p", { className: "history-head" }, badge, el("span", { className: "history-prompt" }, job.prompt)),
+    el("p", { className: "history-metrics" }, metrics.join(" · ")),
+    thumbs,
+  );
+}
+
+// --- Start ----------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("sign-in-form").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", () => signOut());
+  $("generate-form").addEventListener("submit", generate);
+  $("cancel").addEventListener("click", cancelJob);
+  $("load-more").addEventListener("click", () => loadHistory(true).catch((error) => showError(error.message)));
+  window.addEventListener("pagehide", () => state.job && closeStream(state.job));
+  if (state.token) {
+    enterApp().catch((error) => { if (error.status !== 401) showError(error.message); });
+  } else {
+    $("email").focus();
+  }
+});
