@@ -278,3 +278,14 @@ def test_no_secret_reaches_the_logs_or_an_error_body(live_server, fake_replicate
     for secret in (token, replicate_token, ALICE[1], "wrong-password", TEST_JWT_SECRET):
         assert secret not in logged
         assert all(secret not in body for body in bodies)
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(live_server):
+    nested = b'{"prompt": "x", "num_images": 1, "extra": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}"
+    with live_server() as server, server.client() as client:
+        response = client.post(
+            "/api/generate/", content=nested,
+            headers={**_auth(login(client)), "Content-Type": "application/json"},
+        )
+    assert response.status_code == 400
+    assert response.json() == {"detail": "There was an error parsing the body"}
