@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await upgrade_database(engine)
         repository = Repository(create_sessionmaker(engine))
         await seed_demo_users(repository)
-        journal = Journal(create_sessionmaker(engine))
+        journal = Journal(engine)
         journal.start()
         image_store = LocalImageStore(settings.image_store_dir)
         signer = ImageUrlSigner(_image_url_secret(settings), settings.IMAGE_URL_TTL_SECONDS)

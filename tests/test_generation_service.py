@@ -59,7 +59,7 @@ async def running_service(tmp_path, provider, **limits):
     await upgrade_database(engine)
     repository = Repository(create_sessionmaker(engine))
     await seed_demo_users(repository)
-    journal = Journal(create_sessionmaker(engine))
+    journal = Journal(engine)
     journal.start()
     options = dict(
         max_workers=4, max_images_per_job=8, max_active_jobs_per_user=4, image_timeout_seconds=30,

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from app.db.tables import EventRow, ImageRow, JobRow, UserRow
 
@@ -103,10 +104,11 @@ class Repository:
                 found[row.job_id].append(row)
         return found
 
-    # Writes, inside the journal's transaction -------------------------------------------
+    # Writes, inside the journal's transaction (blocking: it runs in the journal's thread, or
+    # in `run_sync` on an async connection) --------------------------------------------------
 
     @staticmethod
-    async def apply(session: AsyncSession, batch: list["Changes"]) -> None:
+    def apply(session: Session, batch: list["Changes"]) -> None:
         """Everything in `batch`, one statement per kind, in an order the foreign keys allow.
         States are whole rows' worth of columns, so the last state of a row in the batch wins."""
         for model, rows in (
@@ -115,13 +117,13 @@ class Repository:
             (EventRow, [row for changes in batch for row in changes.events]),
         ):
             if rows:
-                await session.execute(insert(model), rows)
+                session.execute(insert(model), rows)
         for model, states in (
             (ImageRow, _last_per_key(batch, "image_states", ("job_id", "index"))),
             (JobRow, _last_per_key(batch, "job_states", ("id",))),
         ):
             if states:
-                await session.execute(update(model), states)
+                session.execute(update(model), states)
 
 
 @dataclass

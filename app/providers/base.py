@@ -1,6 +1,7 @@
 """The one small protocol every image provider implements."""
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -43,6 +44,8 @@ class ImageRequest:
     prompt: str
     seed: int | None
     stop: StopSignal = field(default_factory=StopSignal)
+    # time.monotonic() when the image was handed to a worker: the start of its latency.
+    dispatched_at: float = field(default_factory=time.monotonic)
     # Work the provider started before a restart, to follow instead of starting anew.
     resume_prediction_id: str | None = None
     # Called (on the worker thread) with the id of provider-side work as soon as it exists.

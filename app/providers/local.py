@@ -86,7 +86,8 @@ class LocalProvider:
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         jitter = random.uniform(-self._jitter_ms, self._jitter_ms) if self._jitter_ms else 0.0
-        deadline = time.monotonic() + max(0.0, (self._latency_ms + jitter) / 1000)
+        # From dispatch, not from when this thread got going: a busy pool must not stretch it.
+        deadline = request.dispatched_at + max(0.0, (self._latency_ms + jitter) / 1000)
         content = render_image(request.prompt, request.seed, request.index)
         # Like a real model, the image arrives after the configured latency (rendering
         # included); a stop ends the wait at once.

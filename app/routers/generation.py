@@ -2,7 +2,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from app.models.errors import BODY_ERRORS, error_responses
 from app.models.generation import (
@@ -13,7 +13,7 @@ from app.models.generation import (
     JobSnapshot,
 )
 from app.routers.deps import CurrentUser, GenerationServiceDep, ImageBaseUrl, SettingsDep, StreamUser
-from app.services.event_log import JobEvent
+from app.services.event_log import KEEPALIVE_WIRE, JobEvent
 
 router = APIRouter(prefix="/api/generate", tags=["generation"])
 
@@ -109,12 +109,9 @@ async def delete_job(
     return await cancel_job(job_id, user, service, image_base_url)
 
 
-async def _to_sse(events: AsyncIterator[JobEvent | None]) -> AsyncIterator[ServerSentEvent]:
+async def _to_sse(events: AsyncIterator[JobEvent | None]) -> AsyncIterator[bytes]:
     async for event in events:
-        if event is None:
-            yield ServerSentEvent(event="keepalive", data="{}")
-        else:
-            yield ServerSentEvent(id=str(event.id), event=event.name, data=event.data)
+        yield KEEPALIVE_WIRE if event is None else event.wire
 
 
 _STREAM_DESCRIPTION = "\n".join(

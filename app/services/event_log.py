@@ -7,13 +7,22 @@ and several readers at once all see the whole stream, and a slow reader holds no
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
 class JobEvent:
     id: int  # 1, 2, 3 … within the job; the SSE `id`
     name: str  # the SSE `event`
-    data: str  # JSON, serialised once for every subscriber
+    data: str  # JSON on one line, serialised once for every subscriber
+
+    @cached_property
+    def wire(self) -> bytes:
+        """The event as Server-Sent Events bytes, encoded once however many subscribers send it."""
+        return f"id: {self.id}\r\nevent: {self.name}\r\ndata: {self.data}\r\n\r\n".encode()
+
+
+KEEPALIVE_WIRE = b"event: keepalive\r\ndata: {}\r\n\r\n"
 
 
 class EventLog:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -211,8 +212,11 @@ class GenerationService:
         self._max_active_jobs_per_user = max_active_jobs_per_user
         self._image_timeout_seconds = image_timeout_seconds
         self._shutdown_grace_seconds = shutdown_grace_seconds
+        self._workers = max_workers
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
-        self._scheduler: FairScheduler[_ImageTask] = FairScheduler(max_workers, self._start_image)
+        self._scheduler: FairScheduler[_ImageTask] = FairScheduler(
+            max_workers, self._start_image, defer=lambda dispatch: self._loop.call_soon(dispatch)
+        )
         self._fetcher = ImageFetcher()
         self._metrics = metrics
         metrics.watch_workers(lambda: self._scheduler.busy, lambda: self._scheduler.waiting)
@@ -231,8 +235,9 @@ class GenerationService:
     # Lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Pick up the jobs a previous process left unfinished."""
+        """Start every worker thread, then pick up the jobs a previous process left unfinished."""
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._start_workers)
         for stored in await self._repository.unfinished_jobs():
             job = self._job_from_rows(stored)
             events = await self._repository.events(job.id)
@@ -245,6 +250,13 @@ class GenerationService:
             except Exception:
                 logger.exception("could not resume job", extra={"job_id": job.id})
                 self._fail_job(job, "The job could not be resumed after a restart.")
+
+    def _start_workers(self) -> None:
+        # The pool makes its threads on demand; a first burst of images would pay for that.
+        everyone_started = threading.Barrier(self._workers + 1)
+        for _ in range(self._workers):
+            self._executor.submit(everyone_started.wait)
+        everyone_started.wait()
 
     async def shutdown(self) -> None:
         """Take no new work, let running images finish for the grace period, then leave the
@@ -428,12 +440,12 @@ class GenerationService:
             on_prediction=lambda prediction_id: self._report(self._record_prediction, job, image, prediction_id),
             on_retry=lambda attempt, delay, reason: self._report(self._retrying, job, image, attempt, delay, reason),
         )
-        now = time.monotonic()
-        image.started_at = now
-        if image.status == "queued":
-            self._change(job, image, "running", now)
-        image.deadline = self._loop.call_later(self._image_timeout_seconds, self._time_out, job, image, image.request)
+        image.started_at = image.request.dispatched_at
+        # The worker first, the bookkeeping after: the image's time is running already.
         self._executor.submit(self._run_image, job, image, image.request)
+        image.deadline = self._loop.call_later(self._image_timeout_seconds, self._time_out, job, image, image.request)
+        if image.status == "queued":
+            self._change(job, image, "running", image.started_at)
 
     def _run_image(self, job: Job, image: ImageState, request: ImageRequest) -> None:
         outcome: tuple | None

@@ -10,10 +10,15 @@ are published, so a subscriber never sees an event that a crash could take back.
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
+
+from app.db.engine import create_blocking_sqlite_engine
 
 from app.db.repository import Changes, Repository
 
@@ -34,8 +39,10 @@ class _Write:
 
 
 class Journal:
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
-        self._sessionmaker = sessionmaker
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._blocking_engine: Engine | None = create_blocking_sqlite_engine(engine)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self.healthy = True
@@ -56,6 +63,9 @@ class Journal:
         await self.flush()
         if self._task is not None:
             self._task.cancel()
+        self._thread.shutdown(wait=True)
+        if self._blocking_engine is not None:
+            self._blocking_engine.dispose()
 
     async def _run(self) -> None:
         while True:
@@ -68,8 +78,7 @@ class Journal:
         attempt = 0
         while True:
             try:
-                async with self._sessionmaker.begin() as session:
-                    await Repository.apply(session, [item.changes for item in batch])
+                await self._write([item.changes for item in batch])
             except (DBAPIError, OSError) as exc:
                 if not _is_transient(exc):
                     # One write is at fault (say, a racing Idempotency-Key): commit the
@@ -95,6 +104,24 @@ class Journal:
                 except Exception:  # a bug in one callback must not stop the journal
                     logger.exception("journal callback failed")
             item.done.set_result(None)
+
+
+    async def _write(self, batch: list[Changes]) -> None:
+        if self._blocking_engine is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._write_blocking, batch)
+        else:
+            async with self._engine.begin() as connection:
+                await connection.run_sync(_apply, batch)
+
+    def _write_blocking(self, batch: list[Changes]) -> None:
+        with self._blocking_engine.begin() as connection:
+            _apply(connection, batch)
+
+
+def _apply(connection: Connection, batch: list[Changes]) -> None:
+    """One transaction's statements, on whichever connection the journal has."""
+    with Session(connection) as session:
+        Repository.apply(session, batch)
 
 
 def _is_transient(exc: Exception) -> bool:

@@ -3,6 +3,8 @@
 Each job has its own queue; a free worker takes the oldest image of the job whose turn it
 is, and that job goes to the back of the rotation. So every job's first image is taken
 before any job's second: a job's first image never waits behind another job's fourth.
+Jobs pushed together (a burst of requests whose inserts commit in one batch) are all queued
+before any is dispatched: dispatching waits for `defer`, the loop's next turn.
 Lives on the event-loop thread only; it never blocks.
 """
 
@@ -14,10 +16,17 @@ Task = TypeVar("Task")
 
 
 class FairScheduler(Generic[Task]):
-    def __init__(self, workers: int, start: Callable[[Task], None]) -> None:
+    def __init__(
+        self,
+        workers: int,
+        start: Callable[[Task], None],
+        defer: Callable[[Callable[[], None]], object] = lambda dispatch: dispatch(),
+    ) -> None:
         self._free = workers
         self._workers = workers
         self._start = start
+        self._defer = defer
+        self._dispatch_pending = False
         self._queues: OrderedDict[str, deque[Task]] = OrderedDict()
         self._paused = False
 
@@ -59,7 +68,9 @@ class FairScheduler(Generic[Task]):
             self._queues.move_to_end(job_id, last=False)
         else:
             queue.extend(tasks)
-        self._dispatch()
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            self._defer(self._dispatch)
 
     def remove_job(self, job_id: str) -> list[Task]:
         """Take a job's waiting tasks out; they will never start."""
@@ -74,6 +85,7 @@ class FairScheduler(Generic[Task]):
         self._paused = True
 
     def _dispatch(self) -> None:
+        self._dispatch_pending = False
         while self._free > 0 and self._queues and not self._paused:
             job_id, queue = next(iter(self._queues.items()))
             task = queue.popleft()
