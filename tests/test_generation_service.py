@@ -154,6 +154,18 @@ def test_round_robin_takes_every_jobs_first_image_before_any_second():
     assert started == order
 
 
+def _follow_in_a_second_life(tmp_path, job_id):
+    """Start a new service on the same database; follow the job to its end there."""
+
+    async def second_life():
+        async with running_service(tmp_path, ScriptedProvider()) as service:
+            job = await service.get_job(job_id, OWNER)
+            events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
+            return (await service.get_job(job_id, OWNER)), events
+
+    return asyncio.run(second_life())
+
+
 def test_a_stopping_service_takes_no_new_jobs_and_the_next_one_resumes_them(tmp_path):
     gate = threading.Event()  # never opened: the images are still running at shutdown
 
@@ -168,14 +180,7 @@ def test_a_stopping_service_takes_no_new_jobs_and_the_next_one_resumes_them(tmp_
             gate.set()  # free the worker threads the first life left behind
             return job.id
 
-    async def second_life(job_id):
-        async with running_service(tmp_path, ScriptedProvider()) as service:
-            job = await service.get_job(job_id, OWNER)
-            events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
-            return (await service.get_job(job_id, OWNER)), events
-
-    job_id = asyncio.run(first_life())
-    job, events = asyncio.run(second_life(job_id))
+    job, events = _follow_in_a_second_life(tmp_path, asyncio.run(first_life()))
     assert job.status == "succeeded"
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     assert events[-1].name == "done"
@@ -193,15 +198,9 @@ def test_a_job_that_cannot_be_resumed_ends_with_an_error_event(tmp_path, monkeyp
     def broken_push(self, *args, **kwargs):
         raise RuntimeError("scheduler is broken")
 
-    async def second_life(job_id):
-        monkeypatch.setattr(FairScheduler, "push", broken_push)
-        async with running_service(tmp_path, ScriptedProvider()) as service:
-            job = await service.get_job(job_id, OWNER)
-            events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
-            return (await service.get_job(job_id, OWNER)), events
-
     job_id = asyncio.run(first_life())
-    job, events = asyncio.run(second_life(job_id))
+    monkeypatch.setattr(FairScheduler, "push", broken_push)
+    job, events = _follow_in_a_second_life(tmp_path, job_id)
     assert job.status == "failed"
     assert events[-1].name == "error"
     assert "could not be resumed" in events[-1].data

@@ -15,11 +15,18 @@ def _auth(token):
     return {"Authorization": f"Bearer {token}"}
 
 
-def _check_resumed_stream(head, rest, whole):
+def _resume_after_restart(service, job_id, head):
+    """Reconnect with the last id seen before the restart; check the rest fits the head exactly.
+    Returns (the rest, the whole stream replayed)."""
+    with service.client() as client:
+        token = login(client)
+        rest = read_stream(client, job_id, headers={**_auth(token), "Last-Event-ID": head[-1].id})
+        whole = read_stream(client, job_id, headers=_auth(token))
     ids = [int(e.id) for e in head + rest]
     assert ids == list(range(1, len(ids) + 1)), "a gap or a duplicate across the restart"
     assert [(e.id, e.data) for e in head + rest] == [(e.id, e.data) for e in whole]
     assert rest[-1].event == "done"
+    return rest, whole
 
 
 def _running_before_stop(events):
@@ -40,18 +47,14 @@ def test_local_images_run_again_after_a_restart(service_process, database_url, s
     service.stop(sig)
 
     service.start()
+    rest, whole = _resume_after_restart(service, job_id, head)
+    done = rest[-1].data
+    assert done["status"] == "succeeded"
+    # TTFI is the first success's, even when that came before the restart.
+    first_success = min(e.data["elapsed_ms"] for e in whole if e.event == "progress" and e.data["status"] == "succeeded")
+    assert done["ttfi_ms"] == first_success
     with service.client() as client:
         token = login(client)
-        rest = read_stream(client, job_id, headers={**_auth(token), "Last-Event-ID": head[-1].id})
-        whole = read_stream(client, job_id, headers=_auth(token))
-        _check_resumed_stream(head, rest, whole)
-        done = rest[-1].data
-        assert done["status"] == "succeeded"
-        # TTFI is the first success's, even when that came before the restart.
-        first_success = min(
-            e.data["elapsed_ms"] for e in whole if e.event == "progress" and e.data["status"] == "succeeded"
-        )
-        assert done["ttfi_ms"] == first_success
         snapshot = client.get(f"/api/generate/{job_id}", headers=_auth(token)).json()
         for image in snapshot["images"]:
             assert client.get(image["url"]).status_code == 200
@@ -78,11 +81,7 @@ def test_replicate_predictions_are_reattached_not_created_again(service_process,
         assert len(fake.created()) == 3
 
         service.start()
-        with service.client() as client:
-            token = login(client)
-            rest = read_stream(client, job_id, headers={**_auth(token), "Last-Event-ID": head[-1].id})
-            whole = read_stream(client, job_id, headers=_auth(token))
-        _check_resumed_stream(head, rest, whole)
+        rest, _ = _resume_after_restart(service, job_id, head)
         assert rest[-1].data["status"] == "succeeded"
         assert len(fake.created()) == 3, "a prediction was created twice"
         assert all(p["status"] == "succeeded" for p in fake.predictions.values())

@@ -20,10 +20,6 @@ class InvalidTokenError(Exception):
     """The token is malformed, forged, expired or of the wrong algorithm."""
 
 
-def hash_password(password: str) -> str:
-    return _password_context.hash(password)
-
-
 def verify_password(password: str, password_hash: str) -> bool:
     try:
         return _password_context.verify(password, password_hash)

@@ -42,14 +42,6 @@ class EventLog:
     def all(self) -> list[JobEvent]:
         return list(self._events)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def last_id(self) -> int:
-        return len(self._events)
-
     def append(self, event: JobEvent) -> None:
         if self._closed:
             raise RuntimeError("event log is closed")

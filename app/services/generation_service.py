@@ -228,10 +228,6 @@ class GenerationService:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def provider(self) -> ImageProvider:
-        return self._provider
-
     # Lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -240,8 +236,8 @@ class GenerationService:
         await asyncio.to_thread(self._start_workers)
         for stored in await self._repository.unfinished_jobs():
             job = self._job_from_rows(stored)
-            events = await self._repository.events(job.id)
-            job.events = EventLog.replay((JobEvent(e.id, e.name, e.data) for e in events), closed=False)
+            events = await self._stored_events(job.id)
+            job.events = EventLog.replay(events, closed=False)
             job.last_event_id = events[-1].id if events else 0
             job.ttfi_ms = _ttfi_from_events(job.events)
             self._live[job.id] = job
@@ -411,9 +407,7 @@ class GenerationService:
         """The job's events after `after_id`, live until the job ends; None means keepalive."""
         if job.id not in self._live:
             # Finished (possibly before a restart): replay what was stored.
-            job.events = EventLog.replay(
-                JobEvent(row.id, row.name, row.data) for row in await self._repository.events(job.id)
-            )
+            job.events = EventLog.replay(await self._stored_events(job.id))
         self._metrics.open_streams.inc()
         try:
             async for event in job.events.follow(after_id, keepalive_seconds):
@@ -636,6 +630,9 @@ class GenerationService:
         return f"{base_url}/api/images/{key}?{self._url_signer.query(key)}"
 
     # Persistence -------------------------------------------------------------------------
+
+    async def _stored_events(self, job_id: str) -> list[JobEvent]:
+        return [JobEvent(row.id, row.name, row.data) for row in await self._repository.events(job_id)]
 
     async def _find_idempotent(self, owner: str, key: str) -> Job | None:
         pending = self._pending_keys.get((owner, key))
