@@ -26,6 +26,7 @@ from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
 from app.services.generation_service import GenerationService
 from app.services.health_service import HealthService
+from app.services.image_maker import ImageMaker
 from app.services.image_store import LocalImageStore
 from app.services.journal import Journal
 from app.services.login_throttle import LoginThrottle
@@ -59,8 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics = Metrics()
         provider = create_provider(settings)
         generation_service = GenerationService(
-            provider=provider,
-            image_store=image_store,
+            image_maker=ImageMaker(provider, image_store),
             repository=repository,
             journal=journal,
             url_signer=signer,

@@ -21,6 +21,7 @@ from app.services.generation_service import (
     TooManyActiveJobsError,
     TooManyImagesError,
 )
+from app.services.image_maker import ImageMaker
 from app.services.image_store import LocalImageStore
 from app.services.journal import Journal
 from app.services.scheduler import FairScheduler
@@ -67,7 +68,7 @@ async def running_service(tmp_path, provider, **limits):
     )
     options.update(limits)
     service = GenerationService(
-        provider, LocalImageStore(tmp_path / "images"), repository, journal,
+        ImageMaker(provider, LocalImageStore(tmp_path / "images")), repository, journal,
         ImageUrlSigner(b"k", 60), Metrics(), **options,
     )
     await service.start()

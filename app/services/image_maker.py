@@ -1,0 +1,53 @@
+"""One image, made: the provider's call, the download of its output and the save into the
+image store. Blocking; runs on a worker thread, in the API process or in a worker process."""
+
+import logging
+import time
+from dataclasses import dataclass
+
+from app.providers.base import ImageProvider, ImageRequest, ImageStopped, ProviderError
+from app.services.image_fetch import ImageFetcher, ImageFetchError, require_image
+from app.services.image_store import ImageStore, image_key
+
+logger = logging.getLogger("myflix.jobs")
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    status: str  # "succeeded" or "failed"
+    at: float  # time.monotonic() when it finished
+    key: str | None = None
+    error: str | None = None
+
+
+class ImageMaker:
+    def __init__(self, provider: ImageProvider, image_store: ImageStore) -> None:
+        self.provider = provider
+        self._image_store = image_store
+        self._fetcher = ImageFetcher()
+
+    def make(self, request: ImageRequest) -> ImageOutcome | None:
+        """The outcome; None when the request was stopped (a cancel is recorded by whoever
+        canceled, an interrupted image is taken up again later)."""
+        try:
+            generated = self.provider.generate(request)
+            if generated.content is not None:
+                content, media_type = generated.content, require_image(generated.content)
+            elif generated.url:
+                content, media_type = self._fetcher.fetch(generated.url)
+            else:
+                raise ProviderError("The provider returned no image.")
+            key = image_key(f"{request.job_id}-{request.index}", media_type)
+            self._image_store.save(key, content)
+            return ImageOutcome("succeeded", time.monotonic(), key)
+        except ImageStopped:
+            return None
+        except (ProviderError, ImageFetchError) as exc:
+            return ImageOutcome("failed", time.monotonic(), error=str(exc))
+        except Exception as exc:  # a bug or an unexpected library error: fail the image, not the pool
+            logger.exception("image crashed", extra={"job_id": request.job_id, "index": request.index})
+            return ImageOutcome("failed", time.monotonic(), error=f"Internal error: {type(exc).__name__}")
+
+    def close(self) -> None:
+        self._fetcher.close()
+        self.provider.close()
