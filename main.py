@@ -11,35 +11,55 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.bootstrap import Components, image_worker, open_components, scaled_jobs
 from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
-from app.core.metrics import Metrics
-from app.core.security import ImageUrlSigner, derive_key
 from app.core.security_headers import SecurityHeadersMiddleware
-from app.db.engine import create_engine, create_sessionmaker
-from app.db.migrate import upgrade_database
-from app.db.repository import Repository
 from app.models.generation import STREAM_EVENT_MODELS
-from app.providers import create_provider
 from app.routers import auth, generation, health, images
 from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
 from app.services.generation_service import GenerationService
 from app.services.health_service import HealthService
-from app.services.image_maker import ImageMaker
-from app.services.image_store import LocalImageStore
 from app.services.journal import Journal
 from app.services.login_throttle import LoginThrottle
+from app.services.redis_streams import RedisLink
+from app.services.scaled_service import ScaledGenerationService
 
 
 MAX_REQUEST_BODY_BYTES = 64 * 1024
 STATIC_DIR = PROJECT_ROOT / "app" / "static"
 
 
-def _image_url_secret(settings: Settings) -> bytes:
-    if settings.IMAGE_URL_SECRET is not None:
-        return settings.IMAGE_URL_SECRET.get_secret_value().encode()
-    return derive_key(settings.JWT_SECRET_KEY.get_secret_value(), "image-urls")
+def _generation_service(
+    settings: Settings, components: Components
+) -> tuple[GenerationService | ScaledGenerationService, Journal | None, RedisLink | None]:
+    """Jobs in this process alone; or, with REDIS_URL, shared with other replicas and workers."""
+    if settings.REDIS_URL is None:
+        journal = Journal(components.engine)
+        journal.start()
+        service = GenerationService(
+            image_maker=components.image_maker,
+            repository=components.repository,
+            journal=journal,
+            url_signer=components.signer,
+            metrics=components.metrics,
+            max_workers=settings.GENERATION_MAX_WORKERS,
+            max_images_per_job=settings.MAX_IMAGES_PER_JOB,
+            max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
+            image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,
+            shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
+        )
+        return service, journal, None
+    jobs = scaled_jobs(settings, components)
+    service = ScaledGenerationService(
+        jobs,
+        metrics=components.metrics,
+        worker=image_worker(settings, components, jobs) if settings.RUN_WORK_IN_API else None,
+        max_images_per_job=settings.MAX_IMAGES_PER_JOB,
+        max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
+    )
+    return service, None, jobs.link
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -48,49 +68,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(settings.database_url)
-        await upgrade_database(engine)
-        repository = Repository(create_sessionmaker(engine))
-        await seed_demo_users(repository)
-        journal = Journal(engine)
-        journal.start()
-        image_store = LocalImageStore(settings.image_store_dir)
-        signer = ImageUrlSigner(_image_url_secret(settings), settings.IMAGE_URL_TTL_SECONDS)
-        metrics = Metrics()
-        provider = create_provider(settings)
-        generation_service = GenerationService(
-            image_maker=ImageMaker(provider, image_store),
-            repository=repository,
-            journal=journal,
-            url_signer=signer,
-            metrics=metrics,
-            max_workers=settings.GENERATION_MAX_WORKERS,
-            max_images_per_job=settings.MAX_IMAGES_PER_JOB,
-            max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
-            image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,
-            shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
-        )
+        components = await open_components(settings)
+        await seed_demo_users(components.repository)
+        generation_service, journal, redis = _generation_service(settings, components)
         await generation_service.start()
         app.state.settings = settings
-        app.state.image_store = image_store
-        app.state.image_url_signer = signer
-        app.state.metrics = metrics
-        app.state.health_service = HealthService(engine, journal, settings.image_store_dir, provider)
+        app.state.image_store = components.image_store
+        app.state.image_url_signer = components.signer
+        app.state.metrics = components.metrics
+        app.state.health_service = HealthService(
+            components.engine,
+            writes_healthy=lambda: journal is None or journal.healthy,
+            image_store_dir=settings.image_store_dir,
+            provider=components.image_maker.provider,
+            redis=redis,
+        )
         app.state.auth_service = AuthService(
-            find_user=stored_users(repository),
+            find_user=stored_users(components.repository),
             jwt_secret=settings.JWT_SECRET_KEY.get_secret_value(),
             token_lifetime=timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES),
             throttle=LoginThrottle(settings.LOGIN_MAX_FAILURES, settings.LOGIN_FAILURE_WINDOW_SECONDS),
         )
         app.state.generation_service = generation_service
-        loop_lag_probe = asyncio.create_task(metrics.probe_loop_lag(), name="loop-lag-probe")
+        loop_lag_probe = asyncio.create_task(components.metrics.probe_loop_lag(), name="loop-lag-probe")
         try:
             yield
         finally:
             loop_lag_probe.cancel()
             await generation_service.shutdown()
-            await engine.dispose()
+            await components.engine.dispose()
 
     app = FastAPI(
         title="MyFlix backend",

@@ -138,7 +138,13 @@ def fail_if_unavailable(response: httpx.Response) -> httpx.Response:
 class SseEvent:
     name: str
     data: dict
-    id: int | None
+    id: str | None  # as sent: `7`, or the Redis stream entry id `7-0` of a scaled-out service
+
+    @property
+    def number(self) -> int | None:
+        """The event's place in the job's stream, for ordering."""
+        head = (self.id or "").split("-", 1)[0]
+        return int(head) if head.isascii() and head.isdigit() else None
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
@@ -147,11 +153,10 @@ def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
     for line in lines:
         if line == "":
             if "data" in fields:
-                event_id = fields.get("id", [""])[-1]
                 yield SseEvent(
                     name=fields.get("event", ["message"])[-1],
                     data=json.loads("\n".join(fields["data"])),
-                    id=int(event_id) if event_id.isdigit() else None,
+                    id=fields.get("id", [None])[-1] or None,
                 )
             fields = {}
         elif not line.startswith(":"):  # a comment otherwise
@@ -260,7 +265,8 @@ class JobRun:
     def __init__(self, client: httpx.Client, downloads: httpx.Client, job_id: str, out_dir: Path, view) -> None:
         self.client, self.downloads, self.job_id, self.out_dir, self.view = client, downloads, job_id, out_dir, view
         self.backoff = Backoff(view.notice)
-        self.last_id = 0
+        self.last_id: str | None = None
+        self.last_number = 0
         self.saved: dict[int, Path] = {}
 
     def follow(self) -> SseEvent:
@@ -278,16 +284,16 @@ class JobRun:
             self.backoff.wait(reason)
 
     def _read_stream(self) -> SseEvent:
-        headers = {"Last-Event-ID": str(self.last_id)} if self.last_id else {}
+        headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
         with self.client.stream("GET", f"/api/generate/{self.job_id}/stream", headers=headers) as response:
             ensure_ok(fail_if_unavailable(response))
             for event in parse_sse(response.iter_lines()):
-                if event.id is None or event.id <= self.last_id:
+                if event.number is None or event.number <= self.last_number:
                     continue  # a keepalive, or an event applied before the reconnect
                 if event.name in ("done", "error"):
                     return event
                 self._apply(event)
-                self.last_id = event.id
+                self.last_id, self.last_number = event.id, event.number
                 self.backoff.reset()
         raise _Retry("the stream ended before the job did")
 
@@ -296,7 +302,7 @@ class JobRun:
             return
         data = event.data
         saved = self._save(data["index"], data["url"]) if data["status"] == "succeeded" else None
-        self.view.show(event.id, data["index"], data["status"], describe(data, saved))
+        self.view.show(event.number, data["index"], data["status"], describe(data, saved))
 
     def _save(self, index: int, url: str) -> Path:
         response = self._retrying(lambda: ensure_ok(fail_if_unavailable(self.downloads.get(url))))

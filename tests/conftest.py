@@ -99,7 +99,7 @@ class SseEvent:
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
     """The CLI's parser, with ids as the strings they are on the wire."""
     for event in cli.parse_sse(lines):
-        yield SseEvent(event=event.name, data=event.data, id=None if event.id is None else str(event.id))
+        yield SseEvent(event=event.name, data=event.data, id=event.id)
 
 
 def read_stream(
@@ -212,8 +212,11 @@ def query_database(url: str, sql: str) -> list[tuple]:
 
 
 class ServiceProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    """The API under uvicorn; with `worker=True`, a `python -m app.worker` process instead."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, worker: bool = False) -> None:
         self.log_path = log_path
+        self.worker = worker
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -232,10 +235,13 @@ class ServiceProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "ServiceProcess":
+        self._starts_before = self.log_path.read_text().count("worker ready") if self.log_path.exists() else 0
+        command = ["-m", "app.worker"] if self.worker else [
+            "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)
+        ]
         with open(self.log_path, "ab") as log:  # a file, not a pipe nobody drains
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, *command], cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         wait_until(self._serving, timeout=30, what="the service process to serve")
         return self
@@ -243,6 +249,8 @@ class ServiceProcess:
     def _serving(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"service exited: {self.log_path.read_text()[-3000:]}")
+        if self.worker:
+            return self.log_path.read_text().count("worker ready") > self._starts_before
         try:
             return httpx.get(f"{self.base_url}/openapi.json", timeout=1).status_code == 200
         except httpx.TransportError:
@@ -262,10 +270,11 @@ def service_process(tmp_path):
     """Start services in their own processes: `service_process(IMAGE_PROVIDER="local", ...)`."""
     started: list[ServiceProcess] = []
 
-    def start(**env: str) -> ServiceProcess:
+    def start(worker: bool = False, **env: str) -> ServiceProcess:
         service = ServiceProcess(
             {"DATA_DIR": str(tmp_path / "data"), **{k: str(v) for k, v in env.items()}},
-            tmp_path / f"service-{len(started)}.log",
+            tmp_path / f"{'worker' if worker else 'service'}-{len(started)}.log",
+            worker=worker,
         )
         started.append(service)
         return service.start()

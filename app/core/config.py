@@ -73,6 +73,19 @@ class Settings(BaseSettings):
     # A provider call that has not finished by then is abandoned (and canceled at Replicate).
     IMAGE_TIMEOUT_SECONDS: float = Field(120.0, gt=0)
 
+    # Scale-out: with a Redis URL, events and image work go through Redis, so that several
+    # API replicas and `python -m app.worker` processes share the jobs (PostgreSQL required).
+    REDIS_URL: str | None = None
+    # Every Redis key starts with it, so deployments (or test runs) can share one Redis.
+    REDIS_KEY_PREFIX: str = Field("myflix", pattern=r"^[\w.-]{1,64}$")
+    # Whether API replicas generate images too; false: only worker processes do.
+    RUN_WORK_IN_API: bool = True
+    # An image a worker holds this long without a sign of life is taken over by another.
+    WORKER_CLAIM_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
+    # A job's Redis event stream is kept this long after its last event (PostgreSQL keeps
+    # the events for good; a stream that has gone is rebuilt from there).
+    REDIS_EVENTS_RETENTION_SECONDS: int = Field(3600, ge=1)
+
     LOCAL_LATENCY_MS: int = Field(800, ge=0)
     LOCAL_LATENCY_JITTER_MS: int = Field(400, ge=0)
 
@@ -115,7 +128,7 @@ class Settings(BaseSettings):
             raise ValueError("REPLICATE_INPUT must be a JSON object")
         return value
 
-    @field_validator("REPLICATE_API_TOKEN", "REPLICATE_BASE_URL", "IMAGE_PROVIDER", "PUBLIC_BASE_URL", "DATABASE_URL", "IMAGE_STORE_DIR", "IMAGE_URL_SECRET", mode="before")
+    @field_validator("REPLICATE_API_TOKEN", "REPLICATE_BASE_URL", "IMAGE_PROVIDER", "PUBLIC_BASE_URL", "DATABASE_URL", "IMAGE_STORE_DIR", "IMAGE_URL_SECRET", "REDIS_URL", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -135,6 +148,10 @@ class Settings(BaseSettings):
             len(self.JWT_SECRET_KEY.get_secret_value().encode()) < MIN_PRODUCTION_SECRET_BYTES
         ):
             raise ValueError(f"JWT_SECRET_KEY must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production")
+        if self.REDIS_URL is not None and self.database_url.startswith("sqlite"):
+            raise ValueError(
+                "REDIS_URL runs several processes on one database: set DATABASE_URL to PostgreSQL"
+            )
         return self
 
     @property

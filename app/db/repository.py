@@ -1,18 +1,24 @@
 """Queries and writes over the storage models. Reads open their own session; writes take the
 journal's session, so that they commit in its batches."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from app.db.tables import EventRow, ImageRow, JobRow, UserRow
 
 UNFINISHED_JOB_STATUSES = ("queued", "running")
+Result = TypeVar("Result")
+
+
+class ConflictingWriteError(Exception):
+    """The write broke a constraint; nothing of it was stored."""
 
 
 @dataclass
@@ -91,6 +97,50 @@ class Repository:
                 (await session.scalars(
                     select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id)
                 )).all()
+            )
+
+    async def count_unfinished(self, owner_email: str) -> int:
+        async with self._sessionmaker() as session:
+            return await session.scalar(
+                select(func.count()).select_from(JobRow).where(
+                    JobRow.owner_email == owner_email, JobRow.status.in_(UNFINISHED_JOB_STATUSES)
+                )
+            )
+
+    # Writes of the scaled-out deployment, each its own transaction -------------------------
+
+    async def write(self, changes: "Changes") -> None:
+        try:
+            async with self._sessionmaker.begin() as session:
+                await session.run_sync(Repository.apply, [changes])
+        except IntegrityError as exc:
+            raise ConflictingWriteError(str(exc)) from None
+
+    async def update_job(
+        self, job_id: str, change: Callable[[StoredJob, list[EventRow]], tuple[Result, "Changes | None"]]
+    ) -> Result | None:
+        """Run `change` on the job and its events while holding the job's row lock, and write
+        the changes it returns in the same transaction: concurrent writers of one job take
+        turns, so each sees the others' events and numbers its own after them. None: no job."""
+        async with self._sessionmaker.begin() as session:
+            job = await session.get(JobRow, job_id, with_for_update=True, populate_existing=True)
+            if job is None:
+                return None
+            images = (await self._images_of(session, [job_id]))[job_id]
+            events = list(
+                (await session.scalars(select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id))).all()
+            )
+            result, changes = change(StoredJob(job, images), events)
+            if changes is not None:
+                await session.run_sync(Repository.apply, [changes])
+        return result
+
+    async def set_prediction_id(self, job_id: str, index: int, prediction_id: str) -> None:
+        async with self._sessionmaker.begin() as session:
+            await session.execute(
+                update(ImageRow)
+                .where(ImageRow.job_id == job_id, ImageRow.index == index)
+                .values(prediction_id=prediction_id)
             )
 
     @staticmethod

@@ -11,6 +11,7 @@ from app.services.auth_service import AuthService, User
 from app.services.generation_service import GenerationService
 from app.services.health_service import HealthService
 from app.services.image_store import ImageStore
+from app.services.scaled_service import ScaledGenerationService
 
 TOKEN_URL = "/api/auth/token"
 
@@ -27,7 +28,7 @@ def get_auth_service(request: Request) -> AuthService:
     return request.app.state.auth_service
 
 
-def get_generation_service(request: Request) -> GenerationService:
+def get_generation_service(request: Request) -> GenerationService | ScaledGenerationService:
     return request.app.state.generation_service
 
 
@@ -44,7 +45,7 @@ def get_image_url_signer(request: Request) -> ImageUrlSigner:
 
 
 AuthServiceDep = Annotated[AuthService, Depends(get_auth_service)]
-GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]
+GenerationServiceDep = Annotated[GenerationService | ScaledGenerationService, Depends(get_generation_service)]
 HealthServiceDep = Annotated[HealthService, Depends(get_health_service)]
 ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
 ImageUrlSignerDep = Annotated[ImageUrlSigner, Depends(get_image_url_signer)]

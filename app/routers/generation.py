@@ -13,7 +13,13 @@ from app.models.generation import (
     JobSnapshot,
 )
 from app.routers.deps import CurrentUser, GenerationServiceDep, ImageBaseUrl, SettingsDep, StreamUser
-from app.services.event_log import KEEPALIVE_WIRE, JobEvent
+from app.services.event_log import (
+    KEEPALIVE_WIRE,
+    RECONNECT_WIRE,
+    EventStreamInterrupted,
+    JobEvent,
+    parse_last_event_id,
+)
 
 router = APIRouter(prefix="/api/generate", tags=["generation"])
 
@@ -110,8 +116,11 @@ async def delete_job(
 
 
 async def _to_sse(events: AsyncIterator[JobEvent | None]) -> AsyncIterator[bytes]:
-    async for event in events:
-        yield KEEPALIVE_WIRE if event is None else event.wire
+    try:
+        async for event in events:
+            yield KEEPALIVE_WIRE if event is None else event.wire
+    except EventStreamInterrupted:
+        yield RECONNECT_WIRE
 
 
 _STREAM_DESCRIPTION = "\n".join(
@@ -150,10 +159,6 @@ async def stream_job(
     """Server-Sent Events of the job from the start, or after `Last-Event-ID`: `progress`,
     then `done` (or `error`), with `keepalive` while nothing else happens."""
     job = await service.get_job(job_id, user.email)
-    # An id we did not send means nothing; replay from the start rather than end a
-    # browser's reconnects with an error.
-    valid = last_event_id and last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) < 19
-    after_id = int(last_event_id) if valid else 0
-    events = service.follow(job, after_id, settings.SSE_KEEPALIVE_SECONDS)
+    events = service.follow(job, parse_last_event_id(last_event_id), settings.SSE_KEEPALIVE_SECONDS)
     # Keepalives are our own `keepalive` events, sent only when the stream is quiet.
     return EventSourceResponse(_to_sse(events), ping=0, send_timeout=settings.SSE_SEND_TIMEOUT_SECONDS)

@@ -33,7 +33,8 @@ from app.services.job_state import (
     job_from_rows,
     new_job,
 )
-from app.services.journal import ConflictingWriteError, Journal
+from app.db.repository import ConflictingWriteError
+from app.services.journal import Journal
 from app.services.scheduler import FairScheduler
 
 logger = logging.getLogger("myflix.jobs")
@@ -252,10 +253,6 @@ class GenerationService:
                 yield event
         finally:
             self._metrics.open_streams.dec()
-
-    @property
-    def healthy(self) -> bool:
-        return self._journal.healthy
 
     # Images on worker threads ----------------------------------------------------------------
 

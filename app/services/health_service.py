@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.providers.base import ImageProvider
-from app.services.journal import Journal
+from app.services.redis_streams import RedisLink
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -21,21 +22,33 @@ class Check:
 
 
 class HealthService:
-    def __init__(self, engine: AsyncEngine, journal: Journal, image_store_dir: Path, provider: ImageProvider) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        writes_healthy: Callable[[], bool],
+        image_store_dir: Path,
+        provider: ImageProvider,
+        redis: RedisLink | None = None,
+    ) -> None:
         self._engine = engine
-        self._journal = journal
+        self._writes_healthy = writes_healthy
         self._image_store_dir = image_store_dir
         self._provider = provider
+        self._redis = redis
 
     async def readiness(self) -> dict[str, Check]:
-        return {
+        checks = {
             "database": await self._database(),
             "image_store": self._image_store(),
             "provider": Check(True, f"{self._provider.name} ({self._provider.model})"),
         }
+        if self._redis is not None:
+            # Pinged every second by the link itself; a check here would only repeat it.
+            checks["redis"] = Check(self._redis.available, self._redis.detail)
+        return checks
 
     async def _database(self) -> Check:
-        if not self._journal.healthy:
+        if not self._writes_healthy():
             return Check(False, "writes are failing and being retried")
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):

@@ -195,12 +195,12 @@ def job_from_rows(stored: StoredJob, events: list[JobEvent] | None = None) -> Jo
         idempotency_key=row.idempotency_key,
         request_fingerprint=row.request_fingerprint,
     )
+    if not job.finished and any(image.status != "queued" for image in job.images):
+        job.status = "running"  # stored as "queued" until it ends
     if events is not None:
         job.last_event_id = events[-1].id if events else 0
         # TTFI is stored only when a job ends; until then its first `succeeded` event has it.
         job.ttfi_ms = job.ttfi_ms if job.finished else _ttfi_from_events(events)
-        if not job.finished and any(image.status != "queued" for image in job.images):
-            job.status = "running"
     return job
 
 

@@ -20,15 +20,11 @@ from sqlalchemy.orm import Session
 
 from app.db.engine import create_blocking_sqlite_engine
 
-from app.db.repository import Changes, Repository
+from app.db.repository import Changes, ConflictingWriteError, Repository
 
 logger = logging.getLogger("myflix.journal")
 
 RETRY_DELAYS_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # then every 5 s until it succeeds
-
-
-class ConflictingWriteError(Exception):
-    """The write broke a constraint; nothing of it was stored."""
 
 
 @dataclass

@@ -1,0 +1,423 @@
+"""Image-generation jobs across processes: API replicas and workers over Redis and PostgreSQL.
+
+PostgreSQL holds every job, image and event; a change is made under the job's row lock, so
+workers finishing images of one job at once take turns, and an image is recorded once
+however often its work is delivered. Redis carries what must reach other processes quickly:
+the events (to every replica's subscribers) and the image work (to every worker).
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+from redis.exceptions import RedisError
+
+from app.core.metrics import Metrics
+from app.db.repository import ConflictingWriteError, Repository
+from app.models.generation import JobPage, JobSnapshot
+from app.providers.base import ImageRequest
+from app.services.event_log import EventLog, JobEvent
+from app.services.generation_service import (
+    ServiceUnavailableError,
+    check_active_jobs,
+    check_cancelable,
+    check_num_images,
+    check_owner,
+    check_replay,
+    list_jobs_page,
+    timeout_message,
+)
+from app.services.image_maker import ImageMaker, ImageOutcome
+from app.services.job_state import Job, JobRecorder, Update, job_from_rows, new_job
+from app.services.redis_streams import (
+    RedisEventStreams,
+    RedisLink,
+    RedisWorkQueue,
+    WorkItem,
+    with_stream_ids,
+)
+
+logger = logging.getLogger("myflix.jobs")
+
+REDIS_DOWN = "The job queue (Redis) is unavailable; retry in a moment."
+# A sweep leaves alone jobs younger than this: their enqueue may be on its way.
+SWEEP_GRACE_SECONDS = 5.0
+RETRY_DELAYS_SECONDS = (0.2, 0.5, 1.0, 2.0)
+
+
+class ScaledJobs:
+    """What API replicas and workers both do to jobs: change one under its lock and publish,
+    queue images, and sweep for images that no queue holds."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        recorder: JobRecorder,
+        link: RedisLink,
+        claim_timeout_seconds: float,
+        events_retention_seconds: int,
+    ) -> None:
+        self.repository = repository
+        self.recorder = recorder
+        self.link = link
+        self.events = RedisEventStreams(link, events_retention_seconds, stored_events=self.stored_events)
+        self.queue = RedisWorkQueue(link)
+        self._claim_timeout = claim_timeout_seconds
+        self._maintenance: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.link.start()
+        self.link.on_recovered(self._recover)
+        try:
+            await self._recover()
+        except (RedisError, OSError) as exc:
+            self.link.lost(exc)  # the watch recovers when Redis answers
+        self._maintenance = asyncio.create_task(self._maintain(), name="sweep")
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        await self.events.close()
+        await self.link.close()
+
+    async def stored_events(self, job_id: str) -> list[JobEvent]:
+        return [JobEvent(row.id, row.name, row.data) for row in await self.repository.events(job_id)]
+
+    async def update(self, job_id: str, transition: Callable[[Job], Update | None]) -> Job | None:
+        """Apply `transition` to the job as stored, under its lock; commit, then publish."""
+
+        def change(stored, event_rows):
+            job = job_from_rows(stored, [JobEvent(row.id, row.name, row.data) for row in event_rows])
+            update = transition(job)
+            return (job, update), (update.changes if update else None)
+
+        result = await self.repository.update_job(job_id, change)
+        if result is None:
+            return None
+        job, update = result
+        if update is not None:
+            await self.events.publish(job_id, update.events)
+        return job
+
+    async def enqueue(self, job: Job, indexes: list[int]) -> None:
+        # A job none of whose images has succeeded yet sends its lowest one ahead.
+        first = None if any(image.status == "succeeded" for image in job.images) else min(indexes, default=None)
+        await self.queue.enqueue(job.id, indexes, first)
+
+    async def _recover(self) -> None:
+        await self.queue.ensure_group()
+        if await self.queue.first_since_reset():
+            logger.info("Redis started empty: putting every unfinished image back in the queue")
+            await self.sweep(grace_seconds=0)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self._claim_timeout)
+            try:
+                if self.link.available and await self.queue.lock("sweep", self._claim_timeout * 0.9):
+                    await self.sweep(SWEEP_GRACE_SECONDS)
+            except (RedisError, OSError) as exc:
+                self.link.lost(exc)
+            except Exception:
+                logger.exception("sweep failed")
+
+    async def sweep(self, grace_seconds: float) -> None:
+        """Bring every unfinished job to where it can finish: queue the images no queue holds,
+        end a canceled job's images, and send `done` for a job whose images have all ended."""
+        now, young = time.monotonic(), datetime.now(timezone.utc) - timedelta(seconds=grace_seconds)
+        for stored in await self.repository.unfinished_jobs():
+            job = job_from_rows(stored)
+            if job.created_at > young:
+                continue
+            if job.cancel_requested or not job.unfinished_images():
+                await self.update(job.id, lambda j: _conclude(self.recorder, j, now))
+                continue
+            missing = await self.queue.untracked([(job.id, image.index) for image in job.unfinished_images()])
+            if missing:
+                logger.info("requeueing images no queue held", extra={"job_id": job.id, "images": len(missing)})
+                await self.enqueue(job, [index for _, index in missing])
+
+
+def _conclude(recorder: JobRecorder, job: Job, now: float) -> Update | None:
+    if job.finished:
+        return None
+    if job.cancel_requested:
+        return recorder.canceled(job, now)
+    return None if job.unfinished_images() else recorder.finished(job, now)
+
+
+class ScaledGenerationService:
+    """The API's side: the same operations as the single-process GenerationService."""
+
+    def __init__(
+        self,
+        jobs: ScaledJobs,
+        metrics: Metrics,
+        worker: "ImageWorker | None",
+        max_images_per_job: int,
+        max_active_jobs_per_user: int,
+    ) -> None:
+        self._jobs = jobs
+        self._recorder = jobs.recorder
+        self._repository = jobs.repository
+        self._link = jobs.link
+        self._metrics = metrics
+        self._worker = worker
+        self._max_images_per_job = max_images_per_job
+        self._max_active_jobs_per_user = max_active_jobs_per_user
+        self._accepting = True
+
+    async def start(self) -> None:
+        await self._jobs.start()
+        if self._worker is not None:
+            self._worker.start()
+
+    async def shutdown(self) -> None:
+        if not self._accepting:
+            return
+        self._accepting = False
+        if self._worker is not None:
+            await self._worker.stop()
+        await self._jobs.close()
+
+    async def create_job(
+        self,
+        owner: str,
+        prompt: str,
+        num_images: int,
+        seed: int | None,
+        image_base_url: str,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        if not self._accepting:
+            raise ServiceUnavailableError()
+        check_num_images(num_images, self._max_images_per_job)
+        job = new_job(owner, prompt, num_images, seed, image_base_url, idempotency_key)
+        if idempotency_key is not None:
+            earlier = await self._find_idempotent(owner, idempotency_key)
+            if earlier is not None:
+                return check_replay(earlier, job), True
+        if not self._link.available:
+            raise ServiceUnavailableError(REDIS_DOWN)
+        check_active_jobs(await self._repository.count_unfinished(owner), self._max_active_jobs_per_user)
+        update = self._recorder.accepted(job, [None] * num_images)
+        try:
+            await self._repository.write(update.changes)
+        except ConflictingWriteError:
+            earlier = await self._find_idempotent(owner, idempotency_key) if idempotency_key else None
+            if earlier is None:
+                raise
+            return check_replay(earlier, job), True
+        try:
+            await self._jobs.enqueue(job, [image.index for image in job.images])
+        except (RedisError, OSError) as exc:
+            self._link.lost(exc)
+            await self._jobs.update(job.id, lambda j: self._recorder.failed(j, REDIS_DOWN))
+            raise ServiceUnavailableError(REDIS_DOWN) from None
+        await self._jobs.events.publish(job.id, update.events)
+        return job, False
+
+    async def cancel_job(self, job_id: str, owner: str) -> Job:
+        check_cancelable(await self.get_job(job_id, owner))
+
+        def cancel(job: Job) -> Update:
+            check_cancelable(job)  # again, under the lock: a worker may have just finished it
+            return self._recorder.canceled(job, time.monotonic())
+
+        job = await self._jobs.update(job_id, cancel)
+        try:
+            await self._jobs.queue.announce_cancel(job_id)
+            await self._jobs.queue.untrack(job_id, [image.index for image in job.images])
+        except (RedisError, OSError) as exc:
+            self._link.lost(exc)  # workers find the images canceled when they record them
+        return job
+
+    async def get_job(self, job_id: str, owner: str) -> Job:
+        stored = await self._repository.get_job(job_id)
+        return check_owner(None if stored is None else job_from_rows(stored), job_id, owner)
+
+    async def list_jobs(self, owner: str, limit: int, cursor: str | None, image_base_url: str) -> JobPage:
+        return await list_jobs_page(self._repository, self._recorder, owner, limit, cursor, image_base_url, live={})
+
+    def snapshot(self, job: Job, image_base_url: str) -> JobSnapshot:
+        return self._recorder.snapshot(job, image_base_url)
+
+    async def follow(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
+        if job.finished:
+            events = EventLog.replay(with_stream_ids(await self._jobs.stored_events(job.id))).follow(
+                after_id, keepalive_seconds
+            )
+        else:
+            events = self._jobs.events.follow(job.id, after_id, keepalive_seconds)
+        self._metrics.open_streams.inc()
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self._metrics.open_streams.dec()
+
+    async def _find_idempotent(self, owner: str, key: str) -> Job | None:
+        row = await self._repository.find_by_idempotency_key(owner, key)
+        return None if row is None else await self.get_job(row.id, owner)
+
+
+class ImageWorker:
+    """Takes image work from Redis and makes the images, `max_workers` at a time; runs in
+    `python -m app.worker`, and in API replicas unless RUN_WORK_IN_API is false."""
+
+    def __init__(
+        self,
+        jobs: ScaledJobs,
+        image_maker: ImageMaker,
+        max_workers: int,
+        claim_timeout_seconds: float,
+        image_timeout_seconds: float,
+        shutdown_grace_seconds: float,
+    ) -> None:
+        self._jobs = jobs
+        self._queue = jobs.queue
+        self._maker = image_maker
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
+        self._free = asyncio.Semaphore(max_workers)
+        self._slots = max_workers
+        self._claim_timeout = claim_timeout_seconds
+        self._image_timeout = image_timeout_seconds
+        self._grace = shutdown_grace_seconds
+        self._ready: list[WorkItem] = []  # taken from Redis, not started yet
+        self._running: dict[WorkItem, ImageRequest] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._loops: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._consume(), name="work-consume"),
+            asyncio.create_task(self._keep_claims(), name="work-claims"),
+            asyncio.create_task(self._follow_cancels(), name="work-cancels"),
+        ]
+
+    async def stop(self) -> None:
+        """Take no more work; give running images the grace period, then leave them pending
+        for another worker (a Replicate prediction is re-attached there)."""
+        for loop in self._loops:
+            loop.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self._grace)
+        for request in self._running.values():
+            request.stop.interrupt()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._maker.close()
+
+    async def _consume(self) -> None:
+        failures = 0
+        while True:
+            await self._free.acquire()
+            try:
+                if not self._ready:
+                    self._ready += await self._queue.read(max(1, self._slots - len(self._tasks)))
+                failures = 0
+            except (RedisError, OSError) as exc:
+                self._jobs.link.lost(exc)
+                await asyncio.sleep(RETRY_DELAYS_SECONDS[min(failures, len(RETRY_DELAYS_SECONDS) - 1)])
+                failures += 1
+            if not self._ready:
+                self._free.release()
+                continue
+            task = asyncio.create_task(self._run(self._ready.pop(0)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _keep_claims(self) -> None:
+        """Renew the claims on held work, and take over work whose worker went quiet."""
+        while True:
+            await asyncio.sleep(self._claim_timeout / 3)
+            try:
+                await self._queue.keep([*self._running, *self._ready])
+                room = self._slots - len(self._tasks) - len(self._ready)
+                if room > 0:
+                    taken = await self._queue.reclaim(self._claim_timeout, room)
+                    if taken:
+                        logger.info("took over %d images from a worker that went quiet", len(taken))
+                    self._ready += taken
+            except (RedisError, OSError) as exc:
+                self._jobs.link.lost(exc)
+
+    async def _follow_cancels(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async for job_id in self._queue.cancels():
+                    failures = 0
+                    for item, request in list(self._running.items()):
+                        if item.job_id == job_id:
+                            request.stop.cancel()
+            except (RedisError, OSError) as exc:
+                self._jobs.link.lost(exc)
+            await asyncio.sleep(RETRY_DELAYS_SECONDS[min(failures, len(RETRY_DELAYS_SECONDS) - 1)])
+            failures += 1
+
+    async def _run(self, item: WorkItem) -> None:
+        try:
+            await self._make(item)
+        except (RedisError, OSError) as exc:
+            self._jobs.link.lost(exc)  # the item stays pending, or the sweep queues it again
+        except Exception:
+            logger.exception("image work failed", extra={"job_id": item.job_id, "index": item.index})
+        finally:
+            self._running.pop(item, None)
+            self._free.release()
+
+    async def _make(self, item: WorkItem) -> None:
+        recorder, loop = self._jobs.recorder, asyncio.get_running_loop()
+        started = time.monotonic()
+
+        def begin(job: Job) -> Update | None:
+            image = job.images[item.index]
+            if image.status != "queued" or job.cancel_requested:
+                return None
+            return recorder.image_changed(job, image, "running", started)
+
+        job = await self._jobs.update(item.job_id, begin)
+        if job is None or job.images[item.index].finished or job.cancel_requested:
+            await self._queue.done(item)  # recorded already (a redelivery), or canceled
+            return
+        image = job.images[item.index]
+
+        def report(coroutine_function, *args) -> None:
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(coroutine_function(*args)))
+
+        request = ImageRequest(
+            job_id=job.id,
+            index=image.index,
+            prompt=job.prompt,
+            seed=None if job.seed is None else job.seed + image.index,
+            resume_prediction_id=image.prediction_id,
+            on_prediction=lambda prediction_id: report(
+                self._jobs.repository.set_prediction_id, job.id, image.index, prediction_id
+            ),
+            on_retry=lambda attempt, delay, reason: report(
+                self._jobs.update, job.id,
+                lambda j: recorder.retrying(j, j.images[item.index], attempt, delay, reason),
+            ),
+        )
+        self._running[item] = request
+        made = loop.run_in_executor(self._executor, self._maker.make, request)
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(made), self._image_timeout)
+        except TimeoutError:
+            request.stop.cancel()
+            outcome = ImageOutcome("failed", time.monotonic(), error=timeout_message(self._image_timeout))
+        if outcome is None:
+            if request.stop.cancels_at_provider:
+                await self._queue.done(item)  # canceled: the cancel recorded it
+            return  # interrupted: stays pending, for another worker to take over
+
+        def finish(job: Job) -> Update | None:
+            image = job.images[item.index]
+            image.started_at = started
+            return recorder.image_changed(job, image, outcome.status, outcome.at, key=outcome.key, error=outcome.error)
+
+        await self._jobs.update(item.job_id, finish)
+        await self._queue.done(item)

@@ -1,0 +1,61 @@
+"""A worker process of the scaled-out deployment: `python -m app.worker`.
+
+Takes image work from Redis and makes the images, GENERATION_MAX_WORKERS at a time, with the
+same settings as the API (REDIS_URL and a PostgreSQL DATABASE_URL are required). SIGTERM or
+Ctrl-C: it takes no more work and gives running images SHUTDOWN_GRACE_SECONDS to finish;
+what is left is taken over by another worker.
+"""
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from app.bootstrap import image_worker, open_components, scaled_jobs
+from app.core.config import Settings
+from app.core.logging import configure_logging
+
+logger = logging.getLogger("myflix.worker")
+
+
+async def run(settings: Settings) -> None:
+    components = await open_components(settings)
+    jobs = scaled_jobs(settings, components)
+    worker = image_worker(settings, components, jobs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await jobs.start()
+    worker.start()
+    logger.info(
+        "worker ready: %d at a time, provider %s",
+        settings.GENERATION_MAX_WORKERS, components.image_maker.provider.name,
+    )
+    try:
+        await stop.wait()
+        logger.info("worker stopping")
+    finally:
+        await worker.stop()
+        await jobs.close()
+        await components.engine.dispose()
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    if settings.REDIS_URL is None:
+        print("python -m app.worker needs REDIS_URL (and a PostgreSQL DATABASE_URL)", file=sys.stderr)
+        return 2
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

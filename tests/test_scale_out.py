@@ -1,0 +1,306 @@
+"""Scale-out: two API replicas and two worker processes over Redis and PostgreSQL.
+
+Every test starts real processes (uvicorn replicas, `python -m app.worker`) against the
+PostgreSQL of TEST_DATABASE_URL and the Redis of TEST_REDIS_URL, or, where Redis itself must
+go away and come back, a redis-server of the test's own.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import (
+    ServiceProcess,
+    _unavailable,
+    create_job,
+    login,
+    parse_sse,
+    postgres_url,
+    query_database,
+    read_stream,
+    wait_until,
+)
+from tests.fake_replicate import FakeReplicate
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def redis_url() -> str:
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        _unavailable("TEST_REDIS_URL is not set: scale-out tests skipped")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis at TEST_REDIS_URL is unreachable: {exc}")
+    return url
+
+
+class Cluster:
+    """API replicas and workers sharing one PostgreSQL, one Redis (under a key prefix of
+    this test's own) and one image store."""
+
+    def __init__(self, service_process, tmp_path: Path, redis_url: str, **env: object) -> None:
+        self._start = service_process
+        self.prefix = f"test-{uuid.uuid4().hex[:12]}"
+        self.redis_url = redis_url
+        self.env = {
+            "DATABASE_URL": postgres_url(),
+            "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": self.prefix,
+            "IMAGE_STORE_DIR": str(tmp_path / "images"),
+            "RUN_WORK_IN_API": "false",
+            "WORKER_CLAIM_TIMEOUT_SECONDS": "2",
+            "IMAGE_PROVIDER": "local",
+            "LOCAL_LATENCY_MS": "300",
+            "LOCAL_LATENCY_JITTER_MS": "0",
+            **{k: str(v) for k, v in env.items()},
+        }
+        self.replicas: list[ServiceProcess] = []
+        self.workers: list[ServiceProcess] = []
+
+    def up(self, replicas: int = 2, workers: int = 2) -> "Cluster":
+        for n in range(replicas):
+            self.replicas.append(self._start(DATA_DIR=str(self._dir(f"replica-{n}")), **self.env))
+        for n in range(workers):
+            self.workers.append(self._start(worker=True, DATA_DIR=str(self._dir(f"worker-{n}")), **self.env))
+        return self
+
+    def _dir(self, name: str) -> Path:
+        return Path(self.env["IMAGE_STORE_DIR"]).parent / name
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+    def cleanup(self) -> None:
+        try:
+            client = self.redis()
+            keys = list(client.scan_iter(f"{self.prefix}:*"))
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError:
+            pass
+
+
+@pytest.fixture
+def cluster(service_process, tmp_path) -> Iterator:
+    made: list[Cluster] = []
+
+    def make(redis_at: str | None = None, **env: object) -> Cluster:
+        made.append(Cluster(service_process, tmp_path, redis_at or redis_url(), **env))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.cleanup()
+
+
+def _numbers(events) -> list[int]:
+    return [int(e.id.split("-")[0]) for e in events if e.id is not None]
+
+
+def test_a_job_made_on_one_replica_streams_from_the_other_and_resumes_on_either(cluster):
+    a, b = cluster().up().replicas
+    with a.client() as on_a, b.client() as on_b:
+        token = login(on_a)
+        job_id = create_job(on_a, token, prompt="two replicas", num_images=4)
+        # Part of the stream from A, then a reconnect to B with Last-Event-ID.
+        head = read_stream(on_a, job_id, headers=_auth(token), stop=lambda e: e.event == "progress" and e.data["status"] == "running")
+        tail = read_stream(on_b, job_id, headers={**_auth(token), "Last-Event-ID": head[-1].id})
+        whole = read_stream(on_b, job_id, headers=_auth(token))
+
+    assert tail[-1].event == "done" and tail[-1].data["status"] == "succeeded"
+    # The stream entry id is the SSE id; a resume has no gap and no duplicate.
+    assert all(e.id == f"{n}-0" for e, n in zip(whole, range(1, len(whole) + 1)))
+    assert [(e.id, e.data) for e in head + tail] == [(e.id, e.data) for e in whole]
+    succeeded = [e.data["index"] for e in whole if e.event == "progress" and e.data["status"] == "succeeded"]
+    assert sorted(succeeded) == [0, 1, 2, 3]
+    with b.client(token) as on_b:
+        for image in whole[-1].data["images"]:
+            assert on_b.get(image["url"]).status_code == 200  # the image store is shared
+
+
+def test_a_cancel_on_one_replica_stops_the_job_the_other_streams(cluster):
+    a, b = cluster(LOCAL_LATENCY_MS=5000).up().replicas
+    with a.client() as on_a, b.client() as on_b:
+        token = login(on_a)
+        job_id = create_job(on_a, token, prompt="stop it", num_images=2)
+        wait_until(lambda: on_b.get(f"/api/generate/{job_id}", headers=_auth(token)).json()["status"] == "running",
+                   what="a worker to start the job")
+        started = time.monotonic()
+        assert on_b.post(f"/api/generate/{job_id}/cancel", headers=_auth(token)).status_code == 202
+        events = read_stream(on_a, job_id, headers=_auth(token))
+    assert events[-1].event == "done" and events[-1].data["status"] == "canceled"
+    assert time.monotonic() - started < 4, "the cancel waited for the images"
+
+
+def test_first_images_are_not_starved_by_other_jobs_later_images(cluster):
+    # Two workers of one image each: job A's four images would hold them for two rounds.
+    deployment = cluster(GENERATION_MAX_WORKERS=1, LOCAL_LATENCY_MS=400).up(replicas=1)
+    (api,) = deployment.replicas
+    arrivals: dict[tuple[str, int], float] = {}
+    with api.client() as client:
+        token = login(client)
+        first = create_job(client, token, prompt="first job", num_images=4)
+        second = create_job(client, token, prompt="second job", num_images=4)
+
+        def arrived(job_id: str, e) -> bool:
+            if e.event == "progress" and e.data["status"] == "succeeded":
+                arrivals[(job_id, e.data["index"])] = time.monotonic()
+            return False
+
+        def follow(job_id: str) -> None:
+            with api.client() as own:
+                read_stream(own, job_id, headers=_auth(token), stop=lambda e: arrived(job_id, e))
+
+        readers = [threading.Thread(target=follow, args=(job_id,)) for job_id in (first, second)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=30)
+    assert len(arrivals) == 8
+    second_first_image = min(t for (job_id, _), t in arrivals.items() if job_id == second)
+    first_last_image = max(t for (job_id, _), t in arrivals.items() if job_id == first)
+    assert second_first_image < first_last_image, "the second job's first image queued behind all of the first job"
+
+
+def test_a_killed_worker_is_taken_over_and_the_prediction_reattached_not_paid_twice(cluster):
+    with FakeReplicate(latency=4.0, wait_cap=0.05) as fake:
+        deployment = cluster(
+            IMAGE_PROVIDER="replicate", REPLICATE_API_TOKEN=fake.token, REPLICATE_BASE_URL=fake.base_url,
+            REPLICATE_POLL_INTERVAL=0.05, GENERATION_MAX_WORKERS=1,
+        ).up(replicas=1)
+        (api,), workers = deployment.replicas, deployment.workers
+        with api.client() as client:
+            token = login(client)
+            job_id = create_job(client, token, prompt="survive a worker", num_images=1)
+            stored = f"SELECT count(*) FROM images WHERE job_id = '{job_id}' AND prediction_id IS NOT NULL"
+            wait_until(lambda: query_database(deployment.env["DATABASE_URL"], stored) == [(1,)],
+                       what="the prediction id to be stored")
+            # Kill whichever worker holds the image, mid-prediction.
+            (pending,) = deployment.redis().xpending_range(f"{deployment.prefix}:work:first", "workers", "-", "+", 10)
+            holder = next(w for w in workers if pending["consumer"].endswith(f"-{w.process.pid}"))
+            holder.stop(signal.SIGKILL)
+            killed_at = time.monotonic()
+            events = read_stream(client, job_id, headers=_auth(token))
+        finished_after = time.monotonic() - killed_at
+
+    assert events[-1].event == "done" and events[-1].data["status"] == "succeeded"
+    assert len(fake.created()) == 1, "the other worker created a second prediction"
+    succeeded = [e for e in events if e.event == "progress" and e.data["status"] == "succeeded"]
+    assert len(succeeded) == 1
+    # Taken over within the claim timeout (2 s), then the prediction's own remaining time.
+    assert finished_after < 2 + 4 + 2
+    survivor = next(w for w in workers if w is not holder)
+    assert "took over 1 images" in survivor.log_path.read_text()
+
+
+def test_work_delivered_twice_is_recorded_once(cluster):
+    deployment = cluster().up(replicas=1)
+    (api,) = deployment.replicas
+    with api.client() as client:
+        token = login(client)
+        job_id = create_job(client, token, prompt="once", num_images=2)
+        events = read_stream(client, job_id, headers=_auth(token))
+        # The same image's work again, as a redelivery after a lost acknowledgement would be.
+        queue = deployment.redis()
+        queue.xadd(f"{deployment.prefix}:work:rest", {"job": job_id, "index": 1})
+        wait_until(lambda: queue.xlen(f"{deployment.prefix}:work:rest") == 0, what="the duplicate to be taken")
+        wait_until(lambda: not queue.xpending(f"{deployment.prefix}:work:rest", "workers")["pending"],
+                   what="the duplicate to be done")
+        again = read_stream(client, job_id, headers=_auth(token))
+    assert [(e.id, e.data) for e in again] == [(e.id, e.data) for e in events]
+
+
+# Redis goes away and comes back -------------------------------------------------------------
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port, to stop and start again."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            _unavailable("redis-server is not installed: the Redis restart test is skipped")
+        self.binary, self.dir = binary, tmp_path
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, what="redis-server to answer")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path).start()
+    yield server
+    if server.process.poll() is None:
+        server.kill()
+
+
+def _ready(service: ServiceProcess) -> bool:
+    return httpx.get(f"{service.base_url}/readyz", timeout=5).status_code == 200
+
+
+def test_redis_goes_away_and_comes_back(cluster, own_redis):
+    a, b = cluster(redis_at=own_redis.url, LOCAL_LATENCY_MS=1500).up().replicas
+    with a.client() as on_a, b.client() as on_b:
+        token = login(on_a)
+        job_id = create_job(on_a, token, prompt="through an outage", num_images=4)
+        lines: list[str] = []
+        with on_b.stream("GET", f"/api/generate/{job_id}/stream", headers=_auth(token)) as response:
+            for line in response.iter_lines():  # until the server ends the stream
+                lines.append(line)
+                if line.startswith("id: 6-") and own_redis.process.poll() is None:  # 4 queued, 2 running
+                    own_redis.kill()
+        # It ended without `done`, telling the browser to reconnect.
+        assert "retry: 2000" in lines and "event: done" not in lines
+        wait_until(lambda: not _ready(a), what="/readyz to turn false")
+        readiness = on_a.get("/readyz").json()
+        assert readiness["checks"]["redis"]["ok"] is False
+        refused = on_a.post("/api/generate/", json={"prompt": "now?", "num_images": 1}, headers=_auth(token))
+        assert refused.status_code == 503
+        assert "Redis" in refused.json()["detail"]
+
+        own_redis.start()  # empty: its queues and streams are gone
+        wait_until(lambda: _ready(a) and _ready(b), timeout=15, what="the replicas to recover")
+        last_seen = [line.removeprefix("id: ") for line in lines if line.startswith("id: ")][-1]
+        rest = read_stream(on_b, job_id, headers={**_auth(token), "Last-Event-ID": last_seen})
+        assert rest[-1].event == "done" and rest[-1].data["status"] == "succeeded", "the job stayed stuck"
+        whole = read_stream(on_a, job_id, headers=_auth(token))
+        seen = [e for e in parse_sse(iter(lines))]
+        assert [e.id for e in seen + rest] == [e.id for e in whole], "a gap or a duplicate across the outage"
+        after = create_job(on_b, token, prompt="after the outage", num_images=1)
+        assert read_stream(on_a, after, headers=_auth(token))[-1].data["status"] == "succeeded"
