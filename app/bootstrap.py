@@ -65,6 +65,7 @@ def image_worker(settings: Settings, components: Components, jobs: ScaledJobs) -
     return ImageWorker(
         jobs=jobs,
         image_maker=components.image_maker,
+        metrics=components.metrics,
         max_workers=settings.GENERATION_MAX_WORKERS,
         claim_timeout_seconds=settings.WORKER_CLAIM_TIMEOUT_SECONDS,
         image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,

@@ -1,14 +1,21 @@
 """Starting the service (and its fakes) in processes of their own, on loopback."""
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from app.core.config import async_database_url
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USERS = (("alice@myflix.dev", "alice-wonderland"), ("bob@myflix.dev", "bob-builder"))
@@ -29,7 +36,7 @@ class ServerProcess:
     """`python -m uvicorn <app>` on a free port, with settings given as environment variables
     (which beat any .env.local), stopped with SIGTERM."""
 
-    def __init__(self, app: str, env: dict[str, str], data_dir: Path) -> None:
+    def __init__(self, app: str, env: dict[str, str], data_dir: Path, worker: bool = False) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -42,12 +49,19 @@ class ServerProcess:
             "LOG_LEVEL": "WARNING",
             **env,
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
-             "--no-access-log", "--log-level", "warning"],
-            cwd=PROJECT_ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self._wait_until_serving()
+        command = ["-m", "app.worker"] if worker else [
+            "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log", "--log-level", "warning"
+        ]
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = data_dir / "process.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, *command], cwd=PROJECT_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        if worker:
+            self._wait_until_logged("worker ready")
+        else:
+            self._wait_until_serving()
 
     @property
     def pid(self) -> int:
@@ -65,6 +79,13 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"{self.base_url} did not come up")
+
+    def _wait_until_logged(self, line: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while line not in self.log_path.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -99,3 +120,64 @@ class FakeReplicateProcess:
     def __exit__(self, *exc_info: object) -> None:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(timeout=30)
+
+
+class ScaledDeployment:
+    """API replicas and `python -m app.worker` processes over Redis and a PostgreSQL database
+    of their own (created here, dropped at the end), sharing one image store."""
+
+    def __init__(
+        self, settings: dict[str, str], data_dir: Path, database_url: str, redis_url: str,
+        replicas: int = 2, workers: int = 2,
+    ) -> None:
+        self.admin_url = async_database_url(database_url)
+        self.database = f"myflix_bench_{uuid.uuid4().hex[:8]}"
+        self.redis_url, self.prefix = redis_url, f"bench-{uuid.uuid4().hex[:8]}"
+        asyncio.run(self._sql(f"CREATE DATABASE {self.database}"))
+        env = {
+            **settings,
+            "DATABASE_URL": self.admin_url.rsplit("/", 1)[0] + f"/{self.database}",
+            "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": self.prefix,
+            "IMAGE_STORE_DIR": str(data_dir / "images"),
+            "RUN_WORK_IN_API": "false",
+        }
+        self.replicas: list[ServerProcess] = []
+        self.workers: list[ServerProcess] = []
+        try:
+            for n in range(replicas):
+                self.replicas.append(ServerProcess("main:app", env, data_dir / f"replica-{n}"))
+            for n in range(workers):
+                # INFO: the worker says when it is ready.
+                worker_env = {**env, "LOG_LEVEL": "INFO"}
+                self.workers.append(ServerProcess("main:app", worker_env, data_dir / f"worker-{n}", worker=True))
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [replica.base_url for replica in self.replicas]
+
+    async def _sql(self, statement: str) -> None:
+        engine = create_async_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    def stop(self) -> None:
+        for process in [*self.replicas, *self.workers]:
+            process.stop()
+        asyncio.run(self._sql(f"DROP DATABASE IF EXISTS {self.database}"))
+        client = redis.Redis.from_url(self.redis_url)
+        keys = list(client.scan_iter(f"{self.prefix}:*"))
+        if keys:
+            client.delete(*keys)
+
+    def __enter__(self) -> "ScaledDeployment":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.processes import PROJECT_ROOT, USERS, FakeReplicateProcess, ServerProcess, rss_mib
+from bench.processes import PROJECT_ROOT, USERS, FakeReplicateProcess, ScaledDeployment, ServerProcess, rss_mib
 from bench.sse import Arrival, JsonPoster, stream_events
 
 L_MS = 500
@@ -67,7 +68,8 @@ def ended(arrival: Arrival) -> bool:
     return arrival.name in ("done", "error")
 
 
-async def timed_job(base_url: str, token: str, num_images: int) -> JobTiming:
+async def timed_job(base_url: str, token: str, num_images: int, stream_from: str | None = None) -> JobTiming:
+    """One job posted to `base_url` and followed there, or on the replica `stream_from`."""
     poster = JsonPoster(base_url, {"Authorization": f"Bearer {token}"})
     started = time.perf_counter()
     status, body = await poster.post("/api/generate/", {"prompt": "benchmark", "num_images": num_images})
@@ -75,7 +77,7 @@ async def timed_job(base_url: str, token: str, num_images: int) -> JobTiming:
     if status != 202:
         raise RuntimeError(f"POST /api/generate/ answered {status}: {body}")
     job_id = body["job_id"]
-    arrivals = await stream_events(base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended)
+    arrivals = await stream_events(stream_from or base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended)
     first = min(a.at_perf for a in arrivals if a.name == "progress" and a.data.get("status") == "succeeded")
     return JobTiming(first - started, arrivals[-1].at_perf - started)
 
@@ -99,12 +101,17 @@ def service_settings(provider: str, workers: int, fake: FakeReplicateProcess | N
 # Scenario a: one job at a time ----------------------------------------------------------------
 
 
-async def scenario_a(base_url: str, repeats: int) -> dict:
-    token = await login(base_url)
+def other(base_urls: list[str], i: int) -> str:
+    """The replica after the i-th: with several, every job streams from one it was not posted to."""
+    return base_urls[(i + 1) % len(base_urls)]
+
+
+async def scenario_a(base_urls: list[str], repeats: int) -> dict:
+    token = await login(base_urls[0])
     rows = {}
-    await timed_job(base_url, token, 1)  # warm-up: caches
+    await timed_job(base_urls[0], token, 1, other(base_urls, 0))  # warm-up: caches
     for n in (1, 4, 8, 16):
-        timings = [await timed_job(base_url, token, n) for _ in range(repeats)]
+        timings = [await timed_job(base_urls[i % len(base_urls)], token, n, other(base_urls, i)) for i in range(repeats)]
         rows[n] = {
             "ttfi_over_l_p50": statistics.median(t.ttfi for t in timings) / L,
             "total_over_l_p50": statistics.median(t.total for t in timings) / L,
@@ -127,9 +134,11 @@ def ideal_round_robin(jobs: int, images: int, workers: int) -> tuple[list[float]
     return ttfi, batch
 
 
-async def scenario_b(base_url: str, jobs: int, images: int) -> dict:
-    token = await login(base_url)
-    timings = await asyncio.gather(*(timed_job(base_url, token, images) for _ in range(jobs)))
+async def scenario_b(base_urls: list[str], jobs: int, images: int) -> dict:
+    token = await login(base_urls[0])
+    timings = await asyncio.gather(
+        *(timed_job(base_urls[i % len(base_urls)], token, images, other(base_urls, i)) for i in range(jobs))
+    )
     ttfi = [t.ttfi / L for t in timings]
     total = [t.total / L for t in timings]
     return {
@@ -180,21 +189,30 @@ async def delivery_lags(base_url: str, token: str, job_ids: list[str], arrivals_
     return lags
 
 
-async def scenario_c(service: ServerProcess, subscribers: int) -> dict:
-    base_url = service.base_url
+async def scenario_c(services: list[ServerProcess], subscribers: int) -> dict:
+    """The subscribers split evenly over the replicas; RSS is the replicas' together."""
+    base_url = services[0].base_url
     token = await login(base_url)
-    rss_before = rss_mib(service.pid)
+
+    def rss() -> float:
+        return sum(rss_mib(service.pid) for service in services)
+
+    rss_before = rss()
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
         job_ids = [await create(http, token, 4) for _ in range(10)]
-    peak = deque([rss_mib(service.pid)], maxlen=1)
+    peak = deque([rss()], maxlen=1)
 
     async def watch_rss() -> None:
         while True:
-            peak.append(max(peak[0], rss_mib(service.pid)))
+            peak.append(max(peak[0], rss()))
             await asyncio.sleep(0.2)
 
     watcher = asyncio.create_task(watch_rss())
-    streams, all_open_at = await open_streams(base_url, token, job_ids, subscribers // len(job_ids))
+    opened = await asyncio.gather(*(
+        open_streams(service.base_url, token, job_ids, subscribers // len(job_ids) // len(services))
+        for service in services
+    ))
+    streams, all_open_at = [s for tasks, _ in opened for s in tasks], max(at for _, at in opened)
     arrivals = await asyncio.gather(*streams)
     watcher.cancel()
     lags = await delivery_lags(base_url, token, job_ids, arrivals, all_open_at)
@@ -268,12 +286,12 @@ async def scenario_d(service: ServerProcess, streams: int, logins: int) -> dict:
 # Scenario e: job creation rate ---------------------------------------------------------------
 
 
-async def scenario_e(base_url: str, seconds: float, concurrency: int) -> dict:
-    token = await login(base_url)
+async def scenario_e(base_urls: list[str], seconds: float, concurrency: int) -> dict:
+    token = await login(base_urls[0])
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
-    async def poster() -> None:
+    async def poster(base_url: str) -> None:
         connection = JsonPoster(base_url, {"Authorization": f"Bearer {token}"})
         try:
             while time.perf_counter() < deadline:
@@ -286,7 +304,7 @@ async def scenario_e(base_url: str, seconds: float, concurrency: int) -> dict:
             connection.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(poster() for _ in range(concurrency)))
+    await asyncio.gather(*(poster(base_urls[i % len(base_urls)]) for i in range(concurrency)))
     elapsed = time.perf_counter() - started
     return {
         "jobs": len(latencies),
@@ -302,22 +320,26 @@ async def scenario_e(base_url: str, seconds: float, concurrency: int) -> dict:
 SYSTEMS = {"myflix": "main:app", "baseline": "bench.baseline:app"}
 
 
-def run(quick: bool) -> dict:
-    repeats = 2 if quick else 5
-    results: dict = {
+def machine() -> dict:
+    return {
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
-                   f"Python {platform.python_version()}, {__import__('os').cpu_count()} cores",
+                   f"Python {platform.python_version()}, {os.cpu_count()} cores",
         "when": datetime.now().isoformat(timespec="seconds"),
         "latency_ms": L_MS,
-        "a": {}, "b": {},
     }
+
+
+def run(quick: bool) -> dict:
+    """Every scenario on one process, beside the naive baseline."""
+    repeats = 2 if quick else 5
+    results: dict = {**machine(), "a": {}, "b": {}}
     with tempfile.TemporaryDirectory(prefix="myflix-bench-") as tmp, FakeReplicateProcess(latency=L) as fake:
         for system, app in SYSTEMS.items():
             for provider in ("local", "replicate"):
                 data = Path(tmp) / f"a-{system}-{provider}"
                 with ServerProcess(app, service_settings(provider, 16, fake), data) as server:
                     print(f"a: {system} on {provider}", flush=True)
-                    results["a"][f"{system}/{provider}"] = asyncio.run(scenario_a(server.base_url, repeats))
+                    results["a"][f"{system}/{provider}"] = asyncio.run(scenario_a([server.base_url], repeats))
         ideal_ttfi, ideal_total = ideal_round_robin(100, 4, 32)
         results["b"]["ideal"] = {
             "ttfi_over_l": {"p50": percentile(ideal_ttfi, 50), "p99": percentile(ideal_ttfi, 99)},
@@ -327,18 +349,48 @@ def run(quick: bool) -> dict:
         for system, app in SYSTEMS.items():
             with ServerProcess(app, service_settings("local", 32), Path(tmp) / f"b-{system}") as server:
                 print(f"b: {system}", flush=True)
-                results["b"][system] = asyncio.run(scenario_b(server.base_url, 100, 4))
-        c_settings = service_settings("local", 16, LOCAL_LATENCY_MS="3000", SSE_KEEPALIVE_SECONDS="1")
-        with ServerProcess("main:app", c_settings, Path(tmp) / "c") as server:
+                results["b"][system] = asyncio.run(scenario_b([server.base_url], 100, 4))
+        with ServerProcess("main:app", c_settings(), Path(tmp) / "c") as server:
             print("c: 1,000 subscribers", flush=True)
-            results["c"] = asyncio.run(scenario_c(server, 1000))
+            results["c"] = asyncio.run(scenario_c([server], 1000))
         d_settings = service_settings("local", 16, LOCAL_LATENCY_MS="1000")
         with ServerProcess("main:app", d_settings, Path(tmp) / "d") as server:
             print("d: logins during streams", flush=True)
             results["d"] = asyncio.run(scenario_d(server, 200, 20))
         with ServerProcess("main:app", service_settings("local", 16), Path(tmp) / "e") as server:
             print("e: job creation", flush=True)
-            results["e"] = asyncio.run(scenario_e(server.base_url, 3 if quick else 10, 32))
+            results["e"] = asyncio.run(scenario_e([server.base_url], 3 if quick else 10, 32))
+    return results
+
+
+def c_settings(workers: int = 16) -> dict:
+    return service_settings("local", workers, LOCAL_LATENCY_MS="3000", SSE_KEEPALIVE_SECONDS="1")
+
+
+def run_scaled(quick: bool, database_url: str, redis_url: str) -> dict:
+    """Scenarios a, b, c and e on 2 API replicas + 2 workers over Redis and PostgreSQL, the
+    workers sharing the single process's worker count; every job is posted to one replica and
+    streamed from the other."""
+    repeats = 2 if quick else 5
+    results: dict = {**machine(), "a": {}}
+
+    def deployment(settings: dict, name: str) -> ScaledDeployment:
+        return ScaledDeployment(settings, Path(tmp) / name, database_url, redis_url)
+
+    with tempfile.TemporaryDirectory(prefix="myflix-bench-") as tmp, FakeReplicateProcess(latency=L) as fake:
+        for provider in ("local", "replicate"):
+            with deployment(service_settings(provider, 8, fake), f"a-{provider}") as scaled:
+                print(f"scaled a: {provider}", flush=True)
+                results["a"][provider] = asyncio.run(scenario_a(scaled.base_urls, repeats))
+        with deployment(service_settings("local", 16), "b") as scaled:
+            print("scaled b", flush=True)
+            results["b"] = asyncio.run(scenario_b(scaled.base_urls, 100, 4))
+        with deployment(c_settings(8), "c") as scaled:
+            print("scaled c: 1,000 subscribers", flush=True)
+            results["c"] = asyncio.run(scenario_c(scaled.replicas, 1000))
+        with deployment(service_settings("local", 8), "e") as scaled:
+            print("scaled e: job creation", flush=True)
+            results["e"] = asyncio.run(scenario_e(scaled.base_urls, 3 if quick else 10, 32))
     return results
 
 
@@ -351,7 +403,7 @@ def table(results: dict) -> str:
     ]
     for provider in ("local", "replicate"):
         for n in (1, 4, 8, 16):
-            ours, base = results["a"][f"myflix/{provider}"][n], results["a"][f"baseline/{provider}"][n]
+            ours, base = results["a"][f"myflix/{provider}"][str(n)], results["a"][f"baseline/{provider}"][str(n)]
             lines.append(
                 f"| a: 1 job, N={n}, {provider} | TTFI / L, p50 | {ours['ttfi_over_l_p50']:.3f} | "
                 f"{base['ttfi_over_l_p50']:.3f} | 1.000 | ≤ {1.02 + 0.005 / L:.3f} |"
@@ -396,7 +448,11 @@ def chart(results: dict, path: Path) -> None:
     for key, style in (("myflix/local", "o-"), ("myflix/replicate", "s-"), ("baseline/local", "o--"),
                        ("baseline/replicate", "s--")):
         row = results["a"][key]
-        left.plot(ns, [row[n]["total_over_l_p50"] for n in ns], style, label=key)
+        left.plot(ns, [row[str(n)]["total_over_l_p50"] for n in ns], style, label=key)
+    for provider, style in (("local", "o:"), ("replicate", "s:")):
+        if "scaled" in results:
+            row = results["scaled"]["a"][provider]
+            left.plot(ns, [row[str(n)]["total_over_l_p50"] for n in ns], style, label=f"2+2 scaled/{provider}")
     left.axhline(1.0, color="grey", linewidth=1, label="ideal (L)")
     left.set(title="a: one job, batch time / L (p50)", xlabel="images per job", ylabel="× L", xticks=ns)
     left.legend(fontsize=8)
@@ -406,6 +462,9 @@ def chart(results: dict, path: Path) -> None:
         values = results["b"][name]["total_over_l_all"]
         middle.plot(values, [i / len(values) for i in range(1, len(values) + 1)], style, alpha=0.5,
                     label=f"batch {name}")
+    if "scaled" in results:
+        values = results["scaled"]["b"]["ttfi_over_l_all"]
+        middle.plot(values, [i / len(values) for i in range(1, len(values) + 1)], "-.", label="TTFI 2+2 scaled")
     middle.set(title="b: 100 jobs × 4 images, 32 workers", xlabel="× L", ylabel="fraction of jobs")
     middle.legend(fontsize=8)
     c, d = results["c"], results["d"]
@@ -418,18 +477,69 @@ def chart(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def scaled_table(single: dict, scaled: dict) -> str:
+    lines = [
+        f"2 API replicas + 2 workers over Redis and PostgreSQL (every job posted to one replica and "
+        f"streamed from the other), beside one process; L = {scaled['latency_ms']} ms; {scaled['when']}",
+        "",
+        "| scenario | figure | one process | 2 replicas + 2 workers | target (one process) |",
+        "|---|---|---|---|---|",
+    ]
+    for provider in ("local", "replicate"):
+        for n in (1, 4, 8, 16):
+            one, two = single["a"][f"myflix/{provider}"][str(n)], scaled["a"][provider][str(n)]
+            for figure, key, target in (("TTFI / L", "ttfi_over_l_p50", f"≤ {1.02 + 0.005 / L:.3f}"),
+                                        ("total / L", "total_over_l_p50", "≤ 1.050")):
+                lines.append(f"| a: 1 job, N={n}, {provider} | {figure}, p50 | {one[key]:.3f} | {two[key]:.3f} | {target} |")
+    for figure, key, targets in (("TTFI / L", "ttfi_over_l", ("≤ 2.2", "≤ 4.4")), ("batch / L", "total_over_l", ("", ""))):
+        for p, target in zip(("p50", "p99"), targets):
+            lines.append(
+                f"| b: 100 jobs × 4, 32 workers in all | {figure}, {p} | {single['b']['myflix'][key][p]:.2f} | "
+                f"{scaled['b'][key][p]:.2f} | {target} |"
+            )
+    one_c, two_c, one_e, two_e = single["c"], scaled["c"], single["e"], scaled["e"]
+    lines += [
+        f"| c: 1000 subscribers | delivery lag p50 / p99 | {one_c['lag_ms']['p50']:.1f} / {one_c['lag_ms']['p99']:.1f} ms "
+        f"| {two_c['lag_ms']['p50']:.1f} / {two_c['lag_ms']['p99']:.1f} ms | p99 ≤ 100 ms |",
+        f"| c: 1000 subscribers | RSS growth (replicas together) | {one_c['rss_mib']['growth']:.0f} MiB "
+        f"| {two_c['rss_mib']['growth']:.0f} MiB | ≤ 150 MiB |",
+        f"| e: job creation, 32 clients | jobs/s | {one_e['jobs_per_second']:.0f} | {two_e['jobs_per_second']:.0f} | ≥ 300 |",
+        f"| e: job creation, 32 clients | POST p50 / p99 | {one_e['post_ms']['p50']:.1f} / {one_e['post_ms']['p99']:.1f} ms "
+        f"| {two_e['post_ms']['p50']:.1f} / {two_e['post_ms']['p99']:.1f} ms | |",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="where benchmark.json and .png go")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="where benchmark.json, .md and .png go")
+    parser.add_argument("--part", choices=("all", "single", "scaled"), default="all",
+                        help="run only one part; the other's figures are kept from the last run")
+    parser.add_argument("--database-url", default=os.environ.get("TEST_DATABASE_URL"),
+                        help="PostgreSQL for the scaled-out part, where it may create a database")
+    parser.add_argument("--redis-url", default=os.environ.get("TEST_REDIS_URL"), help="Redis for the scaled-out part")
     args = parser.parse_args()
-    results = run(args.quick)
-    print(table(results))
+    path = args.out / "benchmark.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args.part in ("all", "single"):
+        scaled = results.get("scaled")
+        results = json.loads(json.dumps(run(args.quick)))  # the keys as JSON has them
+        if scaled:
+            results["scaled"] = scaled
+    if args.part in ("all", "scaled"):
+        if not (args.database_url and args.redis_url):
+            parser.error("the scaled-out part needs --database-url and --redis-url (or TEST_DATABASE_URL, TEST_REDIS_URL)")
+        results["scaled"] = json.loads(json.dumps(run_scaled(args.quick, args.database_url, args.redis_url)))
+    report = table(results)
+    if "scaled" in results:
+        report += "\n\n" + scaled_table(results, results["scaled"])
+    print(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmark.json").write_text(json.dumps(results, indent=1))
-    (args.out / "benchmark.md").write_text(table(results) + "\n")
+    path.write_text(json.dumps(results, indent=1))
+    (args.out / "benchmark.md").write_text(report + "\n")
     chart(results, args.out / "benchmark.png")
-    print(f"wrote {args.out / 'benchmark.json'}, benchmark.md and benchmark.png")
+    print(f"wrote {path}, benchmark.md and benchmark.png")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import redis
 
+from app.core.config import PROJECT_ROOT
 from tests.conftest import (
     ServiceProcess,
     _unavailable,
@@ -304,3 +306,42 @@ def test_redis_goes_away_and_comes_back(cluster, own_redis):
         assert [e.id for e in seen + rest] == [e.id for e in whole], "a gap or a duplicate across the outage"
         after = create_job(on_b, token, prompt="after the outage", num_images=1)
         assert read_stream(on_a, after, headers=_auth(token))[-1].data["status"] == "succeeded"
+
+
+# Who does the work ---------------------------------------------------------------------------
+
+
+def test_api_replicas_do_the_work_themselves_by_default(cluster):
+    (api,) = cluster(RUN_WORK_IN_API="true").up(replicas=1, workers=0).replicas
+    with api.client() as client:
+        token = login(client)
+        events = read_stream(client, create_job(client, token, prompt="no workers", num_images=2), headers=_auth(token))
+    assert events[-1].data["status"] == "succeeded"
+
+
+def test_with_run_work_in_api_false_only_workers_make_images(cluster):
+    deployment = cluster(RUN_WORK_IN_API="false").up(replicas=1, workers=0)
+    (api,) = deployment.replicas
+    with api.client() as client:
+        token = login(client)
+        job_id = create_job(client, token, prompt="wait for a worker", num_images=2)
+        deployment.up(replicas=0, workers=1)
+        events = read_stream(client, job_id, headers=_auth(token))
+    assert events[-1].data["status"] == "succeeded"
+    assert f"image running job_id={job_id}" not in api.log_path.read_text()
+    assert f"image running job_id={job_id}" in deployment.workers[0].log_path.read_text()
+
+
+def test_scaling_out_needs_postgresql_and_the_worker_needs_redis(tmp_path):
+    from pydantic import ValidationError
+
+    from app.core.config import Settings
+
+    with pytest.raises(ValidationError, match="DATABASE_URL to PostgreSQL"):
+        Settings(REDIS_URL="redis://127.0.0.1:6379/0", DATABASE_URL="sqlite:///x.db", DATA_DIR=tmp_path)
+    worker = subprocess.run(
+        [sys.executable, "-m", "app.worker"], env={**os.environ, "REDIS_URL": "", "DATA_DIR": str(tmp_path)},
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert worker.returncode == 2
+    assert "needs REDIS_URL" in worker.stderr

@@ -91,11 +91,11 @@ class Repository:
             images = await self._images_of(session, [job.id for job in jobs])
         return [StoredJob(job, images[job.id]) for job in jobs]
 
-    async def events(self, job_id: str) -> list[EventRow]:
+    async def events(self, job_id: str, after_id: int = 0) -> list[EventRow]:
         async with self._sessionmaker() as session:
             return list(
                 (await session.scalars(
-                    select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id)
+                    select(EventRow).where(EventRow.job_id == job_id, EventRow.id > after_id).order_by(EventRow.id)
                 )).all()
             )
 

@@ -32,6 +32,7 @@ from app.services.job_state import (
     encode_cursor,
     job_from_rows,
     new_job,
+    stored_events,
 )
 from app.db.repository import ConflictingWriteError
 from app.services.journal import Journal
@@ -130,7 +131,7 @@ class GenerationService:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._start_workers)
         for stored in await self._repository.unfinished_jobs():
-            events = await self._stored_events(stored.job.id)
+            events = await stored_events(self._repository, stored.job.id)
             job = job_from_rows(stored, events)
             job.events = EventLog.replay(events, closed=False)
             self._live[job.id] = job
@@ -246,7 +247,7 @@ class GenerationService:
         """The job's events after `after_id`, live until the job ends; None means keepalive."""
         if job.id not in self._live:
             # Finished (possibly before a restart): replay what was stored.
-            job.events = EventLog.replay(await self._stored_events(job.id))
+            job.events = EventLog.replay(await stored_events(self._repository, job.id))
         self._metrics.open_streams.inc()
         try:
             async for event in job.events.follow(after_id, keepalive_seconds):
@@ -333,9 +334,6 @@ class GenerationService:
         self._journal.write(update.changes, publish)
 
     # Persistence -------------------------------------------------------------------------
-
-    async def _stored_events(self, job_id: str) -> list[JobEvent]:
-        return [JobEvent(row.id, row.name, row.data) for row in await self._repository.events(job_id)]
 
     async def _find_idempotent(self, owner: str, key: str) -> Job | None:
         pending = self._pending_keys.get((owner, key))

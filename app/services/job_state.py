@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner
-from app.db.repository import Changes, StoredJob, as_utc
+from app.db.repository import Changes, Repository, StoredJob, as_utc
 from app.models.generation import DoneEvent, ErrorEvent, ImageResult, JobSnapshot, ProgressEvent
 from app.providers.base import ImageRequest
 from app.services.errors import InvalidFieldError
@@ -159,6 +159,10 @@ def new_job(
         idempotency_key=idempotency_key,
         request_fingerprint=request_fingerprint(prompt, num_images, seed),
     )
+
+
+async def stored_events(repository: Repository, job_id: str, after_id: int = 0) -> list[JobEvent]:
+    return [JobEvent(row.id, row.name, row.data) for row in await repository.events(job_id, after_id)]
 
 
 def job_from_rows(stored: StoredJob, events: list[JobEvent] | None = None) -> Job:

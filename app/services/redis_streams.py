@@ -119,13 +119,13 @@ class RedisEventStreams:
         self,
         link: RedisLink,
         retention_seconds: int,
-        stored_events: Callable[[str], Awaitable[list[JobEvent]]],
+        stored_events: Callable[[str, int], Awaitable[list[JobEvent]]],
         max_length: int = 2000,
     ) -> None:
         self._link = link
         self._retention = retention_seconds
         self._max_length = max_length
-        self._stored_events = stored_events  # a job's events from PostgreSQL, in order
+        self._stored_events = stored_events  # (job, after id): events from PostgreSQL, in order
         self._publish = link.client.register_script(_PUBLISH)
         self._feeds: dict[str, _Feed] = {}
 
@@ -141,7 +141,7 @@ class RedisEventStreams:
             last = await self._append(job_id, events)
             if last < events[-1].id:
                 # An earlier commit's publisher has not published yet (or never will).
-                await self._append(job_id, [e for e in await self._stored_events(job_id) if e.id > last])
+                await self._append(job_id, await self._stored_events(job_id, last))
         except (RedisError, OSError) as exc:
             self._link.lost(exc)
             logger.warning("events of %s not published to Redis: %s", job_id, exc)
@@ -209,7 +209,7 @@ class _Feed:
             self.log.interrupt()
 
     async def _catch_up(self) -> None:
-        for event in with_stream_ids(await self._streams._stored_events(self._job_id)):
+        for event in with_stream_ids(await self._streams._stored_events(self._job_id, len(self.log))):
             self._add(event)
 
     def _add(self, event: JobEvent) -> None:

@@ -31,7 +31,7 @@ from app.services.generation_service import (
     timeout_message,
 )
 from app.services.image_maker import ImageMaker, ImageOutcome
-from app.services.job_state import Job, JobRecorder, Update, job_from_rows, new_job
+from app.services.job_state import Job, JobRecorder, Update, job_from_rows, new_job, stored_events
 from app.services.redis_streams import (
     RedisEventStreams,
     RedisLink,
@@ -83,8 +83,8 @@ class ScaledJobs:
         await self.events.close()
         await self.link.close()
 
-    async def stored_events(self, job_id: str) -> list[JobEvent]:
-        return [JobEvent(row.id, row.name, row.data) for row in await self.repository.events(job_id)]
+    async def stored_events(self, job_id: str, after_id: int = 0) -> list[JobEvent]:
+        return await stored_events(self.repository, job_id, after_id)
 
     async def update(self, job_id: str, transition: Callable[[Job], Update | None]) -> Job | None:
         """Apply `transition` to the job as stored, under its lock; commit, then publish."""
@@ -272,6 +272,7 @@ class ImageWorker:
         self,
         jobs: ScaledJobs,
         image_maker: ImageMaker,
+        metrics: Metrics,
         max_workers: int,
         claim_timeout_seconds: float,
         image_timeout_seconds: float,
@@ -290,6 +291,7 @@ class ImageWorker:
         self._running: dict[WorkItem, ImageRequest] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loops: list[asyncio.Task] = []
+        metrics.watch_workers(lambda: len(self._running), lambda: len(self._ready))
 
     def start(self) -> None:
         self._loops = [
