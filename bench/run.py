@@ -522,6 +522,8 @@ def main() -> None:
     args = parser.parse_args()
     path = args.out / "benchmark.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    if args.part == "scaled" and "a" not in results:
+        parser.error(f"--part scaled sets its figures beside one-process ones: run the single part into {args.out} first")
     if args.part in ("all", "single"):
         scaled = results.get("scaled")
         results = json.loads(json.dumps(run(args.quick)))  # the keys as JSON has them

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 @dataclass
 class Arrival:
     name: str
-    id: int | None
+    id: str | None  # as sent: `7`, or `7-0` from a scaled-out deployment
     raw: bytes
     at: float  # time.time() on arrival: comparable with the server's wall clock on one machine
     at_perf: float  # time.perf_counter() on arrival
@@ -48,7 +48,7 @@ async def stream_events(
             if line.startswith(b"event:"):
                 name = line[6:].strip().decode()
             elif line.startswith(b"id:"):
-                event_id = int(line[3:])
+                event_id = line[3:].strip().decode()
             elif line.startswith(b"data:"):
                 arrival = Arrival(name, event_id, line[5:], time.time(), time.perf_counter())
                 arrivals.append(arrival)

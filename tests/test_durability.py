@@ -224,7 +224,8 @@ def test_queued_images_carry_their_place_in_the_queue(live_server):
         second_events = _finish(client, token, second)
         first_events = _finish(client, token, first)
     queued = {e.data["index"]: e.data["queue_position"] for e in second_events if e.data.get("status") == "queued"}
-    # Round-robin: the second job's first image waits behind one image of the first job only.
-    assert queued == {0: 2, 1: 4}
+    # First images first: the second job's first image goes ahead of the first job's later
+    # ones; its second image then takes its turn in the round-robin.
+    assert queued == {0: 1, 1: 3}
     assert [e.data["queue_position"] for e in first_events if e.data.get("status") == "queued"] == [1, 2, 3]
-    assert [image["queue_position"] for image in snapshot["images"]] == [2, 4]
+    assert [image["queue_position"] for image in snapshot["images"]] == [1, 3]

@@ -107,7 +107,10 @@ class GenerationService:
         self._workers = max_workers
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
         self._scheduler: FairScheduler[_ImageTask] = FairScheduler(
-            max_workers, self._start_image, defer=lambda dispatch: self._loop.call_soon(dispatch)
+            max_workers,
+            self._start_image,
+            defer=lambda dispatch: self._loop.call_soon(dispatch),
+            call_later=lambda delay, dispatch: self._loop.call_later(delay, dispatch),
         )
         provider = image_maker.provider
         self._recorder = JobRecorder(

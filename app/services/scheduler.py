@@ -1,18 +1,26 @@
-"""Which waiting image a free worker takes next: round-robin across jobs.
+"""Which waiting image a free worker takes next: first images first, then round-robin.
 
-Each job has its own queue; a free worker takes the oldest image of the job whose turn it
-is, and that job goes to the back of the rotation. So every job's first image is taken
-before any job's second: a job's first image never waits behind another job's fourth.
-Jobs pushed together (a burst of requests whose inserts commit in one batch) are all queued
-before any is dispatched: dispatching waits for `defer`, the loop's next turn.
-Lives on the event-loop thread only; it never blocks.
+A job none of whose images has started waits in arrival order, and a free worker takes its
+first image before any other job's later images. Once started, a job's remaining images join
+a round-robin across jobs: a worker takes the oldest image of the job whose turn it is, and
+that job goes to the back. So a job's first image never waits behind another job's fourth.
+
+While jobs arrive in a burst (a new job within BURST_WINDOW_SECONDS of the one before), later
+images may not take the last `reserve` free workers: those are kept for the first images of
+the jobs still arriving, which would otherwise wait a whole round behind the first arrivals'
+later images. The reserve lifts BURST_WINDOW_SECONDS after the last arrival; a lone job never
+meets it. Jobs pushed together are all queued before any is dispatched (`defer`: the loop's
+next turn). Lives on the event-loop thread only; it never blocks.
 """
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 Task = TypeVar("Task")
+
+BURST_WINDOW_SECONDS = 0.05
 
 
 class FairScheduler(Generic[Task]):
@@ -21,13 +29,22 @@ class FairScheduler(Generic[Task]):
         workers: int,
         start: Callable[[Task], None],
         defer: Callable[[Callable[[], None]], object] = lambda dispatch: dispatch(),
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._free = workers
         self._workers = workers
+        self._reserve = workers // 2
         self._start = start
         self._defer = defer
+        self._call_later = call_later
+        self._clock = clock
         self._dispatch_pending = False
-        self._queues: OrderedDict[str, deque[Task]] = OrderedDict()
+        self._wake_pending = False
+        self._unstarted: OrderedDict[str, deque[Task]] = OrderedDict()
+        self._rotation: OrderedDict[str, deque[Task]] = OrderedDict()
+        self._last_arrival = float("-inf")
+        self._burst_until = float("-inf")
         self._paused = False
 
     @property
@@ -36,45 +53,67 @@ class FairScheduler(Generic[Task]):
 
     @property
     def waiting(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        return sum(len(queue) for queue in (*self._unstarted.values(), *self._rotation.values()))
 
     def positions_for_new_job(self, count: int) -> list[int]:
         """1-based places in the dispatch order that `count` images of a new job would get."""
-        lengths = [len(queue) for queue in self._queues.values()]
-        # Image k of a job at the back of the rotation comes after every job's images of
-        # rounds before k, and after the round-k image of each job that has one.
-        return [sum(min(n, k + 1) for n in lengths) + k + 1 for k in range(count)]
+        firsts = len(self._unstarted) + 1
+        lengths = self._rotation_lengths()
+        return [firsts] + [firsts + _round_robin_place(lengths, m) for m in range(count - 1)]
 
     def position(self, job_id: str, task: Task) -> int | None:
         """The task's 1-based place in the dispatch order, or None when it is not waiting."""
-        queue = self._queues.get(job_id)
-        if queue is None or task not in queue:
+        if job_id in self._unstarted:
+            queue = self._unstarted[job_id]
+            if task not in queue:
+                return None
+            k = queue.index(task)
+            if k == 0:
+                return list(self._unstarted).index(job_id) + 1
+            m, ahead_ids = k - 1, [*self._rotation, *self._unstarted]
+        elif job_id in self._rotation:
+            queue = self._rotation[job_id]
+            if task not in queue:
+                return None
+            m, ahead_ids = queue.index(task), [*self._rotation, *self._unstarted]
+        else:
             return None
-        k = queue.index(task)
-        earlier_rounds = sum(min(len(other), k) for other in self._queues.values())
-        ahead_in_round = 0
-        for other_id, other in self._queues.items():
-            if other_id == job_id:
-                break
-            ahead_in_round += len(other) > k
-        return earlier_rounds + ahead_in_round + 1
+        lengths = self._rotation_lengths()
+        earlier_rounds = sum(min(n, m) for n in lengths)
+        ahead_in_round = sum(n > m for n in lengths[: ahead_ids.index(job_id)])
+        return len(self._unstarted) + earlier_rounds + ahead_in_round + 1
+
+    def _rotation_lengths(self) -> list[int]:
+        """Waiting later images per job, in the order the round-robin will visit them."""
+        return [len(q) for q in self._rotation.values()] + [len(q) - 1 for q in self._unstarted.values()]
 
     def push(self, job_id: str, tasks: list[Task], front: bool = False) -> None:
         if not tasks:
             return
-        queue = self._queues.setdefault(job_id, deque())
+        queue = self._rotation.get(job_id)
+        if queue is None:
+            queue = self._unstarted.get(job_id)
+        if queue is None:
+            self._arrived()
+            queue = self._unstarted[job_id] = deque()
         if front:
             queue.extendleft(reversed(tasks))
-            self._queues.move_to_end(job_id, last=False)
+            (self._rotation if job_id in self._rotation else self._unstarted).move_to_end(job_id, last=False)
         else:
             queue.extend(tasks)
         if not self._dispatch_pending:
             self._dispatch_pending = True
             self._defer(self._dispatch)
 
+    def _arrived(self) -> None:
+        now = self._clock()
+        if now - self._last_arrival < BURST_WINDOW_SECONDS:
+            self._burst_until = now + BURST_WINDOW_SECONDS
+        self._last_arrival = now
+
     def remove_job(self, job_id: str) -> list[Task]:
         """Take a job's waiting tasks out; they will never start."""
-        return list(self._queues.pop(job_id, ()))
+        return list(self._unstarted.pop(job_id, ())) + list(self._rotation.pop(job_id, ()))
 
     def release(self) -> None:
         """A worker has finished its task."""
@@ -86,12 +125,49 @@ class FairScheduler(Generic[Task]):
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
-        while self._free > 0 and self._queues and not self._paused:
-            job_id, queue = next(iter(self._queues.items()))
-            task = queue.popleft()
-            if queue:
-                self._queues.move_to_end(job_id)
-            else:
-                del self._queues[job_id]
+        while self._free > 0 and not self._paused:
+            task = self._next()
+            if task is None:
+                return
             self._free -= 1
             self._start(task)
+
+    def _next(self) -> Task | None:
+        if self._unstarted:
+            job_id, queue = next(iter(self._unstarted.items()))
+            del self._unstarted[job_id]
+            task = queue.popleft()
+            if queue:
+                self._rotation[job_id] = queue
+            return task
+        if not self._rotation or self._reserved():
+            return None
+        job_id, queue = next(iter(self._rotation.items()))
+        task = queue.popleft()
+        if queue:
+            self._rotation.move_to_end(job_id)
+        else:
+            del self._rotation[job_id]
+        return task
+
+    def _reserved(self) -> bool:
+        """Whether the free workers left are kept for first images still arriving."""
+        if self._free > self._reserve or self._call_later is None:
+            return False
+        remaining = self._burst_until - self._clock()
+        if remaining <= 0:
+            return False
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._call_later(remaining, self._wake)
+        return True
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._dispatch()
+
+
+def _round_robin_place(lengths: list[int], m: int) -> int:
+    """The place, in the round-robin over jobs with `lengths` waiting images, of the (m+1)-th
+    image of one more job at the back."""
+    return sum(min(n, m + 1) for n in lengths) + m + 1
