@@ -33,11 +33,11 @@ STATIC_DIR = PROJECT_ROOT / "app" / "static"
 
 def _generation_service(
     settings: Settings, components: Components
-) -> tuple[GenerationService | ScaledGenerationService, Journal | None, RedisLink | None]:
+) -> tuple[GenerationService | ScaledGenerationService, Journal, RedisLink | None]:
     """Jobs in this process alone; or, with REDIS_URL, shared with other replicas and workers."""
+    journal = Journal(components.engine)
+    journal.start()
     if settings.REDIS_URL is None:
-        journal = Journal(components.engine)
-        journal.start()
         service = GenerationService(
             image_maker=components.image_maker,
             repository=components.repository,
@@ -54,12 +54,13 @@ def _generation_service(
     jobs = scaled_jobs(settings, components)
     service = ScaledGenerationService(
         jobs,
+        journal,
         metrics=components.metrics,
         worker=image_worker(settings, components, jobs) if settings.RUN_WORK_IN_API else None,
         max_images_per_job=settings.MAX_IMAGES_PER_JOB,
         max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
     )
-    return service, None, jobs.link
+    return service, journal, jobs.link
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.metrics = components.metrics
         app.state.health_service = HealthService(
             components.engine,
-            writes_healthy=lambda: journal is None or journal.healthy,
+            writes_healthy=lambda: journal.healthy,
             image_store_dir=settings.image_store_dir,
             provider=components.image_maker.provider,
             redis=redis,

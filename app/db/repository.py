@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
@@ -108,13 +107,6 @@ class Repository:
             )
 
     # Writes of the scaled-out deployment, each its own transaction -------------------------
-
-    async def write(self, changes: "Changes") -> None:
-        try:
-            async with self._sessionmaker.begin() as session:
-                await session.run_sync(Repository.apply, [changes])
-        except IntegrityError as exc:
-            raise ConflictingWriteError(str(exc)) from None
 
     async def update_job(
         self, job_id: str, change: Callable[[StoredJob, list[EventRow]], tuple[Result, "Changes | None"]]

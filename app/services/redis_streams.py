@@ -256,15 +256,16 @@ class RedisWorkQueue:
                 pipe.xadd(self.first if index == first else self.rest, {"job": job_id, "index": index})
             await pipe.execute()
 
-    async def read(self, count: int) -> list[WorkItem]:
-        """Up to `count` items, first images first; waits up to BLOCK_MS when there are none."""
-        items: list[WorkItem] = []
-        for stream in (self.first, self.rest):
-            if len(items) < count:
-                items += await self._read({stream: ">"}, count - len(items), block=None)
+    async def read(self, count: int, later: int, wait_seconds: float = BLOCK_MS / 1000) -> list[WorkItem]:
+        """Up to `count` items, first images first, and of other images at most `later`;
+        waits up to `wait_seconds` when there are none."""
+        items = await self._read({self.first: ">"}, count, block=None)
+        if later and len(items) < count:
+            items += await self._read({self.rest: ">"}, min(later, count - len(items)), block=None)
         if not items:
             # A wait on both streams brings up to one item from each.
-            items = await self._read({self.first: ">", self.rest: ">"}, 1, block=BLOCK_MS)
+            streams = {self.first: ">", self.rest: ">"} if later else {self.first: ">"}
+            items = await self._read(streams, 1, block=max(1, int(wait_seconds * 1000)))
             for extra in items[count:]:
                 await self._give_back(extra)
         return items[:count]

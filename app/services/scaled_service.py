@@ -31,6 +31,7 @@ from app.services.generation_service import (
     timeout_message,
 )
 from app.services.image_maker import ImageMaker, ImageOutcome
+from app.services.journal import Journal
 from app.services.job_state import Job, JobRecorder, Update, job_from_rows, new_job, stored_events
 from app.services.redis_streams import (
     RedisEventStreams,
@@ -39,6 +40,7 @@ from app.services.redis_streams import (
     WorkItem,
     with_stream_ids,
 )
+from app.services.scheduler import BurstReserve
 
 logger = logging.getLogger("myflix.jobs")
 
@@ -67,6 +69,7 @@ class ScaledJobs:
         self.queue = RedisWorkQueue(link)
         self._claim_timeout = claim_timeout_seconds
         self._maintenance: asyncio.Task | None = None
+        self._waiting: dict[str, list] = {}  # job id -> transitions for its next transaction
 
     async def start(self) -> None:
         self.link.start()
@@ -87,20 +90,50 @@ class ScaledJobs:
         return await stored_events(self.repository, job_id, after_id)
 
     async def update(self, job_id: str, transition: Callable[[Job], Update | None]) -> Job | None:
-        """Apply `transition` to the job as stored, under its lock; commit, then publish."""
+        """Apply `transition` to the job as stored, under its lock; commit, then publish.
+        Transitions of one job that come while its transaction runs here (sixteen images
+        finishing together) share the next transaction, in the order they came."""
+        done = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.get(job_id)
+        if waiting is not None:
+            waiting.append((transition, done))
+            return await done
+        self._waiting[job_id] = waiting = [(transition, done)]
+        try:
+            while waiting:
+                batch = waiting[:]
+                del waiting[:]
+                await self._apply(job_id, batch)
+        finally:
+            del self._waiting[job_id]
+        return await done
+
+    async def _apply(self, job_id: str, batch: list[tuple[Callable[[Job], Update | None], asyncio.Future]]) -> None:
+        failures: dict[int, Exception] = {}
 
         def change(stored, event_rows):
             job = job_from_rows(stored, [JobEvent(row.id, row.name, row.data) for row in event_rows])
-            update = transition(job)
-            return (job, update), (update.changes if update else None)
+            update = Update()
+            for n, (transition, _) in enumerate(batch):
+                try:
+                    update.add(transition(job))
+                except Exception as exc:  # that caller's error (say, a cancel too late); not the others'
+                    failures[n] = exc
+            return (job, update), update.changes
 
-        result = await self.repository.update_job(job_id, change)
-        if result is None:
-            return None
-        job, update = result
-        if update is not None:
-            await self.events.publish(job_id, update.events)
-        return job
+        try:
+            result = await self.repository.update_job(job_id, change)
+            if result is not None:
+                await self.events.publish(job_id, result[1].events)
+        except Exception as exc:
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for n, (_, future) in enumerate(batch):
+            if n in failures:
+                future.set_exception(failures[n])
+            else:
+                future.set_result(None if result is None else result[0])
 
     async def enqueue(self, job: Job, indexes: list[int]) -> None:
         # A job none of whose images has succeeded yet sends its lowest one ahead.
@@ -155,6 +188,7 @@ class ScaledGenerationService:
     def __init__(
         self,
         jobs: ScaledJobs,
+        journal: Journal,
         metrics: Metrics,
         worker: "ImageWorker | None",
         max_images_per_job: int,
@@ -164,6 +198,7 @@ class ScaledGenerationService:
         self._recorder = jobs.recorder
         self._repository = jobs.repository
         self._link = jobs.link
+        self._journal = journal  # new jobs: a burst of them commits in one transaction
         self._metrics = metrics
         self._worker = worker
         self._max_images_per_job = max_images_per_job
@@ -182,6 +217,7 @@ class ScaledGenerationService:
         if self._worker is not None:
             await self._worker.stop()
         await self._jobs.close()
+        await self._journal.close()
 
     async def create_job(
         self,
@@ -205,7 +241,7 @@ class ScaledGenerationService:
         check_active_jobs(await self._repository.count_unfinished(owner), self._max_active_jobs_per_user)
         update = self._recorder.accepted(job, [None] * num_images)
         try:
-            await self._repository.write(update.changes)
+            await self._journal.write(update.changes)
         except ConflictingWriteError:
             earlier = await self._find_idempotent(owner, idempotency_key) if idempotency_key else None
             if earlier is None:
@@ -284,6 +320,9 @@ class ImageWorker:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
         self._free = asyncio.Semaphore(max_workers)
         self._slots = max_workers
+        # The single process's rule: during a burst of new jobs, half the threads wait for
+        # first images rather than take later ones.
+        self._burst = BurstReserve(max_workers)
         self._claim_timeout = claim_timeout_seconds
         self._image_timeout = image_timeout_seconds
         self._grace = shutdown_grace_seconds
@@ -318,7 +357,18 @@ class ImageWorker:
             await self._free.acquire()
             try:
                 if not self._ready:
-                    self._ready += await self._queue.read(max(1, self._slots - len(self._tasks)))
+                    free = max(1, self._slots - len(self._tasks))
+                    held = self._burst.holds(free)
+                    if held:
+                        taken = await self._queue.read(free, later=0, wait_seconds=held)
+                    else:
+                        # Above the reserve, later images may take only what is above it.
+                        reserve = self._burst.reserve
+                        taken = await self._queue.read(free, later=free - reserve if free > reserve else free)
+                    for item in taken:
+                        if item.stream == self._queue.first:
+                            self._burst.arrived()
+                    self._ready += taken
                 failures = 0
             except (RedisError, OSError) as exc:
                 self._jobs.link.lost(exc)
@@ -373,6 +423,12 @@ class ImageWorker:
 
     async def _make(self, item: WorkItem) -> None:
         recorder, loop = self._jobs.recorder, asyncio.get_running_loop()
+        stored = await self._jobs.repository.get_job(item.job_id)
+        job = None if stored is None else job_from_rows(stored)
+        if job is None or job.images[item.index].finished or job.cancel_requested:
+            await self._queue.done(item)  # recorded already (a redelivery), or canceled
+            return
+        image = job.images[item.index]
         started = time.monotonic()
 
         def begin(job: Job) -> Update | None:
@@ -380,12 +436,6 @@ class ImageWorker:
             if image.status != "queued" or job.cancel_requested:
                 return None
             return recorder.image_changed(job, image, "running", started)
-
-        job = await self._jobs.update(item.job_id, begin)
-        if job is None or job.images[item.index].finished or job.cancel_requested:
-            await self._queue.done(item)  # recorded already (a redelivery), or canceled
-            return
-        image = job.images[item.index]
 
         def report(coroutine_function, *args) -> None:
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(coroutine_function(*args)))
@@ -405,7 +455,10 @@ class ImageWorker:
             ),
         )
         self._running[item] = request
+        # The image first, the bookkeeping after: its time is running already.
         made = loop.run_in_executor(self._executor, self._maker.make, request)
+        if image.status == "queued":
+            await self._jobs.update(item.job_id, begin)
         try:
             outcome = await asyncio.wait_for(asyncio.shield(made), self._image_timeout)
         except TimeoutError:

@@ -23,6 +23,30 @@ Task = TypeVar("Task")
 BURST_WINDOW_SECONDS = 0.05
 
 
+class BurstReserve:
+    """While jobs arrive in a burst, later images leave the last `reserve` free workers to
+    the first images of the jobs still arriving."""
+
+    def __init__(self, workers: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.reserve = workers // 2
+        self._clock = clock
+        self._last_arrival = float("-inf")
+        self._burst_until = float("-inf")
+
+    def arrived(self) -> None:
+        """A new job (its first image) has come."""
+        now = self._clock()
+        if now - self._last_arrival < BURST_WINDOW_SECONDS:
+            self._burst_until = now + BURST_WINDOW_SECONDS
+        self._last_arrival = now
+
+    def holds(self, free: int) -> float:
+        """Seconds for which a later image may not take one of `free` workers; 0: it may."""
+        if free > self.reserve:
+            return 0.0
+        return max(0.0, self._burst_until - self._clock())
+
+
 class FairScheduler(Generic[Task]):
     def __init__(
         self,
@@ -34,17 +58,14 @@ class FairScheduler(Generic[Task]):
     ) -> None:
         self._free = workers
         self._workers = workers
-        self._reserve = workers // 2
+        self._burst = BurstReserve(workers, clock)
         self._start = start
         self._defer = defer
         self._call_later = call_later
-        self._clock = clock
         self._dispatch_pending = False
         self._wake_pending = False
         self._unstarted: OrderedDict[str, deque[Task]] = OrderedDict()
         self._rotation: OrderedDict[str, deque[Task]] = OrderedDict()
-        self._last_arrival = float("-inf")
-        self._burst_until = float("-inf")
         self._paused = False
 
     @property
@@ -94,7 +115,7 @@ class FairScheduler(Generic[Task]):
         if queue is None:
             queue = self._unstarted.get(job_id)
         if queue is None:
-            self._arrived()
+            self._burst.arrived()
             queue = self._unstarted[job_id] = deque()
         if front:
             queue.extendleft(reversed(tasks))
@@ -104,12 +125,6 @@ class FairScheduler(Generic[Task]):
         if not self._dispatch_pending:
             self._dispatch_pending = True
             self._defer(self._dispatch)
-
-    def _arrived(self) -> None:
-        now = self._clock()
-        if now - self._last_arrival < BURST_WINDOW_SECONDS:
-            self._burst_until = now + BURST_WINDOW_SECONDS
-        self._last_arrival = now
 
     def remove_job(self, job_id: str) -> list[Task]:
         """Take a job's waiting tasks out; they will never start."""
@@ -152,10 +167,8 @@ class FairScheduler(Generic[Task]):
 
     def _reserved(self) -> bool:
         """Whether the free workers left are kept for first images still arriving."""
-        if self._free > self._reserve or self._call_later is None:
-            return False
-        remaining = self._burst_until - self._clock()
-        if remaining <= 0:
+        remaining = self._burst.holds(self._free)
+        if remaining <= 0 or self._call_later is None:
             return False
         if not self._wake_pending:
             self._wake_pending = True
