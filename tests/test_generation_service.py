@@ -14,15 +14,15 @@ from app.db.repository import Repository
 from app.providers.base import GeneratedImage, ImageRequest, ProviderError
 from app.providers.local import render_image
 from app.services.auth_service import seed_demo_users
-from app.services.generation_service import (
-    GenerationService,
+from app.services.generation_service import GenerationService
+from app.services.image_maker import ImageMaker
+from app.services.image_store import LocalImageStore
+from app.services.job_service import (
     JobNotFoundError,
     ServiceUnavailableError,
     TooManyActiveJobsError,
     TooManyImagesError,
 )
-from app.services.image_maker import ImageMaker
-from app.services.image_store import LocalImageStore
 from app.services.journal import Journal
 from app.services.scheduler import FairScheduler
 

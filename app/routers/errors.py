@@ -8,7 +8,7 @@ from app.core.security import InvalidImageSignatureError, InvalidTokenError
 from app.routers.deps import MissingTokenError
 from app.services.auth_service import InvalidCredentialsError
 from app.services.errors import InvalidFieldError
-from app.services.generation_service import (
+from app.services.job_service import (
     IdempotencyConflictError,
     JobAlreadyFinishedError,
     JobNotFoundError,

@@ -32,7 +32,7 @@ KEEPALIVE_WIRE = b"event: keepalive\r\ndata: {}\r\n\r\n"
 # `retry` ms and reconnects with Last-Event-ID, and the stream resumes where it stopped.
 RECONNECT_WIRE = b"retry: 2000\r\n: events are unavailable for a moment; reconnect with Last-Event-ID\r\n\r\n"
 
-_LAST_EVENT_ID = re.compile(r"(\d{1,18})(-0)?")
+_LAST_EVENT_ID = re.compile(r"(\d{1,18})(-0)?", re.ASCII)
 
 
 def parse_last_event_id(value: str | None) -> int:

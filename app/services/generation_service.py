@@ -17,64 +17,16 @@ from dataclasses import dataclass
 
 from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner
-from app.db.repository import Changes, Repository
-from app.models.generation import JobPage, JobSnapshot
+from app.db.repository import Changes, ConflictingWriteError, Repository
 from app.providers.base import ImageRequest
-from app.services.errors import InvalidFieldError
 from app.services.event_log import EventLog, JobEvent
 from app.services.image_maker import ImageMaker, ImageOutcome
-from app.services.job_state import (
-    Job,
-    ImageState,
-    JobRecorder,
-    Update,
-    decode_cursor,
-    encode_cursor,
-    job_from_rows,
-    new_job,
-    stored_events,
-)
-from app.db.repository import ConflictingWriteError
+from app.services.job_service import JobService, check_active_jobs, check_cancelable, timeout_message
+from app.services.job_state import ImageState, Job, JobRecorder, Update, job_from_rows, stored_events
 from app.services.journal import Journal
 from app.services.scheduler import FairScheduler
 
 logger = logging.getLogger("myflix.jobs")
-
-ACTIVE_JOBS_RETRY_AFTER_SECONDS = 5
-
-
-class JobNotFoundError(Exception):
-    """No such job for this user (another user's job is not found either)."""
-
-
-class TooManyImagesError(InvalidFieldError):
-    location = ("body", "num_images")
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"num_images must be between 1 and {limit}")
-
-
-class TooManyActiveJobsError(Exception):
-    def __init__(self, limit: int, retry_after: int) -> None:
-        super().__init__(
-            f"You already have {limit} jobs in progress; wait for one to finish or cancel one."
-        )
-        self.retry_after = retry_after
-
-
-class JobAlreadyFinishedError(Exception):
-    def __init__(self, status: str) -> None:
-        super().__init__(f"The job has already finished ({status}); there is nothing to cancel.")
-
-
-class IdempotencyConflictError(Exception):
-    def __init__(self) -> None:
-        super().__init__("This Idempotency-Key was used with a different request body.")
-
-
-class ServiceUnavailableError(Exception):
-    def __init__(self, message: str = "The service is shutting down; retry in a moment.") -> None:
-        super().__init__(message)
 
 
 @dataclass
@@ -83,7 +35,7 @@ class _ImageTask:
     image: ImageState
 
 
-class GenerationService:
+class GenerationService(JobService):
     def __init__(
         self,
         image_maker: ImageMaker,
@@ -98,10 +50,7 @@ class GenerationService:
         shutdown_grace_seconds: float,
     ) -> None:
         self._maker = image_maker
-        self._repository = repository
         self._journal = journal
-        self._max_images_per_job = max_images_per_job
-        self._max_active_jobs_per_user = max_active_jobs_per_user
         self._image_timeout_seconds = image_timeout_seconds
         self._shutdown_grace_seconds = shutdown_grace_seconds
         self._workers = max_workers
@@ -113,17 +62,15 @@ class GenerationService:
             call_later=lambda delay, dispatch: self._loop.call_later(delay, dispatch),
         )
         provider = image_maker.provider
-        self._recorder = JobRecorder(
+        recorder = JobRecorder(
             provider.name, provider.model, url_signer, metrics,
             queue_position=lambda job, image: self._scheduler.position(job.id, _ImageTask(job, image)),
         )
-        self._metrics = metrics
+        super().__init__(repository, recorder, metrics, max_images_per_job, max_active_jobs_per_user)
         metrics.watch_workers(lambda: self._scheduler.busy, lambda: self._scheduler.waiting)
-        self._live: dict[str, Job] = {}  # unfinished jobs, and no others
         self._pending_keys: dict[tuple[str, str], Job] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._accepting = True
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -173,32 +120,14 @@ class GenerationService:
 
     # Commands ----------------------------------------------------------------------------
 
-    async def create_job(
-        self,
-        owner: str,
-        prompt: str,
-        num_images: int,
-        seed: int | None,
-        image_base_url: str,
-        idempotency_key: str | None = None,
-    ) -> tuple[Job, bool]:
-        """The new job, or with an Idempotency-Key seen before the earlier job; and whether it
-        was an earlier one."""
-        if not self._accepting:
-            raise ServiceUnavailableError()
-        check_num_images(num_images, self._max_images_per_job)
-        job = new_job(owner, prompt, num_images, seed, image_base_url, idempotency_key)
-        if idempotency_key is not None:
-            earlier = await self._find_idempotent(owner, idempotency_key)
-            if earlier is not None:
-                return check_replay(earlier, job), True
-        active = sum(job.owner == owner and not job.finished for job in self._live.values())
+    async def _admit(self, job: Job) -> None:
+        active = sum(other.owner == job.owner and not other.finished for other in self._live.values())
         check_active_jobs(active, self._max_active_jobs_per_user)
-
         self._live[job.id] = job
-        if idempotency_key is not None:
-            self._pending_keys[(owner, idempotency_key)] = job
-        update = self._recorder.accepted(job, self._scheduler.positions_for_new_job(num_images))
+        key = (job.owner, job.idempotency_key)
+        if job.idempotency_key is not None:
+            self._pending_keys[key] = job
+        update = self._recorder.accepted(job, self._scheduler.positions_for_new_job(job.num_images))
 
         def publish() -> None:
             for event in update.events:
@@ -208,16 +137,10 @@ class GenerationService:
         try:
             await self._journal.write(update.changes, publish)
         except ConflictingWriteError:
-            # Another process stored this Idempotency-Key first.
             del self._live[job.id]
-            earlier = await self._find_idempotent(owner, idempotency_key) if idempotency_key else None
-            if earlier is None:
-                raise
-            return check_replay(earlier, job), True
+            raise
         finally:
-            if idempotency_key is not None:
-                self._pending_keys.pop((owner, idempotency_key), None)
-        return job, False
+            self._pending_keys.pop(key, None)
 
     async def cancel_job(self, job_id: str, owner: str) -> Job:
         job = await self.get_job(job_id, owner)
@@ -229,34 +152,8 @@ class GenerationService:
         self._record(job, self._recorder.canceled(job, time.monotonic()))
         return job
 
-    # Queries -----------------------------------------------------------------------------
-
-    async def get_job(self, job_id: str, owner: str) -> Job:
-        job = self._live.get(job_id)
-        if job is None:
-            stored = await self._repository.get_job(job_id)
-            job = None if stored is None else job_from_rows(stored)
-        return check_owner(job, job_id, owner)
-
-    async def list_jobs(self, owner: str, limit: int, cursor: str | None, image_base_url: str) -> JobPage:
-        return await list_jobs_page(
-            self._repository, self._recorder, owner, limit, cursor, image_base_url, live=self._live
-        )
-
-    def snapshot(self, job: Job, image_base_url: str) -> JobSnapshot:
-        return self._recorder.snapshot(job, image_base_url)
-
-    async def follow(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
-        """The job's events after `after_id`, live until the job ends; None means keepalive."""
-        if job.id not in self._live:
-            # Finished (possibly before a restart): replay what was stored.
-            job.events = EventLog.replay(await stored_events(self._repository, job.id))
-        self._metrics.open_streams.inc()
-        try:
-            async for event in job.events.follow(after_id, keepalive_seconds):
-                yield event
-        finally:
-            self._metrics.open_streams.dec()
+    def _follow_live(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
+        return self._live[job.id].events.follow(after_id, keepalive_seconds)
 
     # Images on worker threads ----------------------------------------------------------------
 
@@ -339,13 +236,8 @@ class GenerationService:
     # Persistence -------------------------------------------------------------------------
 
     async def _find_idempotent(self, owner: str, key: str) -> Job | None:
-        pending = self._pending_keys.get((owner, key))
-        if pending is not None:
-            return pending
-        row = await self._repository.find_by_idempotency_key(owner, key)
-        if row is None:
-            return None
-        return self._live.get(row.id) or await self.get_job(row.id, owner)
+        # A job whose insert is on its way is found before it is stored.
+        return self._pending_keys.get((owner, key)) or await super()._find_idempotent(owner, key)
 
     def _resume(self, job: Job) -> None:
         logger.info("job resumed after restart", extra={"job_id": job.id})
@@ -361,55 +253,3 @@ class GenerationService:
         # Work that had started goes first: it may only need re-attaching.
         self._scheduler.push(job.id, running, front=True)
         self._scheduler.push(job.id, queued)
-
-
-# Rules both the single-process and the scaled-out service apply ---------------------------
-
-
-def check_num_images(num_images: int, limit: int) -> None:
-    if not 1 <= num_images <= limit:
-        raise TooManyImagesError(limit)
-
-
-def check_replay(earlier: Job, new: Job) -> Job:
-    """The earlier job of this Idempotency-Key, if it was asked for with the same body."""
-    if earlier.request_fingerprint != new.request_fingerprint:
-        raise IdempotencyConflictError()
-    return earlier
-
-
-def check_active_jobs(active: int, limit: int) -> None:
-    if active >= limit:
-        raise TooManyActiveJobsError(limit, ACTIVE_JOBS_RETRY_AFTER_SECONDS)
-
-
-def check_owner(job: Job | None, job_id: str, owner: str) -> Job:
-    if job is None or job.owner != owner:
-        raise JobNotFoundError(job_id)
-    return job
-
-
-def check_cancelable(job: Job) -> None:
-    if job.finished or job.cancel_requested:
-        raise JobAlreadyFinishedError(job.status)
-
-
-def timeout_message(seconds: float) -> str:
-    return f"The provider did not finish the image within {seconds:g} s."
-
-
-async def list_jobs_page(
-    repository: Repository,
-    recorder: JobRecorder,
-    owner: str,
-    limit: int,
-    cursor: str | None,
-    image_base_url: str,
-    live: dict[str, Job],
-) -> JobPage:
-    """A page of the owner's jobs, newest first; `live` has the jobs this process holds."""
-    before = decode_cursor(cursor) if cursor else None
-    stored = await repository.list_jobs(owner, limit + 1, before)
-    page = [live.get(s.job.id) or job_from_rows(s) for s in stored[:limit]]
-    next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(stored) > limit else None
-    return JobPage(jobs=[recorder.snapshot(job, image_base_url) for job in page], next_cursor=next_cursor)

@@ -194,16 +194,14 @@ class _Feed:
             await self._catch_up()
             while not self.log.closed:
                 reply = await streams._link.client.xread({key: f"{len(self.log)}-0"}, block=BLOCK_MS, count=500)
-                if reply:
-                    for entry_id, fields in reply[0][1]:
-                        self._add(stream_event(entry_id, fields))
-                else:
-                    await self._catch_up()  # quiet: was a publication lost?
+                entries = reply[0][1] if reply else []
+                for entry_id, fields in entries:
+                    self._add(stream_event(entry_id, fields))
+                if not entries or stream_event(*entries[-1]).id > len(self.log):
+                    await self._catch_up()  # quiet (was a publication lost?), or past a gap
         except (RedisError, OSError) as exc:
             streams._link.lost(exc)
             self.log.interrupt()
-        except asyncio.CancelledError:
-            raise
         except Exception:
             logger.exception("event feed of %s failed", self._job_id)
             self.log.interrupt()
@@ -214,7 +212,7 @@ class _Feed:
 
     def _add(self, event: JobEvent) -> None:
         if event.id != len(self.log) + 1 or self.log.closed:
-            return  # seen already; or, past a gap, read again after the catch-up fills it
+            return  # seen already; or past a gap, which the catch-up fills
         self.log.append(event)
         if event.name in TERMINAL_EVENTS:
             self.log.close()

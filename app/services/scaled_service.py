@@ -16,23 +16,19 @@ from datetime import datetime, timedelta, timezone
 from redis.exceptions import RedisError
 
 from app.core.metrics import Metrics
-from app.db.repository import ConflictingWriteError, Repository
-from app.models.generation import JobPage, JobSnapshot
+from app.db.repository import Repository
 from app.providers.base import ImageRequest
-from app.services.event_log import EventLog, JobEvent
-from app.services.generation_service import (
+from app.services.event_log import JobEvent
+from app.services.image_maker import ImageMaker, ImageOutcome
+from app.services.job_service import (
+    JobService,
     ServiceUnavailableError,
     check_active_jobs,
     check_cancelable,
-    check_num_images,
-    check_owner,
-    check_replay,
-    list_jobs_page,
     timeout_message,
 )
-from app.services.image_maker import ImageMaker, ImageOutcome
+from app.services.job_state import Job, JobRecorder, Update, job_from_rows, stored_events
 from app.services.journal import Journal
-from app.services.job_state import Job, JobRecorder, Update, job_from_rows, new_job, stored_events
 from app.services.redis_streams import (
     RedisEventStreams,
     RedisLink,
@@ -99,6 +95,7 @@ class ScaledJobs:
             waiting.append((transition, done))
             return await done
         self._waiting[job_id] = waiting = [(transition, done)]
+        batch: list = []
         try:
             while waiting:
                 batch = waiting[:]
@@ -106,6 +103,9 @@ class ScaledJobs:
                 await self._apply(job_id, batch)
         finally:
             del self._waiting[job_id]
+            for _, future in batch + waiting:  # when this task was canceled mid-way
+                if not future.done():
+                    future.cancel()
         return await done
 
     async def _apply(self, job_id: str, batch: list[tuple[Callable[[Job], Update | None], asyncio.Future]]) -> None:
@@ -182,7 +182,7 @@ def _conclude(recorder: JobRecorder, job: Job, now: float) -> Update | None:
     return None if job.unfinished_images() else recorder.finished(job, now)
 
 
-class ScaledGenerationService:
+class ScaledGenerationService(JobService):
     """The API's side: the same operations as the single-process GenerationService."""
 
     def __init__(
@@ -194,16 +194,11 @@ class ScaledGenerationService:
         max_images_per_job: int,
         max_active_jobs_per_user: int,
     ) -> None:
+        super().__init__(jobs.repository, jobs.recorder, metrics, max_images_per_job, max_active_jobs_per_user)
         self._jobs = jobs
-        self._recorder = jobs.recorder
-        self._repository = jobs.repository
         self._link = jobs.link
         self._journal = journal  # new jobs: a burst of them commits in one transaction
-        self._metrics = metrics
         self._worker = worker
-        self._max_images_per_job = max_images_per_job
-        self._max_active_jobs_per_user = max_active_jobs_per_user
-        self._accepting = True
 
     async def start(self) -> None:
         await self._jobs.start()
@@ -219,34 +214,12 @@ class ScaledGenerationService:
         await self._jobs.close()
         await self._journal.close()
 
-    async def create_job(
-        self,
-        owner: str,
-        prompt: str,
-        num_images: int,
-        seed: int | None,
-        image_base_url: str,
-        idempotency_key: str | None = None,
-    ) -> tuple[Job, bool]:
-        if not self._accepting:
-            raise ServiceUnavailableError()
-        check_num_images(num_images, self._max_images_per_job)
-        job = new_job(owner, prompt, num_images, seed, image_base_url, idempotency_key)
-        if idempotency_key is not None:
-            earlier = await self._find_idempotent(owner, idempotency_key)
-            if earlier is not None:
-                return check_replay(earlier, job), True
+    async def _admit(self, job: Job) -> None:
         if not self._link.available:
             raise ServiceUnavailableError(REDIS_DOWN)
-        check_active_jobs(await self._repository.count_unfinished(owner), self._max_active_jobs_per_user)
-        update = self._recorder.accepted(job, [None] * num_images)
-        try:
-            await self._journal.write(update.changes)
-        except ConflictingWriteError:
-            earlier = await self._find_idempotent(owner, idempotency_key) if idempotency_key else None
-            if earlier is None:
-                raise
-            return check_replay(earlier, job), True
+        check_active_jobs(await self._repository.count_unfinished(job.owner), self._max_active_jobs_per_user)
+        update = self._recorder.accepted(job, [None] * job.num_images)
+        await self._journal.write(update.changes)
         try:
             await self._jobs.enqueue(job, [image.index for image in job.images])
         except (RedisError, OSError) as exc:
@@ -254,7 +227,6 @@ class ScaledGenerationService:
             await self._jobs.update(job.id, lambda j: self._recorder.failed(j, REDIS_DOWN))
             raise ServiceUnavailableError(REDIS_DOWN) from None
         await self._jobs.events.publish(job.id, update.events)
-        return job, False
 
     async def cancel_job(self, job_id: str, owner: str) -> Job:
         check_cancelable(await self.get_job(job_id, owner))
@@ -271,33 +243,11 @@ class ScaledGenerationService:
             self._link.lost(exc)  # workers find the images canceled when they record them
         return job
 
-    async def get_job(self, job_id: str, owner: str) -> Job:
-        stored = await self._repository.get_job(job_id)
-        return check_owner(None if stored is None else job_from_rows(stored), job_id, owner)
+    def _follow_live(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
+        return self._jobs.events.follow(job.id, after_id, keepalive_seconds)
 
-    async def list_jobs(self, owner: str, limit: int, cursor: str | None, image_base_url: str) -> JobPage:
-        return await list_jobs_page(self._repository, self._recorder, owner, limit, cursor, image_base_url, live={})
-
-    def snapshot(self, job: Job, image_base_url: str) -> JobSnapshot:
-        return self._recorder.snapshot(job, image_base_url)
-
-    async def follow(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
-        if job.finished:
-            events = EventLog.replay(with_stream_ids(await self._jobs.stored_events(job.id))).follow(
-                after_id, keepalive_seconds
-            )
-        else:
-            events = self._jobs.events.follow(job.id, after_id, keepalive_seconds)
-        self._metrics.open_streams.inc()
-        try:
-            async for event in events:
-                yield event
-        finally:
-            self._metrics.open_streams.dec()
-
-    async def _find_idempotent(self, owner: str, key: str) -> Job | None:
-        row = await self._repository.find_by_idempotency_key(owner, key)
-        return None if row is None else await self.get_job(row.id, owner)
+    def _as_sent(self, events: list[JobEvent]) -> list[JobEvent]:
+        return with_stream_ids(events)
 
 
 class ImageWorker:
