@@ -38,7 +38,7 @@ _CANCEL_RESPONSES = {**_NOT_FOUND, **error_responses(_409="The job has already f
         **error_responses(
             _409="Idempotency-Key reused with a different body",
             _429="Too many jobs in progress; see Retry-After",
-            _503="The service is shutting down",
+            _503="The service is shutting down, or (scaled out) Redis is unreachable",
         ),
     },
 )
