@@ -332,14 +332,19 @@ class ImageWorker:
             task.add_done_callback(self._tasks.discard)
 
     async def _keep_claims(self) -> None:
-        """Renew the claims on held work, and take over work whose worker went quiet."""
+        """Renew the claims on held work every third of the claim timeout, and take over work
+        left unrenewed for two thirds of it (looked for every sixth): a live worker's claims
+        are never that old, and a dead worker's work moves on within the timeout."""
+        renewed_at = 0.0
         while True:
-            await asyncio.sleep(self._claim_timeout / 3)
+            await asyncio.sleep(self._claim_timeout / 6)
             try:
-                await self._queue.keep([*self._running, *self._ready])
+                if time.monotonic() - renewed_at >= self._claim_timeout / 3:
+                    await self._queue.keep([*self._running, *self._ready])
+                    renewed_at = time.monotonic()
                 room = self._slots - len(self._tasks) - len(self._ready)
                 if room > 0:
-                    taken = await self._queue.reclaim(self._claim_timeout, room)
+                    taken = await self._queue.reclaim(self._claim_timeout * 2 / 3, room)
                     if taken:
                         logger.info("took over %d images from a worker that went quiet", len(taken))
                     self._ready += taken
