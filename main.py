@@ -73,7 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await seed_demo_users(components.repository)
         generation_service, journal, redis = _generation_service(settings, components)
         await generation_service.start()
-        app.state.settings = settings
         app.state.image_store = components.image_store
         app.state.image_url_signer = components.signer
         app.state.metrics = components.metrics
@@ -107,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The largest valid body (a 2000-character prompt) is a few KiB; refuse far more (413).
         max_body_size=MAX_REQUEST_BODY_BYTES,
     )
-    app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.CORS_ORIGINS,

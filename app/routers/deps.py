@@ -1,11 +1,12 @@
-"""Dependencies shared by the routers, as `Annotated` aliases."""
+"""Dependencies shared by the routers, as `Annotated` aliases. All are `async def`: FastAPI
+runs a plain `def` dependency on its thread pool, a thread hop per request for nothing."""
 
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import OAuth2PasswordBearer
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 from app.core.security import ImageUrlSigner
 from app.services.auth_service import AuthService, User
 from app.services.generation_service import GenerationService
@@ -15,7 +16,13 @@ from app.services.scaled_service import ScaledGenerationService
 
 TOKEN_URL = "/api/auth/token"
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+async def get_app_settings(request: Request) -> Settings:
+    # The app's own settings (each test app has its own); not a dependency override, which
+    # would make FastAPI analyse every dependency's signature again on every request.
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 _bearer = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
 
@@ -24,23 +31,23 @@ class MissingTokenError(Exception):
     pass
 
 
-def get_auth_service(request: Request) -> AuthService:
+async def get_auth_service(request: Request) -> AuthService:
     return request.app.state.auth_service
 
 
-def get_generation_service(request: Request) -> GenerationService | ScaledGenerationService:
+async def get_generation_service(request: Request) -> GenerationService | ScaledGenerationService:
     return request.app.state.generation_service
 
 
-def get_health_service(request: Request) -> HealthService:
+async def get_health_service(request: Request) -> HealthService:
     return request.app.state.health_service
 
 
-def get_image_store(request: Request) -> ImageStore:
+async def get_image_store(request: Request) -> ImageStore:
     return request.app.state.image_store
 
 
-def get_image_url_signer(request: Request) -> ImageUrlSigner:
+async def get_image_url_signer(request: Request) -> ImageUrlSigner:
     return request.app.state.image_url_signer
 
 
@@ -72,12 +79,12 @@ async def get_stream_user(
     return await _user_for(token or access_token, auth)
 
 
-def get_image_base_url(request: Request, settings: SettingsDep) -> str:
+async def get_image_base_url(request: Request, settings: SettingsDep) -> str:
     """Where browsers reach this service, for the image links it hands out."""
     return settings.PUBLIC_BASE_URL or str(request.base_url)
 
 
-def get_client_address(request: Request) -> str:
+async def get_client_address(request: Request) -> str:
     """The caller's address (behind a proxy, run uvicorn with --proxy-headers)."""
     return request.client.host if request.client else "unknown"
 
