@@ -213,6 +213,24 @@ def test_a_killed_worker_is_taken_over_and_the_prediction_reattached_not_paid_tw
     assert (datetime.strptime(took_over[:23], "%Y-%m-%d %H:%M:%S,%f") - killed_wall).total_seconds() < 2
 
 
+def test_a_worker_stopped_with_sigterm_leaves_its_images_to_the_other(cluster):
+    deployment = cluster(LOCAL_LATENCY_MS=3000, GENERATION_MAX_WORKERS=1, SHUTDOWN_GRACE_SECONDS=0).up(replicas=1)
+    (api,), workers = deployment.replicas, deployment.workers
+    with api.client() as client:
+        token = login(client)
+        job_id = create_job(client, token, prompt="hand it over", num_images=1)
+        wait_until(lambda: client.get(f"/api/generate/{job_id}", headers=_auth(token)).json()["status"] == "running",
+                   what="a worker to start the image")
+        (pending,) = deployment.redis().xpending_range(f"{deployment.prefix}:work:first", "workers", "-", "+", 10)
+        holder = next(w for w in workers if pending["consumer"].endswith(f"-{w.process.pid}"))
+        assert holder.stop(signal.SIGTERM) == 0
+        events = read_stream(client, job_id, headers=_auth(token))
+    assert events[-1].event == "done" and events[-1].data["status"] == "succeeded"
+    survivor = next(w for w in workers if w is not holder)
+    assert "took over 1 images" in survivor.log_path.read_text()
+    assert "worker stopping" in holder.log_path.read_text()
+
+
 def test_work_delivered_twice_is_recorded_once(cluster):
     deployment = cluster().up(replicas=1)
     (api,) = deployment.replicas
