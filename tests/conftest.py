@@ -1,7 +1,6 @@
 """Shared fixtures: settings for a test, a real uvicorn server on a free port, SSE reading."""
 
 import asyncio
-import json
 import os
 import signal
 import socket

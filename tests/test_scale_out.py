@@ -111,8 +111,10 @@ def cluster(service_process, tmp_path) -> Iterator:
         each.cleanup()
 
 
-def _numbers(events) -> list[int]:
-    return [int(e.id.split("-")[0]) for e in events if e.id is not None]
+def _holder_of_the_image(deployment: Cluster) -> ServiceProcess:
+    """The worker that holds the one first image in the queue (consumers are `<host>-<pid>`)."""
+    (pending,) = deployment.redis().xpending_range(f"{deployment.prefix}:work:first", "workers", "-", "+", 10)
+    return next(w for w in deployment.workers if pending["consumer"].endswith(f"-{w.process.pid}"))
 
 
 def test_a_job_made_on_one_replica_streams_from_the_other_and_resumes_on_either(cluster):
@@ -194,8 +196,7 @@ def test_a_killed_worker_is_taken_over_and_the_prediction_reattached_not_paid_tw
             wait_until(lambda: query_database(deployment.env["DATABASE_URL"], stored) == [(1,)],
                        what="the prediction id to be stored")
             # Kill whichever worker holds the image, mid-prediction.
-            (pending,) = deployment.redis().xpending_range(f"{deployment.prefix}:work:first", "workers", "-", "+", 10)
-            holder = next(w for w in workers if pending["consumer"].endswith(f"-{w.process.pid}"))
+            holder = _holder_of_the_image(deployment)
             holder.stop(signal.SIGKILL)
             killed_at, killed_wall = time.monotonic(), datetime.now()
             events = read_stream(client, job_id, headers=_auth(token))
@@ -221,8 +222,7 @@ def test_a_worker_stopped_with_sigterm_leaves_its_images_to_the_other(cluster):
         job_id = create_job(client, token, prompt="hand it over", num_images=1)
         wait_until(lambda: client.get(f"/api/generate/{job_id}", headers=_auth(token)).json()["status"] == "running",
                    what="a worker to start the image")
-        (pending,) = deployment.redis().xpending_range(f"{deployment.prefix}:work:first", "workers", "-", "+", 10)
-        holder = next(w for w in workers if pending["consumer"].endswith(f"-{w.process.pid}"))
+        holder = _holder_of_the_image(deployment)
         assert holder.stop(signal.SIGTERM) == 0
         events = read_stream(client, job_id, headers=_auth(token))
     assert events[-1].event == "done" and events[-1].data["status"] == "succeeded"
