@@ -878,10 +878,17 @@ class FakeReplicate:
             initial = self._to_json(pred)  # always "starting", output null
             self._cond.notify_all()
 
-            if hold is None:
-                initial.pop("output", None)  # async create: no output key, like the real API
-                return self._json(201, initial, self._ratelimit_headers(create=True))
+        # The output files are made now, off the lock, so that they are ready the moment the
+        # prediction is done, as Replicate's are, and not rendered by the request that fetches them.
+        if not (rule and rule.output_body is not None):
+            for index in range(pred.n_outputs):
+                self._png(pid, index)
 
+        if hold is None:
+            initial.pop("output", None)  # async create: no output key, like the real API
+            return self._json(201, initial, self._ratelimit_headers(create=True))
+
+        with self._cond:
             if self.wait_cap is not None:
                 hold = min(hold, self.wait_cap)
             deadline = time.monotonic() + hold
