@@ -72,6 +72,9 @@ def ended(arrival: Arrival) -> bool:
 async def timed_job(base_url: str, token: str, num_images: int, stream_from: str | None = None) -> JobTiming:
     """One job posted to `base_url` and followed there, or on the replica `stream_from`."""
     poster = JsonPoster(base_url, {"Authorization": f"Bearer {token}"})
+    # Timed from sending the POST, as a browser with its connection open would send it: the
+    # client's own TCP connects (a hundred at once in b) are not the service's time.
+    await poster.connect()
     started = time.perf_counter()
     status, body = await poster.post("/api/generate/", {"prompt": "benchmark", "num_images": num_images})
     poster.close()

@@ -69,9 +69,12 @@ class JsonPoster:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: dict) -> tuple[int, dict]:
+    async def connect(self) -> None:
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self._url.hostname, self._url.port)
+
+    async def post(self, path: str, body: dict) -> tuple[int, dict]:
+        await self.connect()
         payload = json.dumps(body).encode()
         self._writer.write(
             f"POST {path} HTTP/1.1\r\nHost: {self._url.netloc}\r\nContent-Type: application/json\r\n"
