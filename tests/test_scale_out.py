@@ -89,6 +89,11 @@ class Cluster:
         return redis.Redis.from_url(self.redis_url, decode_responses=True)
 
     def cleanup(self) -> None:
+        # The processes first: a live one would make its keys again.
+        for process in [*self.replicas, *self.workers]:
+            if process.process.poll() is None:
+                process.process.kill()
+                process.process.wait()
         try:
             client = self.redis()
             keys = list(client.scan_iter(f"{self.prefix}:*"))
