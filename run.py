@@ -3,19 +3,14 @@
 import sys
 
 import uvicorn
-from pydantic import ValidationError
 
-from app.core.config import Settings
+from app.core.config import settings_or_exit
 from app.providers import create_provider
 from app.services.auth_service import DEMO_USERS
 
 
 def main() -> int:
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"Invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     try:
         provider = create_provider(settings)
     except ValueError as exc:

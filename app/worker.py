@@ -11,10 +11,8 @@ import logging
 import signal
 import sys
 
-from pydantic import ValidationError
-
 from app.bootstrap import image_worker, open_components, scaled_jobs
-from app.core.config import Settings
+from app.core.config import Settings, settings_or_exit
 from app.core.logging import configure_logging
 
 logger = logging.getLogger("myflix.worker")
@@ -44,11 +42,7 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> int:
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit()
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     if settings.REDIS_URL is None:
         print("python -m app.worker needs REDIS_URL (and a PostgreSQL DATABASE_URL)", file=sys.stderr)

@@ -434,6 +434,11 @@ def run_scaled(quick: bool, database_url: str, redis_url: str) -> dict:
     return results
 
 
+# The figures of scenarios a and b in the tables: (label, key, target(s)).
+A_FIGURES = (("TTFI / L", "ttfi_over_l_p50", f"≤ {1.02 + 0.005 / L:.3f}"), ("total / L", "total_over_l_p50", "≤ 1.050"))
+B_FIGURES = (("TTFI / L", "ttfi_over_l", ("≤ 2.2", "≤ 4.4")), ("batch / L", "total_over_l", ("", "")))
+
+
 def table(results: dict) -> str:
     lines = [
         f"L = {results['latency_ms']} ms; {results['machine']}; {results['when']}",
@@ -445,14 +450,13 @@ def table(results: dict) -> str:
         for n in (1, 4, 8, 16):
             ours, base = results["a"][f"myflix/{provider}"][str(n)], results["a"][f"baseline/{provider}"][str(n)]
             alone = results["a"].get(f"fake alone/{provider}", {}).get(str(n))
-            for figure, key, target in (("TTFI / L", "ttfi_over_l_p50", f"≤ {1.02 + 0.005 / L:.3f}"),
-                                        ("total / L", "total_over_l_p50", "≤ 1.050")):
+            for figure, key, target in A_FIGURES:
                 ideal = "1.000" + (f" (fake alone {alone[key]:.3f})" if alone else "")
                 lines.append(
                     f"| a: 1 job, N={n}, {provider} | {figure}, p50 | {ours[key]:.3f} | {base[key]:.3f} | {ideal} | {target} |"
                 )
     b = results["b"]
-    for figure, key, targets in (("TTFI / L", "ttfi_over_l", ("≤ 2.2", "≤ 4.4")), ("batch / L", "total_over_l", ("", ""))):
+    for figure, key, targets in B_FIGURES:
         for p, target in zip(("p50", "p99"), targets):
             lines.append(
                 f"| b: 100 jobs × 4, 32 workers | {figure}, {p} | {b['myflix'][key][p]:.2f} | "
@@ -527,10 +531,9 @@ def scaled_table(single: dict, scaled: dict) -> str:
     for provider in ("local", "replicate"):
         for n in (1, 4, 8, 16):
             one, two = single["a"][f"myflix/{provider}"][str(n)], scaled["a"][provider][str(n)]
-            for figure, key, target in (("TTFI / L", "ttfi_over_l_p50", f"≤ {1.02 + 0.005 / L:.3f}"),
-                                        ("total / L", "total_over_l_p50", "≤ 1.050")):
+            for figure, key, target in A_FIGURES:
                 lines.append(f"| a: 1 job, N={n}, {provider} | {figure}, p50 | {one[key]:.3f} | {two[key]:.3f} | {target} |")
-    for figure, key, targets in (("TTFI / L", "ttfi_over_l", ("≤ 2.2", "≤ 4.4")), ("batch / L", "total_over_l", ("", ""))):
+    for figure, key, targets in B_FIGURES:
         for p, target in zip(("p50", "p99"), targets):
             lines.append(
                 f"| b: 100 jobs × 4, 32 workers in all | {figure}, {p} | {single['b']['myflix'][key][p]:.2f} | "

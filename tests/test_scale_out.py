@@ -338,11 +338,15 @@ def test_redis_goes_away_and_comes_back(cluster, own_redis):
 
 
 def test_api_replicas_do_the_work_themselves_by_default(cluster):
-    (api,) = cluster(RUN_WORK_IN_API="true").up(replicas=1, workers=0).replicas
+    deployment = cluster()
+    del deployment.env["RUN_WORK_IN_API"]  # the default, as a deployment that never sets it
+    (api,) = deployment.up(replicas=1, workers=0).replicas
     with api.client() as client:
         token = login(client)
-        events = read_stream(client, create_job(client, token, prompt="no workers", num_images=2), headers=_auth(token))
+        job_id = create_job(client, token, prompt="no workers", num_images=2)
+        events = read_stream(client, job_id, headers=_auth(token))
     assert events[-1].data["status"] == "succeeded"
+    assert f"image running job_id={job_id}" in api.log_path.read_text()
 
 
 def test_with_run_work_in_api_false_only_workers_make_images(cluster):

@@ -1,8 +1,8 @@
 """Image-generation jobs in one process: scheduling, state, metrics, durability, events.
 
 Each image is one provider call on a worker thread, taken in the scheduler's order (first
-images first, then round-robin across jobs). Workers report back to the event loop with `call_soon_threadsafe`; only the loop
-thread changes a job. Every state change is written through the journal and published to
+images first, then round-robin across jobs). Workers report back to the event loop with
+`call_soon_threadsafe`; only the loop thread changes a job. Every state change is written through the journal and published to
 subscribers right after its commit, so an event a client has seen survives any crash, and
 its id means the same thing after a restart.
 """
