@@ -17,6 +17,7 @@ from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
 
 from app.core.config import Settings
+from app.core.per_thread import PerThread
 from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, ProviderError
 
 logger = logging.getLogger("myflix.provider.replicate")  # for what the service never sees
@@ -96,16 +97,27 @@ class ReplicateProvider:
         self._extra_input = {k: v for k, v in extra_input.items() if k != "seed"}
         self._max_retries = max_retries
         self._poll_interval = poll_interval
-        self._client = replicate.Client(
-            api_token=api_token,
-            base_url=base_url,
+        self._api_token = api_token
+        self._base_url = base_url
+        # Loading the CA bundle takes tens of milliseconds: once, not once per thread.
+        self._ssl_context = httpx.create_ssl_context()
+        self._clients = PerThread(self._new_client, lambda client: client._client.close())
+
+    def _new_client(self) -> replicate.Client:
+        client = replicate.Client(
+            api_token=self._api_token,
+            base_url=self._base_url,
+            transport=httpx.HTTPTransport(verify=self._ssl_context),
             event_hooks={"response": [_raise_transient]},
         )
-        # The client builds its httpx client lazily without a lock; build it once here so
-        # worker threads share one connection pool. Its RetryTransport would retry GETs up to
-        # 10 times, sleeping any Retry-After unbounded and deaf to a cancel: this module
-        # does the retrying, so turn that off.
-        self._client._client._transport.max_attempts = 1
+        # Its RetryTransport would retry GETs up to 10 times, sleeping any Retry-After
+        # unbounded and deaf to a cancel: this module does the retrying, so turn that off.
+        client._client._transport.max_attempts = 1
+        return client
+
+    @property
+    def _client(self) -> replicate.Client:
+        return self._clients.get()
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         if request.resume_prediction_id:
@@ -127,7 +139,7 @@ class ReplicateProvider:
         return GeneratedImage(url=_output_url(prediction.output))
 
     def close(self) -> None:
-        self._client._client.close()
+        self._clients.close()
 
     def _create(self, model_input: dict[str, Any]) -> Prediction:
         owner_name, _, version = self.model.partition(":")
