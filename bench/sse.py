@@ -61,7 +61,7 @@ async def stream_events(
 
 
 class JsonPoster:
-    """POSTs JSON over one keep-alive HTTP/1.1 connection, one request at a time."""
+    """POSTs JSON (and GETs) over one keep-alive HTTP/1.1 connection, one request at a time."""
 
     def __init__(self, base_url: str, headers: dict[str, str]) -> None:
         self._url = urlsplit(base_url)
@@ -73,20 +73,28 @@ class JsonPoster:
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self._url.hostname, self._url.port)
 
-    async def post(self, path: str, body: dict) -> tuple[int, dict]:
-        await self.connect()
+    async def post(self, path: str, body: dict, headers: str = "") -> tuple[int, dict]:
+        """`headers`: more header lines for this request alone, each ending in CRLF."""
         payload = json.dumps(body).encode()
-        self._writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {self._url.netloc}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n{self._headers}\r\n".encode() + payload
+        status, content = await self._request(
+            f"POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n{headers}",
+            payload,
         )
+        return status, json.loads(content)
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        return await self._request(f"GET {path} HTTP/1.1\r\n", b"")
+
+    async def _request(self, head: str, payload: bytes) -> tuple[int, bytes]:
+        await self.connect()
+        self._writer.write(f"{head}Host: {self._url.netloc}\r\n{self._headers}\r\n".encode() + payload)
         status = int((await self._reader.readline()).split()[1])
         length = 0
         while (line := await self._reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
             if name.lower() == "content-length":
                 length = int(value)
-        return status, json.loads(await self._reader.readexactly(length))
+        return status, await self._reader.readexactly(length)
 
     def close(self) -> None:
         if self._writer is not None:

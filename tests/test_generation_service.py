@@ -39,6 +39,7 @@ class ScriptedProvider:
     def __init__(self, failing=(), crashing=(), gate: threading.Event | None = None):
         self.failing, self.crashing, self.gate = set(failing), set(crashing), gate
         self.calls: list[tuple[int, int | None, str]] = []
+        self.prepared_threads: list[str] = []
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         self.calls.append((request.index, request.seed, threading.current_thread().name))
@@ -49,6 +50,9 @@ class ScriptedProvider:
         if request.index in self.crashing:
             raise KeyError("bug")
         return GeneratedImage(content=render_image(request.prompt, request.seed, request.index))
+
+    def prepare_thread(self):
+        self.prepared_threads.append(threading.current_thread().name)
 
     def close(self):
         pass
@@ -117,6 +121,13 @@ def test_images_run_on_the_worker_pool_with_seed_plus_index(tmp_path):
     _run_one_job(tmp_path, provider, prompt="p", num_images=3, seed=100)
     assert sorted((index, seed) for index, seed, _ in provider.calls) == [(0, 100), (1, 101), (2, 102)]
     assert all(thread.startswith("image") for _, _, thread in provider.calls)
+
+
+def test_every_worker_thread_is_prepared_at_start_before_any_image(tmp_path):
+    provider = ScriptedProvider()
+    _run_one_job(tmp_path, provider, prompt="p", num_images=3, seed=None)
+    assert len(provider.prepared_threads) == len(set(provider.prepared_threads)) == 4  # max_workers
+    assert {thread for _, _, thread in provider.calls} <= set(provider.prepared_threads)
 
 
 def test_limits_and_ownership_are_domain_errors(tmp_path):

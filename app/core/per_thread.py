@@ -6,11 +6,25 @@ queue behind each other exactly when their images finish together; a shared sync
 also close a connection another thread was just handed (encode/httpcore#1110). A client of
 its own per thread has neither problem and holds the same one keep-alive connection."""
 
+import functools
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import httpx
+
 T = TypeVar("T")
+
+# A thread's connection waits idle while the other threads work, for longer than httpx's
+# default 5 s: closing it then would make most images pay a new TCP (and TLS) handshake.
+THREAD_CLIENT_LIMITS = httpx.Limits(keepalive_expiry=60)
+
+
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """The CA bundle, loaded once (it takes tens of milliseconds) for every thread's client."""
+    return httpx.create_ssl_context()
 
 
 class PerThread(Generic[T]):

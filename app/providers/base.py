@@ -79,4 +79,9 @@ class ImageProvider(Protocol):
         ImageStopped once `request.stop` is set."""
         ...
 
+    def prepare_thread(self) -> None:
+        """Called once on each worker thread before its first image: build what the thread
+        will use (clients, say), so that no image pays for it."""
+        ...
+
     def close(self) -> None: ...

@@ -95,6 +95,9 @@ class LocalProvider:
             raise ImageStopped()
         return GeneratedImage(content=content)
 
+    def prepare_thread(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

@@ -17,7 +17,7 @@ from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
 
 from app.core.config import Settings
-from app.core.per_thread import PerThread
+from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context
 from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, ProviderError
 
 logger = logging.getLogger("myflix.provider.replicate")  # for what the service never sees
@@ -99,15 +99,13 @@ class ReplicateProvider:
         self._poll_interval = poll_interval
         self._api_token = api_token
         self._base_url = base_url
-        # Loading the CA bundle takes tens of milliseconds: once, not once per thread.
-        self._ssl_context = httpx.create_ssl_context()
         self._clients = PerThread(self._new_client, lambda client: client._client.close())
 
     def _new_client(self) -> replicate.Client:
         client = replicate.Client(
             api_token=self._api_token,
             base_url=self._base_url,
-            transport=httpx.HTTPTransport(verify=self._ssl_context),
+            transport=httpx.HTTPTransport(verify=shared_ssl_context(), limits=THREAD_CLIENT_LIMITS),
             event_hooks={"response": [_raise_transient]},
         )
         # Its RetryTransport would retry GETs up to 10 times, sleeping any Retry-After
@@ -137,6 +135,9 @@ class ReplicateProvider:
         if prediction.status == "canceled":
             raise ProviderError("The prediction was canceled at Replicate.")
         return GeneratedImage(url=_output_url(prediction.output))
+
+    def prepare_thread(self) -> None:
+        self._clients.get()
 
     def close(self) -> None:
         self._clients.close()

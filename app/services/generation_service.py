@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.core.metrics import Metrics
@@ -54,7 +53,7 @@ class GenerationService(JobService):
         self._image_timeout_seconds = image_timeout_seconds
         self._shutdown_grace_seconds = shutdown_grace_seconds
         self._workers = max_workers
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
+        self._executor = image_maker.new_executor(max_workers)
         self._scheduler: FairScheduler[_ImageTask] = FairScheduler(
             max_workers,
             self._start_image,

@@ -5,7 +5,7 @@ import binascii
 
 import httpx
 
-from app.core.per_thread import PerThread
+from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
 
@@ -40,16 +40,20 @@ class ImageFetcher:
 
     def __init__(self, timeout_seconds: float = 30.0) -> None:
         timeout = httpx.Timeout(timeout_seconds, connect=5.0)
-        # Loading the CA bundle takes tens of milliseconds: once, not once per thread.
-        ssl_context = httpx.create_ssl_context()
         self._clients = PerThread(
-            lambda: httpx.Client(timeout=timeout, verify=ssl_context, follow_redirects=True), httpx.Client.close
+            lambda: httpx.Client(
+                timeout=timeout, verify=shared_ssl_context(), limits=THREAD_CLIENT_LIMITS, follow_redirects=True
+            ),
+            httpx.Client.close,
         )
 
     def fetch(self, url: str) -> tuple[bytes, str]:
         """The image at `url` (http, https or data:) and its media type."""
         content = self._data_url(url) if url.startswith("data:") else self._download(url)
         return content, require_image(content)
+
+    def prepare_thread(self) -> None:
+        self._clients.get()
 
     def close(self) -> None:
         self._clients.close()

@@ -3,6 +3,7 @@ image store. Blocking; runs on a worker thread, in the API process or in a worke
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.providers.base import ImageProvider, ImageRequest, ImageStopped, ProviderError
@@ -47,6 +48,14 @@ class ImageMaker:
         except Exception as exc:  # a bug or an unexpected library error: fail the image, not the pool
             logger.exception("image crashed", extra={"job_id": request.job_id, "index": request.index})
             return ImageOutcome("failed", time.monotonic(), error=f"Internal error: {type(exc).__name__}")
+
+    def new_executor(self, max_workers: int) -> ThreadPoolExecutor:
+        """The worker threads that make images; each prepares its clients when it starts."""
+        return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image", initializer=self._prepare_thread)
+
+    def _prepare_thread(self) -> None:
+        self._fetcher.prepare_thread()
+        self.provider.prepare_thread()
 
     def close(self) -> None:
         self._fetcher.close()

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 from redis.exceptions import RedisError
@@ -267,7 +266,7 @@ class ImageWorker:
         self._jobs = jobs
         self._queue = jobs.queue
         self._maker = image_maker
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="image")
+        self._executor = image_maker.new_executor(max_workers)
         self._free = asyncio.Semaphore(max_workers)
         self._slots = max_workers
         # The single process's rule: during a burst of new jobs, half the threads wait for
