@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,8 @@ class GenerationService(JobService):
         super().__init__(repository, recorder, metrics, max_images_per_job, max_active_jobs_per_user)
         metrics.watch_workers(lambda: self._scheduler.busy, lambda: self._scheduler.waiting)
         self._pending_keys: dict[tuple[str, str], Job] = {}
+        # Kept with _live, so that a new job's limit check does not walk every live job.
+        self._unfinished_per_owner: Counter[str] = Counter()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -83,7 +86,7 @@ class GenerationService(JobService):
             events = await stored_events(self._repository, stored.job.id)
             job = job_from_rows(stored, events)
             job.events = EventLog.replay(events, closed=False)
-            self._live[job.id] = job
+            self._hold(job)
             try:
                 self._resume(job)
             except Exception:
@@ -120,9 +123,8 @@ class GenerationService(JobService):
     # Commands ----------------------------------------------------------------------------
 
     async def _admit(self, job: Job) -> None:
-        active = sum(other.owner == job.owner and not other.finished for other in self._live.values())
-        check_active_jobs(active, self._max_active_jobs_per_user)
-        self._live[job.id] = job
+        check_active_jobs(self._unfinished_per_owner[job.owner], self._max_active_jobs_per_user)
+        self._hold(job)
         key = (job.owner, job.idempotency_key)
         if job.idempotency_key is not None:
             self._pending_keys[key] = job
@@ -137,6 +139,7 @@ class GenerationService(JobService):
             await self._journal.write(update.changes, publish)
         except ConflictingWriteError:
             del self._live[job.id]
+            self._unfinished_per_owner[job.owner] -= 1
             raise
         finally:
             self._pending_keys.pop(key, None)
@@ -222,6 +225,8 @@ class GenerationService(JobService):
         """Write the update; once committed, send its events (and end a finished job)."""
         if update is None:
             return
+        if update.closes:  # finished now, though its last events are still being written
+            self._unfinished_per_owner[job.owner] -= 1
 
         def publish() -> None:
             for event in update.events:
@@ -231,6 +236,10 @@ class GenerationService(JobService):
                 self._live.pop(job.id, None)
 
         self._journal.write(update.changes, publish)
+
+    def _hold(self, job: Job) -> None:
+        self._live[job.id] = job
+        self._unfinished_per_owner[job.owner] += 1
 
     # Persistence -------------------------------------------------------------------------
 
