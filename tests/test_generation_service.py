@@ -180,6 +180,60 @@ def test_a_jobs_first_image_goes_before_other_jobs_later_images():
     assert started == ["A0", *order]
 
 
+def test_a_first_image_starts_when_pushed_and_later_ones_on_the_next_turn():
+    started, turns = [], []
+    scheduler = FairScheduler(4, started.append, defer=turns.append)
+    scheduler.push("A", ["A0", "A1", "A2"])
+    scheduler.push("B", ["B0", "B1"])
+    assert started == ["A0", "B0"]  # no first image waits for the loop's next turn
+    for turn in turns:
+        turn()
+    assert started == ["A0", "B0", "A1", "B1"]
+
+
+def test_images_start_while_the_job_is_stored_unless_an_idempotency_key_could_refuse_it(tmp_path, monkeypatch):
+    commits_may_finish = asyncio.Event()
+    write = Journal._write
+
+    async def held_write(self, batch):
+        await commits_may_finish.wait()
+        await write(self, batch)
+
+    monkeypatch.setattr(Journal, "_write", held_write)
+
+    async def started_before_stored(idempotency_key):
+        provider = ScriptedProvider()
+        commits_may_finish.clear()
+        async with running_service(tmp_path / (idempotency_key or "plain"), provider) as service:
+            creating = asyncio.create_task(service.create_job(
+                owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t",
+                idempotency_key=idempotency_key,
+            ))
+            started = await _poll(lambda: bool(provider.calls), seconds=1)
+            assert not creating.done()  # the POST is answered only once the job is stored
+            commits_may_finish.set()
+            await creating
+            return started
+
+    async def scenario():
+        assert await started_before_stored(None)
+        assert not await started_before_stored("key-1")
+
+    (tmp_path / "key-1").mkdir()
+    (tmp_path / "plain").mkdir()
+    asyncio.run(scenario())
+
+
+async def _poll(condition, seconds: float) -> bool:
+    """Whether `condition()` became true within `seconds`, checked every millisecond."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.001)
+    return True
+
+
 class _Timers:
     """A clock the test moves, and the timers set on it."""
 

@@ -129,15 +129,29 @@ class GenerationService(JobService):
         if job.idempotency_key is not None:
             self._pending_keys[key] = job
         update = self._recorder.accepted(job, self._scheduler.positions_for_new_job(job.num_images))
+        tasks = [_ImageTask(job, image) for image in job.images]
+        # Only an Idempotency-Key can make the insert fail (the journal retries anything else
+        # until it commits), so a job without one starts its images now, while its insert
+        # commits: under a burst of POSTs the first ones' images need not wait for the last.
+        # Its events, like every event, are still sent only once stored.
+        starts_now = job.idempotency_key is None
 
         def publish() -> None:
             for event in update.events:
                 job.events.append(event)
-            self._scheduler.push(job.id, [_ImageTask(job, image) for image in job.images])
+            if not starts_now:
+                self._scheduler.push(job.id, tasks)
 
+        stored = self._journal.write(update.changes, publish)  # queued before any image's own writes
+        if starts_now:
+            self._scheduler.push(job.id, tasks)
         try:
-            await self._journal.write(update.changes, publish)
+            await stored
         except ConflictingWriteError:
+            self._scheduler.remove_job(job.id)
+            for image in job.images:
+                if image.request is not None:
+                    image.request.stop.cancel()
             del self._live[job.id]
             self._unfinished_per_owner[job.owner] -= 1
             raise

@@ -9,8 +9,9 @@ While jobs arrive in a burst (a new job within BURST_WINDOW_SECONDS of the one b
 images may not take the last `reserve` free workers: those are kept for the first images of
 the jobs still arriving, which would otherwise wait a whole round behind the first arrivals'
 later images. The reserve lifts BURST_WINDOW_SECONDS after the last arrival; a lone job never
-meets it. Jobs pushed together are all queued before any is dispatched (`defer`: the loop's
-next turn). Lives on the event-loop thread only; it never blocks.
+meets it. A first image starts the moment its job is pushed if a worker is free; later images
+wait for the loop's next turn (`defer`), so that the first images of jobs pushed together go
+before any of their later ones. Lives on the event-loop thread only; it never blocks.
 """
 
 import time
@@ -122,6 +123,9 @@ class FairScheduler(Generic[Task]):
             (self._rotation if job_id in self._rotation else self._unstarted).move_to_end(job_id, last=False)
         else:
             queue.extend(tasks)
+        while self._unstarted and self._free > 0 and not self._paused:
+            self._free -= 1
+            self._start(self._next_first())
         if not self._dispatch_pending:
             self._dispatch_pending = True
             self._defer(self._dispatch)
@@ -149,12 +153,7 @@ class FairScheduler(Generic[Task]):
 
     def _next(self) -> Task | None:
         if self._unstarted:
-            job_id, queue = next(iter(self._unstarted.items()))
-            del self._unstarted[job_id]
-            task = queue.popleft()
-            if queue:
-                self._rotation[job_id] = queue
-            return task
+            return self._next_first()
         if not self._rotation or self._reserved():
             return None
         job_id, queue = next(iter(self._rotation.items()))
@@ -163,6 +162,15 @@ class FairScheduler(Generic[Task]):
             self._rotation.move_to_end(job_id)
         else:
             del self._rotation[job_id]
+        return task
+
+    def _next_first(self) -> Task:
+        """The first image of the job that has waited longest for one."""
+        job_id, queue = next(iter(self._unstarted.items()))
+        del self._unstarted[job_id]
+        task = queue.popleft()
+        if queue:
+            self._rotation[job_id] = queue
         return task
 
     def _reserved(self) -> bool:
