@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
 
 from app.db.tables import EventRow, ImageRow, JobRow, UserRow
 
@@ -124,7 +123,7 @@ class Repository:
             )
             result, changes = change(StoredJob(job, images), events)
             if changes is not None:
-                await session.run_sync(Repository.apply, [changes])
+                await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
         return result
 
     async def set_prediction_id(self, job_id: str, index: int, prediction_id: str) -> None:
@@ -150,22 +149,23 @@ class Repository:
     # in `run_sync` on an async connection) --------------------------------------------------
 
     @staticmethod
-    def apply(session: Session, batch: list["Changes"]) -> None:
+    def apply(connection: Connection, batch: list["Changes"]) -> None:
         """Everything in `batch`, one statement per kind, in an order the foreign keys allow.
-        States are whole rows' worth of columns, so the last state of a row in the batch wins."""
-        for model, rows in (
-            (JobRow, [row for changes in batch for row in changes.jobs]),
-            (ImageRow, [row for changes in batch for row in changes.images]),
-            (EventRow, [row for changes in batch for row in changes.events]),
+        States are whole rows' worth of columns, so the last state of a row in the batch wins.
+        Core statements, not the ORM's bulk ones: a third of the CPU, on every event's path."""
+        for table, rows in (
+            (JobRow.__table__, [row for changes in batch for row in changes.jobs]),
+            (ImageRow.__table__, [row for changes in batch for row in changes.images]),
+            (EventRow.__table__, [row for changes in batch for row in changes.events]),
         ):
             if rows:
-                session.execute(insert(model), rows)
-        for model, states in (
-            (ImageRow, _last_per_key(batch, "image_states", ("job_id", "index"))),
-            (JobRow, _last_per_key(batch, "job_states", ("id",))),
+                connection.execute(insert(table), rows)
+        for table, states in (
+            (ImageRow.__table__, _last_per_key(batch, "image_states", ("job_id", "index"))),
+            (JobRow.__table__, _last_per_key(batch, "job_states", ("id",))),
         ):
             if states:
-                session.execute(update(model), states)
+                connection.execute(_UPDATE_BY_KEY[table], [_keyed(table, state) for state in states])
 
 
 @dataclass
@@ -177,6 +177,19 @@ class Changes:
     events: list[dict[str, Any]] = field(default_factory=list)
     image_states: list[dict[str, Any]] = field(default_factory=list)  # primary key + every state column
     job_states: list[dict[str, Any]] = field(default_factory=list)  # likewise
+
+
+# The primary key's values go in as `key_<column>`, so that they find the row and are not set.
+_KEY_PREFIX = "key_"
+_UPDATE_BY_KEY = {
+    table: update(table).where(and_(*(column == bindparam(_KEY_PREFIX + column.name) for column in table.primary_key)))
+    for table in (ImageRow.__table__, JobRow.__table__)
+}
+
+
+def _keyed(table: Table, state: dict[str, Any]) -> dict[str, Any]:
+    keys = table.primary_key.columns
+    return {(_KEY_PREFIX + name if name in keys else name): value for name, value in state.items()}
 
 
 def _last_per_key(batch: list[Changes], kind: str, key: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -13,13 +13,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session
 
 from app.db.engine import create_blocking_sqlite_engine
-
 from app.db.repository import Changes, ConflictingWriteError, Repository
 
 logger = logging.getLogger("myflix.journal")
@@ -107,17 +105,11 @@ class Journal:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._write_blocking, batch)
         else:
             async with self._engine.begin() as connection:
-                await connection.run_sync(_apply, batch)
+                await connection.run_sync(Repository.apply, batch)
 
     def _write_blocking(self, batch: list[Changes]) -> None:
         with self._blocking_engine.begin() as connection:
-            _apply(connection, batch)
-
-
-def _apply(connection: Connection, batch: list[Changes]) -> None:
-    """One transaction's statements, on whichever connection the journal has."""
-    with Session(connection) as session:
-        Repository.apply(session, batch)
+            Repository.apply(connection, batch)
 
 
 def _is_transient(exc: Exception) -> bool:
