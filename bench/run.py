@@ -3,7 +3,7 @@ it holds. It starts everything itself (the service, the naive baseline of bench/
 and the fake Replicate API as a process), on a provider of fixed latency L, and measures at
 the client, from the POST to each event's arrival, as a browser would.
 
-    python -m bench.run            # the full run (about 2 minutes); writes docs/benchmark.*
+    python -m bench.run            # the full run (about 5 minutes); writes docs/benchmark.*
     python -m bench.run --quick    # fewer repetitions, for a smoke test
 
 Prints a table; writes the figures as JSON and a chart as PNG.
