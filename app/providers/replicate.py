@@ -17,7 +17,7 @@ from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
 
 from app.core.config import Settings
-from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context
+from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context, without_cookies
 from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, ProviderError
 
 logger = logging.getLogger("myflix.provider.replicate")  # for what the service never sees
@@ -111,6 +111,7 @@ class ReplicateProvider:
         # Its RetryTransport would retry GETs up to 10 times, sleeping any Retry-After
         # unbounded and deaf to a cancel: this module does the retrying, so turn that off.
         client._client._transport.max_attempts = 1
+        without_cookies(client._client)
         return client
 
     @property

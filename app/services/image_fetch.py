@@ -5,7 +5,7 @@ import binascii
 
 import httpx
 
-from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context
+from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context, without_cookies
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
 
@@ -41,9 +41,9 @@ class ImageFetcher:
     def __init__(self, timeout_seconds: float = 30.0) -> None:
         timeout = httpx.Timeout(timeout_seconds, connect=5.0)
         self._clients = PerThread(
-            lambda: httpx.Client(
+            lambda: without_cookies(httpx.Client(
                 timeout=timeout, verify=shared_ssl_context(), limits=THREAD_CLIENT_LIMITS, follow_redirects=True
-            ),
+            )),
             httpx.Client.close,
         )
 
