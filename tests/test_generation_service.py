@@ -5,12 +5,13 @@ import threading
 from contextlib import asynccontextmanager
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
-from app.db.repository import Repository
+from app.db.repository import ConflictingWriteError, Repository
 from app.providers.base import GeneratedImage, ImageRequest, ProviderError
 from app.providers.local import render_image
 from app.services.auth_service import seed_demo_users
@@ -39,10 +40,12 @@ class ScriptedProvider:
     def __init__(self, failing=(), crashing=(), gate: threading.Event | None = None):
         self.failing, self.crashing, self.gate = set(failing), set(crashing), gate
         self.calls: list[tuple[int, int | None, str]] = []
+        self.requests: list[ImageRequest] = []
         self.prepared_threads: list[str] = []
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         self.calls.append((request.index, request.seed, threading.current_thread().name))
+        self.requests.append(request)
         if self.gate is not None:
             self.gate.wait(10)
         if request.index in self.failing:
@@ -204,7 +207,9 @@ def test_images_start_while_the_job_is_stored_unless_an_idempotency_key_could_re
     async def started_before_stored(idempotency_key):
         provider = ScriptedProvider()
         commits_may_finish.clear()
-        async with running_service(tmp_path / (idempotency_key or "plain"), provider) as service:
+        directory = tmp_path / (idempotency_key or "plain")
+        directory.mkdir()
+        async with running_service(directory, provider) as service:
             creating = asyncio.create_task(service.create_job(
                 owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t",
                 idempotency_key=idempotency_key,
@@ -213,14 +218,50 @@ def test_images_start_while_the_job_is_stored_unless_an_idempotency_key_could_re
             assert not creating.done()  # the POST is answered only once the job is stored
             commits_may_finish.set()
             await creating
+            assert await _poll(lambda: bool(provider.calls), seconds=5)  # stored: it starts in any case
             return started
 
     async def scenario():
         assert await started_before_stored(None)
         assert not await started_before_stored("key-1")
 
-    (tmp_path / "key-1").mkdir()
-    (tmp_path / "plain").mkdir()
+    asyncio.run(scenario())
+
+
+def test_a_job_the_database_refuses_stops_the_images_it_started_and_frees_its_slot(tmp_path, monkeypatch):
+    gate = threading.Event()  # the image is still running when the refusal comes
+    provider = ScriptedProvider(gate=gate)
+    write = Journal._write
+    refusing = True
+
+    async def refusing_write(self, batch):
+        if refusing:
+            raise IntegrityError("INSERT INTO jobs", {}, Exception("refused"))
+        await write(self, batch)
+
+    monkeypatch.setattr(Journal, "_write", refusing_write)
+
+    async def scenario():
+        nonlocal refusing
+        async with running_service(tmp_path, provider, max_active_jobs_per_user=1) as service:
+            with pytest.raises(ConflictingWriteError):
+                await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t")
+            assert await _poll(lambda: bool(provider.requests), seconds=5)
+            assert provider.requests[0].stop.cancels_at_provider
+            gate.set()  # the provider finishes it anyway: nothing of it may be recorded
+            assert await _poll(lambda: service._scheduler.busy == 0, seconds=5)
+            refusing = False
+            job, _ = await service.create_job(owner=OWNER, prompt="q", num_images=1, seed=None, image_base_url="http://t")
+            events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
+            assert events[-1].name == "done"
+            gate.clear()
+            try:
+                await service.create_job(owner=OWNER, prompt="r", num_images=1, seed=None, image_base_url="http://t")
+                with pytest.raises(TooManyActiveJobsError):  # the refused job freed its slot once, not twice
+                    await service.create_job(owner=OWNER, prompt="s", num_images=1, seed=None, image_base_url="http://t")
+            finally:
+                gate.set()
+
     asyncio.run(scenario())
 
 

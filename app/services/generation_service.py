@@ -222,7 +222,8 @@ class GenerationService(JobService):
         self._scheduler.release()
         if self._scheduler.busy == 0:
             self._idle.set()
-        if outcome is None or self._stopping:
+        # A job no longer held was refused by the database after its images had started.
+        if outcome is None or self._stopping or job.id not in self._live:
             return
         self._record(job, self._recorder.image_changed(
             job, image, outcome.status, outcome.at, key=outcome.key, error=outcome.error
