@@ -86,9 +86,14 @@ async def running_service(tmp_path, provider, **limits):
         await engine.dispose()
 
 
+async def _followed(service, job):
+    """Every event of the job, to its end (keepalives left out)."""
+    return [event async for batch in service.follow(job, 0, keepalive_seconds=5) if batch for event in batch]
+
+
 async def _run_job(service, **job):
     created, _ = await service.create_job(owner=OWNER, image_base_url="http://test", **job)
-    events = [event async for event in service.follow(created, 0, keepalive_seconds=5)]
+    events = await _followed(service, created)
     return await service.get_job(created.id, OWNER), events
 
 
@@ -252,7 +257,7 @@ def test_a_job_the_database_refuses_stops_the_images_it_started_and_frees_its_sl
             assert await _poll(lambda: service._scheduler.busy == 0, seconds=5)
             refusing = False
             job, _ = await service.create_job(owner=OWNER, prompt="q", num_images=1, seed=None, image_base_url="http://t")
-            events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
+            events = await _followed(service, job)
             assert events[-1].name == "done"
             gate.clear()
             try:
@@ -327,7 +332,7 @@ def _follow_in_a_second_life(tmp_path, job_id):
     async def second_life():
         async with running_service(tmp_path, ScriptedProvider()) as service:
             job = await service.get_job(job_id, OWNER)
-            events = [event async for event in service.follow(job, 0, keepalive_seconds=5)]
+            events = await _followed(service, job)
             return (await service.get_job(job_id, OWNER)), events
 
     return asyncio.run(second_life())

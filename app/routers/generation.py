@@ -115,10 +115,10 @@ async def delete_job(
     return await cancel_job(job_id, user, service, image_base_url)
 
 
-async def _to_sse(events: AsyncIterator[JobEvent | None]) -> AsyncIterator[bytes]:
+async def _to_sse(batches: AsyncIterator[list[JobEvent] | None]) -> AsyncIterator[bytes]:
     try:
-        async for event in events:
-            yield KEEPALIVE_WIRE if event is None else event.wire
+        async for batch in batches:
+            yield KEEPALIVE_WIRE if batch is None else b"".join(event.wire for event in batch)
     except EventStreamInterrupted:
         yield RECONNECT_WIRE
 

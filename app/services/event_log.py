@@ -93,13 +93,17 @@ class EventLog:
         self._appended.set()
         self._appended = asyncio.Event()
 
-    async def follow(self, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
-        """Events with id > after_id until the log closes; None after each quiet interval."""
+    async def follow(self, after_id: int, keepalive_seconds: float) -> AsyncIterator[list[JobEvent] | None]:
+        """Events with id > after_id until the log closes, each time all that have come since
+        the last (so that a burst costs a subscriber one write, not one per event); None after
+        each quiet interval."""
         position = max(after_id, 0)
         while True:
-            while position < len(self._events):
-                position += 1
-                yield self._events[position - 1]
+            if position < len(self._events):
+                batch = self._events[position:]
+                position += len(batch)
+                yield batch
+                continue  # more may have come while this batch was being sent
             if self._closed:
                 if self._interrupted:
                     raise EventStreamInterrupted()

@@ -168,7 +168,7 @@ class GenerationService(JobService):
         self._record(job, self._recorder.canceled(job, time.monotonic()))
         return job
 
-    def _follow_live(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
+    def _follow_live(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[list[JobEvent] | None]:
         return self._live[job.id].events.follow(after_id, keepalive_seconds)
 
     # Images on worker threads ----------------------------------------------------------------

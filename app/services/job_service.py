@@ -123,8 +123,9 @@ class JobService:
     def snapshot(self, job: Job, image_base_url: str) -> JobSnapshot:
         return self._recorder.snapshot(job, image_base_url)
 
-    async def follow(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
-        """The job's events after `after_id`, live until the job ends; None means keepalive."""
+    async def follow(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[list[JobEvent] | None]:
+        """The job's events after `after_id`, live until the job ends, in batches of all that
+        have come; None means keepalive."""
         if job.finished and job.id not in self._live:
             # Possibly before a restart: replay what was stored.
             stored = self._as_sent(await stored_events(self._repository, job.id))
@@ -133,12 +134,12 @@ class JobService:
             events = self._follow_live(job, after_id, keepalive_seconds)
         self._metrics.open_streams.inc()
         try:
-            async for event in events:
-                yield event
+            async for batch in events:
+                yield batch
         finally:
             self._metrics.open_streams.dec()
 
-    def _follow_live(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
+    def _follow_live(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[list[JobEvent] | None]:
         raise NotImplementedError
 
     def _as_sent(self, events: list[JobEvent]) -> list[JobEvent]:

@@ -152,16 +152,16 @@ class RedisEventStreams:
             args += [event.id, event.name, event.data]
         return int(await self._publish(keys=[self._key(job_id)], args=args))
 
-    async def follow(self, job_id: str, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
-        """The job's events after `after_id` until it ends; None means keepalive. All the
+    async def follow(self, job_id: str, after_id: int, keepalive_seconds: float) -> AsyncIterator[list[JobEvent] | None]:
+        """The job's events after `after_id` until it ends, in batches; None means keepalive. All the
         subscribers of a job in this process share one reader."""
         feed = self._feeds.get(job_id)
         if feed is None or feed.log.closed:
             feed = self._feeds[job_id] = _Feed(self, job_id)
         feed.subscribers += 1
         try:
-            async for event in feed.log.follow(after_id, keepalive_seconds):
-                yield event
+            async for batch in feed.log.follow(after_id, keepalive_seconds):
+                yield batch
         finally:
             feed.subscribers -= 1
             if feed.subscribers == 0:

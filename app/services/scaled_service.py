@@ -242,7 +242,7 @@ class ScaledGenerationService(JobService):
             self._link.lost(exc)  # workers find the images canceled when they record them
         return job
 
-    def _follow_live(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[JobEvent | None]:
+    def _follow_live(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[list[JobEvent] | None]:
         return self._jobs.events.follow(job.id, after_id, keepalive_seconds)
 
     def _as_sent(self, events: list[JobEvent]) -> list[JobEvent]:
