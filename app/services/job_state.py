@@ -76,14 +76,15 @@ class Job:
     finished_at: datetime | None = None
     events: EventLog = field(default_factory=EventLog, repr=False)
     last_event_id: int = 0
+    # Finished images, counted as they finish: every event carries it.
+    completed: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.completed = sum(image.finished for image in self.images)
 
     @property
     def finished(self) -> bool:
         return self.status in FINISHED_JOB_STATUSES
-
-    @property
-    def completed(self) -> int:
-        return sum(image.finished for image in self.images)
 
     def elapsed_ms(self, at: float) -> float:
         return ms(at - self.accepted_at)
@@ -255,6 +256,7 @@ class JobRecorder:
         image.status = status
         job.status = "running" if job.status == "queued" else job.status
         if image.finished:
+            job.completed += 1
             image.image_key, image.error = key, error
             if image.started_at is not None:
                 image.latency_ms = ms(at - image.started_at)
