@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -16,7 +17,8 @@ from app.providers.base import GeneratedImage, ImageRequest, ProviderError
 from app.providers.local import render_image
 from app.services.auth_service import seed_demo_users
 from app.services.generation_service import GenerationService
-from app.services.image_maker import ImageMaker
+from app.services import image_maker
+from app.services.image_maker import FirstImage, ImageMaker
 from app.services.image_store import LocalImageStore
 from app.services.job_service import (
     JobNotFoundError,
@@ -32,7 +34,7 @@ OWNER = "alice@myflix.dev"
 
 class ScriptedProvider:
     """Fails the images whose index is in `failing`; `crashing` raises a non-provider error;
-    with `gate`, every image waits for it to open."""
+    with `gate`, every image waits for it to open, its picture ready."""
 
     name = "scripted"
     model = "scripted-1"
@@ -46,13 +48,14 @@ class ScriptedProvider:
     def generate(self, request: ImageRequest) -> GeneratedImage:
         self.calls.append((request.index, request.seed, threading.current_thread().name))
         self.requests.append(request)
+        content = render_image(request.prompt, request.seed, request.index)
         if self.gate is not None:
             self.gate.wait(10)
         if request.index in self.failing:
             raise ProviderError(f"image {request.index} was refused")
         if request.index in self.crashing:
             raise KeyError("bug")
-        return GeneratedImage(content=render_image(request.prompt, request.seed, request.index))
+        return GeneratedImage(content=content)
 
     def prepare_thread(self):
         self.prepared_threads.append(threading.current_thread().name)
@@ -84,6 +87,20 @@ async def running_service(tmp_path, provider, **limits):
     finally:
         await service.shutdown()
         await engine.dispose()
+
+
+class SaveRecordingStore(LocalImageStore):
+    """Notes, at each save, how many `succeeded` progress events `job` had published by then."""
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.job = None
+        self.published_at_save: list[int] = []
+
+    def save(self, key, content):
+        events = self.job.events.all()
+        self.published_at_save.append(sum('"status":"succeeded"' in e.data for e in events if e.name == "progress"))
+        super().save(key, content)
 
 
 async def _followed(service, job):
@@ -136,6 +153,44 @@ def test_every_worker_thread_is_prepared_at_start_before_any_image(tmp_path):
     _run_one_job(tmp_path, provider, prompt="p", num_images=3, seed=None)
     assert len(provider.prepared_threads) == len(set(provider.prepared_threads)) == 4  # max_workers
     assert {thread for _, _, thread in provider.calls} <= set(provider.prepared_threads)
+
+
+def test_images_that_finish_together_wait_until_the_first_ones_event_is_published(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_maker, "FIRST_IMAGE_HOLD_SECONDS", 30)
+    gate = threading.Event()
+    provider = ScriptedProvider(gate=gate)
+
+    async def scenario():
+        async with running_service(tmp_path, provider) as service:
+            store = service._maker._image_store = SaveRecordingStore(tmp_path / "recorded")
+            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=4, seed=None, image_base_url="http://t")
+            store.job = job
+            deadline = time.monotonic() + 10
+            while len(provider.calls) < 4:  # all four made, then released at once
+                assert time.monotonic() < deadline, "the images did not start"
+                await asyncio.sleep(0.001)
+            gate.set()
+            events = await _followed(service, job)
+            return store.published_at_save, events
+
+    # Had the first image's event not released them, they would have waited the whole hold.
+    published_at_save, events = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert events[-1].name == "done" and '"status":"succeeded"' in events[-1].data
+    assert published_at_save[0] == 0  # the first went on alone
+    assert len(published_at_save) == 4 and all(count >= 1 for count in published_at_save[1:])
+
+
+def test_the_images_after_the_first_wait_no_longer_than_the_hold(monkeypatch):
+    monkeypatch.setattr(image_maker, "FIRST_IMAGE_HOLD_SECONDS", 0.05)
+    first_image = FirstImage()
+    first_image.wait_turn()  # the first: at once
+    waited = threading.Event()
+    started = time.monotonic()
+    later = threading.Thread(target=lambda: (first_image.wait_turn(), waited.set()))
+    later.start()
+    assert waited.wait(10)  # never published: the hold ran out
+    assert time.monotonic() - started >= 0.05
+    later.join()
 
 
 def test_limits_and_ownership_are_domain_errors(tmp_path):

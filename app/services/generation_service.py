@@ -194,7 +194,7 @@ class GenerationService(JobService):
             self._record(job, self._recorder.image_changed(job, image, "running", image.started_at))
 
     def _run_image(self, job: Job, image: ImageState, request: ImageRequest) -> None:
-        self._report(self._finish_image, job, image, request, self._maker.make(request))
+        self._report(self._finish_image, job, image, request, self._maker.make(request, job.first_image))
 
     def _report(self, callback: Callable, *args: object) -> None:
         assert self._loop is not None, "GenerationService.start() was not awaited"
@@ -243,9 +243,15 @@ class GenerationService(JobService):
         if update.closes:  # finished now, though its last events are still being written
             self._unfinished_per_owner[job.owner] -= 1
 
+        # Updates are published in the order they were recorded: once one recorded after an
+        # image finished is out, so is that image's event.
+        after_a_finished_image = job.completed > 0
+
         def publish() -> None:
             for event in update.events:
                 job.events.append(event)
+            if after_a_finished_image:
+                job.first_image.published()
             if update.closes:
                 job.events.close()
                 self._live.pop(job.id, None)

@@ -25,6 +25,7 @@ from app.models.generation import DoneEvent, ErrorEvent, ImageResult, JobSnapsho
 from app.providers.base import ImageRequest
 from app.services.errors import InvalidFieldError
 from app.services.event_log import EventLog, JobEvent
+from app.services.image_maker import FirstImage
 
 logger = logging.getLogger("myflix.jobs")
 
@@ -75,6 +76,7 @@ class Job:
     request_fingerprint: str | None = None
     finished_at: datetime | None = None
     events: EventLog = field(default_factory=EventLog, repr=False)
+    first_image: FirstImage = field(default_factory=FirstImage, repr=False)
     last_event_id: int = 0
     # Finished images, counted as they finish: every event carries it.
     completed: int = field(init=False)
