@@ -23,13 +23,14 @@ THREAD_CLIENT_LIMITS = httpx.Limits(keepalive_expiry=60)
 
 @functools.cache
 def shared_ssl_context() -> ssl.SSLContext:
-    """The CA bundle, loaded once (it takes tens of milliseconds) for every thread's client."""
+    """The CA bundle, loaded once (it takes tens of milliseconds) for every thread's clients
+    and connections."""
     return httpx.create_ssl_context()
 
 
 def without_cookies(client: httpx.Client) -> httpx.Client:
-    """Replicate's API and its file host take a token, not cookies; reading every response for
-    cookies (httpx builds urllib request objects to do it) costs a tenth of an image's CPU."""
+    """Replicate's API takes a token, not cookies; reading every response for cookies (httpx
+    builds urllib request objects to do it) costs a tenth of an image's CPU."""
     client.cookies.extract_cookies = lambda response: None
     return client
 
