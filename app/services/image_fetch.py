@@ -7,16 +7,28 @@ an image about 0.2 ms more of the CPU that every image of a batch shares."""
 import base64
 import binascii
 import http.client
+import ssl
+import time
 import urllib.request
 from collections.abc import Callable
-from urllib.parse import SplitResult, urljoin, urlsplit
+from dataclasses import dataclass
+from urllib.parse import SplitResult, quote, unquote, urljoin, urlsplit
 
 from app.core.per_thread import PerThread, shared_ssl_context
 
 MAX_IMAGE_BYTES = 25 * 1024 * 1024
 MAX_REDIRECTS = 10
+MAX_REDIRECT_BODY_BYTES = 64 * 1024
 CONNECT_TIMEOUT_SECONDS = 5.0
+# A connection idle longer than this is replaced rather than trusted: servers and NATs drop idle
+# connections, some without a word, and a GET on such a one would wait out the read timeout.
+IDLE_SECONDS = 50.0
+USER_AGENT = "myflix-backend"
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# What a request on a kept-alive connection that the server has closed meets.
+_CLOSED_WHILE_IDLE = (ConnectionError, http.client.BadStatusLine, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+# Characters a request target keeps as they are (RFC 3986 reserved and unreserved, and "%").
+_URL_SAFE = "/%:@!$&'()*+,;=-._~"
 
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -45,15 +57,15 @@ def require_image(content: bytes) -> str:
 
 
 class ImageFetcher:
-    """Thread-safe: each worker thread keeps connections of its own. Honours the HTTP(S)_PROXY
-    and NO_PROXY environment variables, as the Replicate client does."""
+    """Thread-safe: each worker thread keeps connections of its own. Honours HTTP_PROXY,
+    HTTPS_PROXY, ALL_PROXY (plain http:// proxies, with or without user:password) and
+    NO_PROXY, as the Replicate client does."""
 
     def __init__(self, timeout_seconds: float = 30.0) -> None:
         self._timeout_seconds = timeout_seconds
         self._proxies = urllib.request.getproxies()
-        # (scheme, host:port) → the connection and how to name a URL on it
-        self._connections: PerThread[dict] = PerThread(
-            dict, lambda connections: [connection.close() for connection, _ in connections.values()]
+        self._connections: PerThread[dict[tuple[str, str], _Connection]] = PerThread(
+            dict, lambda connections: [kept.connection.close() for kept in list(connections.values())]
         )
 
     def fetch(self, url: str) -> tuple[bytes, str]:
@@ -82,79 +94,129 @@ class ImageFetcher:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ImageFetchError("Could not download the image: its URL is not an http(s) URL.")
-            key = (parts.scheme, parts.netloc)
+            key, reusable = (parts.scheme, parts.netloc), False
             try:
-                response = self._get(key, url)
-                location = response.getheader("Location") if response.status in _REDIRECTS else None
-                content = self._body(response) if location is None else response.read()
-                if response.will_close:
-                    self._drop(key)
-            except ImageFetchError:
-                self._drop(key)
-                raise
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(key)
+                response = self._get(key, parts)
+                location = _location(response) if response.status in _REDIRECTS else None
+                content = _body(response) if location is None else response.read(MAX_REDIRECT_BODY_BYTES)
+                reusable = response.isclosed() and not response.will_close
+            except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a bad URL or chunk
                 raise ImageFetchError(f"Could not download the image: {str(exc) or type(exc).__name__}") from exc
+            finally:
+                if not reusable:
+                    self._drop(key)
             if location is None:
                 return content
             url = urljoin(url, location)
         raise ImageFetchError("Could not download the image: too many redirects.")
 
-    @staticmethod
-    def _body(response: http.client.HTTPResponse) -> bytes:
-        if response.status != 200:
-            raise ImageFetchError(f"Could not download the image: HTTP {response.status}.")
-        length = response.getheader("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_IMAGE_BYTES:
-            raise ImageFetchError("The provider's output is larger than 25 MB.")
-        content = response.read(MAX_IMAGE_BYTES + 1)
-        if len(content) > MAX_IMAGE_BYTES:
-            raise ImageFetchError("The provider's output is larger than 25 MB.")
-        return content
-
-    def _get(self, key: tuple[str, str], url: str) -> http.client.HTTPResponse:
-        """The response to a GET of `url`, on this thread's connection to its host. A kept-alive
-        connection the server has closed meanwhile fails at once: a GET is safe to send again."""
+    def _get(self, key: tuple[str, str], parts: SplitResult) -> http.client.HTTPResponse:
+        """The response to a GET, on this thread's connection to the host. A kept-alive connection
+        the server has closed meanwhile fails at once: a GET is safe to send again."""
         connections = self._connections.get()
-        reused = key in connections
-        if not reused:
-            connections[key] = self._connect(urlsplit(url))
-        connection, target = connections[key]
+        kept = connections.get(key)
+        if kept is not None and time.monotonic() - kept.last_used > IDLE_SECONDS:
+            self._drop(key)
+            kept = None
+        if kept is None:
+            kept = connections[key] = self._connect(parts)
+        kept.last_used = time.monotonic()
         try:
-            connection.request("GET", target(url))
-            return connection.getresponse()
-        except (ConnectionError, http.client.BadStatusLine):
-            if not reused:
+            kept.connection.request("GET", kept.target(parts), headers=kept.headers)
+            return kept.connection.getresponse()
+        except _CLOSED_WHILE_IDLE:
+            if kept.requests_sent == 0:
                 raise
             self._drop(key)
-            return self._get(key, url)
+            return self._get(key, parts)
+        finally:
+            kept.requests_sent += 1
 
-    def _connect(self, parts: SplitResult) -> tuple[http.client.HTTPConnection, Callable[[str], str]]:
-        """A connection to the URL's host, or through the proxy for its scheme, and how to name a
-        URL on it (a plain HTTP proxy takes the whole URL)."""
+    def _connect(self, parts: SplitResult) -> "_Connection":
+        """A connection to the URL's host, or through the proxy for its scheme."""
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        proxy = None if urllib.request.proxy_bypass(parts.hostname) else self._proxies.get(parts.scheme)
-        proxy_parts = urlsplit(proxy) if proxy else None
-        host, host_port = (proxy_parts.hostname, proxy_parts.port or 80) if proxy_parts else (parts.hostname, port)
+        proxy = self._proxy_for(parts)
+        headers = {"User-Agent": USER_AGENT}
+        if proxy is None:
+            host, host_port, proxy_headers = parts.hostname, port, {}
+        else:
+            host, host_port = proxy.hostname, proxy.port or 80
+            proxy_headers = {"Proxy-Authorization": _basic_auth(proxy)} if proxy.username else {}
         if parts.scheme == "https":
             connection = http.client.HTTPSConnection(
                 host, host_port, timeout=CONNECT_TIMEOUT_SECONDS, context=shared_ssl_context()
             )
-            if proxy_parts:
-                connection.set_tunnel(parts.hostname, port)
+            if proxy is not None:
+                connection.set_tunnel(parts.hostname, port, headers=proxy_headers)
         else:
             connection = http.client.HTTPConnection(host, host_port, timeout=CONNECT_TIMEOUT_SECONDS)
+            headers.update(proxy_headers)
         connection.connect()
         connection.sock.settimeout(self._timeout_seconds)
-        absolute = proxy_parts is not None and parts.scheme == "http"
-        return connection, (lambda url: url) if absolute else _path_of
+        # A plain HTTP proxy is sent the whole URL; a host, or a tunnel, the path.
+        absolute = proxy is not None and parts.scheme == "http"
+        return _Connection(connection, _absolute_target if absolute else _origin_target, headers)
+
+    def _proxy_for(self, parts: SplitResult) -> SplitResult | None:
+        proxy = self._proxies.get(parts.scheme) or self._proxies.get("all")
+        if not proxy or urllib.request.proxy_bypass(parts.hostname):
+            return None
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if proxy_parts.scheme != "http" or not proxy_parts.hostname:
+            raise ImageFetchError(
+                f"Could not download the image: only http:// proxies are supported, not {proxy_parts.scheme}://."
+            )
+        return proxy_parts
 
     def _drop(self, key: tuple[str, str]) -> None:
-        dropped = self._connections.get().pop(key, None)
-        if dropped is not None:
-            dropped[0].close()
+        kept = self._connections.get().pop(key, None)
+        if kept is not None:
+            kept.connection.close()
 
 
-def _path_of(url: str) -> str:
-    parts = urlsplit(url)
-    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+@dataclass
+class _Connection:
+    connection: http.client.HTTPConnection
+    target: Callable[[SplitResult], str]  # how a URL is named on it
+    headers: dict[str, str]
+    last_used: float = 0.0
+    requests_sent: int = 0
+
+
+def _body(response: http.client.HTTPResponse) -> bytes:
+    if response.status != 200:
+        raise ImageFetchError(f"Could not download the image: HTTP {response.status}.")
+    length = response.getheader("Content-Length", "")
+    if length.isdigit():
+        if int(length) > MAX_IMAGE_BYTES:
+            raise ImageFetchError("The provider's output is larger than 25 MB.")
+        return response.read()  # all of it, or IncompleteRead if the connection ends early
+    content = response.read(MAX_IMAGE_BYTES + 1)
+    if len(content) > MAX_IMAGE_BYTES:
+        raise ImageFetchError("The provider's output is larger than 25 MB.")
+    return content
+
+
+def _location(response: http.client.HTTPResponse) -> str | None:
+    """The redirect's target. http.client reads header bytes as Latin-1; servers that put
+    non-ASCII in a Location send UTF-8."""
+    location = response.getheader("Location")
+    try:
+        return location and location.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return location
+
+
+def _origin_target(parts: SplitResult) -> str:
+    """The path and query, percent-encoded where the URL was not (spaces, non-ASCII)."""
+    target = quote(parts.path or "/", safe=_URL_SAFE)
+    return f"{target}?{quote(parts.query, safe=_URL_SAFE + '?')}" if parts.query else target
+
+
+def _absolute_target(parts: SplitResult) -> str:
+    return f"{parts.scheme}://{parts.netloc}{_origin_target(parts)}"
+
+
+def _basic_auth(proxy: SplitResult) -> str:
+    credentials = f"{unquote(proxy.username or '')}:{unquote(proxy.password or '')}"
+    return "Basic " + base64.b64encode(credentials.encode()).decode()
