@@ -17,33 +17,48 @@ class Metrics:
         self.registry = CollectorRegistry()
         labels = ("provider", "outcome")
         self.ttfi = Histogram(
-            "myflix_ttfi_seconds", "Time from job accepted to its first image succeeded.",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "myflix_ttfi_seconds",
+            "Time from job accepted to its first image succeeded.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.batch = Histogram(
-            "myflix_batch_seconds", "Time from job accepted to its last image finished.",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "myflix_batch_seconds",
+            "Time from job accepted to its last image finished.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.image_latency = Histogram(
-            "myflix_image_latency_seconds", "Provider time of one image, from leaving the queue to finishing.",
-            labels, buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "myflix_image_latency_seconds",
+            "Provider time of one image, from leaving the queue to finishing.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.jobs = Counter("myflix_jobs", "Jobs finished.", labels, registry=self.registry)
         self.images = Counter("myflix_images", "Images finished.", labels, registry=self.registry)
         self.provider_retries = Counter(
-            "myflix_provider_retries", "Provider calls retried after a transient failure.",
-            ("provider",), registry=self.registry,
+            "myflix_provider_retries",
+            "Provider calls retried after a transient failure.",
+            ("provider",),
+            registry=self.registry,
         )
         self.provider_errors = Counter(
-            "myflix_provider_errors", "Images the provider failed to make.",
-            ("provider",), registry=self.registry,
+            "myflix_provider_errors",
+            "Images the provider failed to make.",
+            ("provider",),
+            registry=self.registry,
         )
         self.open_streams = Gauge("myflix_open_streams", "SSE streams open now.", registry=self.registry)
         self.busy_workers = Gauge("myflix_busy_workers", "Worker threads making an image now.", registry=self.registry)
         self.queued_images = Gauge("myflix_queued_images", "Images waiting for a worker.", registry=self.registry)
         self.loop_lag = Histogram(
-            "myflix_event_loop_lag_seconds", "How late the event loop runs a timer: time it spends blocked.",
-            buckets=_LOOP_LAG_BUCKETS, registry=self.registry,
+            "myflix_event_loop_lag_seconds",
+            "How late the event loop runs a timer: time it spends blocked.",
+            buckets=_LOOP_LAG_BUCKETS,
+            registry=self.registry,
         )
 
     def watch_workers(self, busy: Callable[[], float], queued: Callable[[], float]) -> None:

@@ -3,7 +3,7 @@
 import hashlib
 import hmac
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from jose import JWTError, jwt
 from passlib.context import CryptContext
@@ -27,7 +27,7 @@ def verify_password(password: str, password_hash: str) -> bool:
 
 
 def create_access_token(subject: str, secret: str, expires_in: timedelta) -> str:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     claims = {"sub": subject, "iat": now, "exp": now + expires_in}
     return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
 

@@ -8,7 +8,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.config import PROJECT_ROOT
 
-
 # Any number; the same in every process of the deployment.
 _MIGRATION_LOCK = 7_301_954
 

@@ -1,3 +1,5 @@
+from typing import Any
+
 from pydantic import BaseModel
 
 
@@ -7,7 +9,7 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-def error_responses(**descriptions: str) -> dict[int | str, dict]:
+def error_responses(**descriptions: str) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for error statuses: `error_responses(_404="No such job")`."""
     return {int(code.lstrip("_")): {"model": ErrorResponse, "description": text} for code, text in descriptions.items()}
 

@@ -1,8 +1,7 @@
 """Request, response and event schemas of the generation endpoints."""
 
-from typing import Annotated, Literal
-
 import unicodedata
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 
@@ -19,9 +18,7 @@ class GenerateRequest(BaseModel):
         json_schema_extra={"examples": [{"prompt": "A beautiful sunset", "num_images": 4}]},
     )
 
-    prompt: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)
-    ]
+    prompt: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
     num_images: StrictInt = Field(ge=1, description="1 to MAX_IMAGES_PER_JOB (default 8).")
     seed: StrictInt | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Random when absent."

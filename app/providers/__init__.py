@@ -19,4 +19,5 @@ def create_provider(settings: Settings) -> ImageProvider:
     if name not in available_providers():
         raise ValueError(f"unknown IMAGE_PROVIDER {name!r}; available: {', '.join(available_providers())}")
     module = importlib.import_module(f"{__name__}.{name}")
-    return module.create_provider(settings)
+    provider: ImageProvider = module.create_provider(settings)
+    return provider

@@ -52,9 +52,11 @@ def render_image(prompt: str, seed: int | None, index: int) -> bytes:
     top, bottom = palette[0], palette[1]
     # A one-pixel-wide vertical gradient, stretched: far cheaper than blending two images.
     column = Image.new("RGB", (1, IMAGE_SIZE))
-    column.putdata([
-        tuple(round(a + (b - a) * y / (IMAGE_SIZE - 1)) for a, b in zip(top, bottom)) for y in range(IMAGE_SIZE)
-    ])
+    gradient = [
+        tuple(round(a + (b - a) * y / (IMAGE_SIZE - 1)) for a, b in zip(top, bottom, strict=True))
+        for y in range(IMAGE_SIZE)
+    ]
+    column.putdata(gradient)
     image = column.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(image, "RGBA")
     for _ in range(rng.randint(6, 14)):
@@ -96,7 +98,7 @@ class LocalProvider:
         # Like a real model, the image arrives after the configured latency (rendering
         # included); a stop ends the wait at once.
         if request.stop.wait(max(0.0, deadline - time.monotonic())):
-            raise ImageStopped()
+            raise ImageStopped
         return GeneratedImage(content=content)
 
     def prepare_thread(self) -> None:

@@ -2,7 +2,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.models.health import HealthResponse, ReadinessResponse
+from app.models.health import CheckResult, HealthResponse, ReadinessResponse
 from app.routers.deps import HealthServiceDep
 
 router = APIRouter(tags=["health"])
@@ -21,7 +21,7 @@ async def readyz(health: HealthServiceDep) -> JSONResponse:
     ready = all(check.ok for check in checks.values())
     body = ReadinessResponse(
         status="ready" if ready else "not ready",
-        checks={name: {"ok": check.ok, "detail": check.detail} for name, check in checks.items()},
+        checks={name: CheckResult(ok=check.ok, detail=check.detail) for name, check in checks.items()},
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
