@@ -1,5 +1,5 @@
-"""Downloading a provider's output: redirects, limits, kept-alive connections and proxies,
-against a small HTTP/1.1 server on loopback."""
+"""Downloading a provider's output with httpx: redirects, limits, timeouts, TLS and proxies,
+against a small HTTP/1.1 server on loopback; and data: URLs."""
 
 import base64
 import datetime
@@ -7,19 +7,21 @@ import select
 import socket
 import ssl
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from app.services import image_fetch
-from app.services.image_fetch import ImageFetcher, ImageFetchError
+from app.providers import downloads
+from app.providers.downloads import ImageFetcher, ImageFetchError, require_image
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
@@ -27,14 +29,25 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 class _Origin(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a CDN does
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.requests.append((self.path, self.client_address[1]))
         self.server.headers.append(self.headers)
         if self.path in ("/image.png", "/a%20b/%C3%A9t%C3%A9.png?x=%C3%A9"):
             self._reply(200, PNG)
         elif self.path == "/image-then-hang-up.png":
             self._reply(200, PNG)
-            self.close_connection = True  # without saying so: the client finds out on its next GET
+            # Without saying so, as a server whose idle timeout ran out does.
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            self.server.hung_up.set()
+        elif self.path == "/not-an-image":
+            self._reply(200, b"<html>an error page</html>")
+        elif self.path == "/headers-then-silence":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(2)
         elif self.path.startswith("/moved?"):
             self._reply(302, b"", {"Location": "/image.png"})
         elif self.path == "/moved-to-a-name-with-spaces":
@@ -79,13 +92,13 @@ class _Origin(BaseHTTPRequestHandler):
 class _ForwardProxy(_Origin):
     """A plain HTTP proxy: takes absolute URLs and fetches them itself, and tunnels CONNECTs."""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.server.requests.append((self.path, self.client_address[1]))
         self.server.headers.append(self.headers)
         with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(self.path) as upstream:
             self._reply(upstream.status, upstream.read())
 
-    def do_CONNECT(self) -> None:  # noqa: N802
+    def do_CONNECT(self) -> None:
         self.server.requests.append((f"CONNECT {self.path}", self.client_address[1]))
         self.server.headers.append(self.headers)
         host, port = self.path.rsplit(":", 1)
@@ -115,6 +128,7 @@ def _serving(
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     server.daemon_threads = True
     server.requests, server.headers = [], []
+    server.hung_up = threading.Event()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -133,20 +147,21 @@ def origin(monkeypatch):
         yield f"http://127.0.0.1:{server.server_address[1]}", server
 
 
-def test_downloads_reuse_one_connection_and_follow_redirects(origin):
+def test_downloads_follow_redirects_on_the_threads_kept_alive_connection(origin):
     base, server = origin
     fetcher = ImageFetcher()
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
     assert fetcher.fetch(f"{base}/moved?from=cdn") == (PNG, "image/png")
     assert [path for path, _ in server.requests] == ["/image.png", "/moved?from=cdn", "/image.png"]
-    assert len({port for _, port in server.requests}) == 1  # one kept-alive connection
+    assert len({port for _, port in server.requests}) == 1  # the thread's client is kept
     fetcher.close()
 
 
-def test_a_connection_the_server_closed_while_idle_is_replaced_once(origin):
+def test_a_connection_the_server_closed_while_idle_is_replaced(origin):
     base, server = origin
     fetcher = ImageFetcher()
     fetcher.fetch(f"{base}/image-then-hang-up.png")
+    assert server.hung_up.wait(5)
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
     assert len({port for _, port in server.requests}) == 2
     fetcher.close()
@@ -159,23 +174,73 @@ def test_a_connection_the_server_closed_while_idle_is_replaced_once(origin):
         ("/loop", "Could not download the image: too many redirects."),
         ("/claims-a-gigabyte", "The provider's output is larger than 25 MB."),  # refused unread
         ("/chunked-and-long", "The provider's output is larger than 25 MB."),  # the limit is lowered below
+        ("/not-an-image", "The provider's output is not a PNG, JPEG or WebP image."),
     ],
 )
 def test_what_is_not_an_image_to_keep_fails_with_a_reason(origin, monkeypatch, path, message):
     base, _ = origin
     if path == "/chunked-and-long":
-        monkeypatch.setattr(image_fetch, "MAX_IMAGE_BYTES", len(PNG) * 2)
+        monkeypatch.setattr(downloads, "MAX_IMAGE_BYTES", len(PNG) * 2)
     with pytest.raises(ImageFetchError) as failure:
-        ImageFetcher(timeout_seconds=2).fetch(f"{base}{path}")
+        ImageFetcher(timeout=httpx.Timeout(2.0)).fetch(f"{base}{path}")
     assert str(failure.value) == message
+
+
+def test_a_download_cut_short_fails_and_the_next_one_succeeds(origin):
+    base, _ = origin
+    fetcher = ImageFetcher()
+    with pytest.raises(ImageFetchError, match=r"^Could not download the image: .*\(received 72 bytes, expected 1000\)"):
+        fetcher.fetch(f"{base}/cut-short")
+    assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
+
+
+def test_a_server_that_stops_sending_times_out(origin):
+    base, _ = origin
+    started = time.monotonic()
+    with pytest.raises(ImageFetchError, match=r"^Could not download the image: it timed out\.$"):
+        ImageFetcher(timeout=httpx.Timeout(0.3)).fetch(f"{base}/headers-then-silence")
+    assert time.monotonic() - started < 1.5
 
 
 def test_an_unreachable_host_fails_with_a_reason(origin):
     base, server = origin
     server.shutdown()
     server.server_close()
-    with pytest.raises(ImageFetchError, match="^Could not download the image: "):
+    with pytest.raises(ImageFetchError, match=r"^Could not download the image: .*Connection refused"):
         ImageFetcher().fetch(f"{base}/image.png")
+
+
+def test_a_url_that_is_not_http_fails_with_a_reason():
+    with pytest.raises(ImageFetchError, match=r"^Could not download the image: its URL is not an http"):
+        ImageFetcher().fetch("ftp://files.example/image.png")
+
+
+def test_a_redirect_with_a_long_body_is_followed(origin):
+    base, _ = origin
+    assert ImageFetcher().fetch(f"{base}/moved-with-a-long-body") == (PNG, "image/png")
+
+
+def test_a_redirect_to_a_name_with_spaces_and_accents_is_followed_encoded(origin):
+    base, server = origin
+    assert ImageFetcher().fetch(f"{base}/moved-to-a-name-with-spaces") == (PNG, "image/png")
+    assert server.requests[-1][0] == "/a%20b/%C3%A9t%C3%A9.png?x=%C3%A9"
+
+
+def test_data_urls_are_decoded_and_checked():
+    encoded = base64.b64encode(PNG).decode()
+    assert ImageFetcher().fetch(f"data:image/png;base64,{encoded}") == (PNG, "image/png")
+    with pytest.raises(ImageFetchError, match="malformed data URL"):
+        ImageFetcher().fetch(f"data:image/png;base64,{encoded[:-3]}")
+    with pytest.raises(ImageFetchError, match="not a PNG, JPEG or WebP"):
+        ImageFetcher().fetch("data:text/plain,hello")
+
+
+def test_require_image_knows_png_jpeg_and_webp():
+    assert require_image(PNG) == "image/png"
+    assert require_image(b"\xff\xd8\xff\xe0" + b"\x00" * 16) == "image/jpeg"
+    assert require_image(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
+    with pytest.raises(ImageFetchError):
+        require_image(b"GIF89a")
 
 
 def test_downloads_go_through_the_http_proxy_of_the_environment(origin, monkeypatch):
@@ -190,40 +255,10 @@ def test_downloads_go_through_the_http_proxy_of_the_environment(origin, monkeypa
     assert len(server.requests) == 2
 
 
-def test_a_download_cut_short_fails_and_the_next_one_gets_a_fresh_connection(origin):
-    base, server = origin
-    fetcher = ImageFetcher()
-    with pytest.raises(ImageFetchError, match="^Could not download the image: "):
-        fetcher.fetch(f"{base}/cut-short")
-    assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
-    assert len({port for _, port in server.requests}) == 2
-
-
-def test_a_redirect_whose_body_is_left_unread_is_followed_on_a_new_connection(origin):
-    base, server = origin
-    assert ImageFetcher().fetch(f"{base}/moved-with-a-long-body") == (PNG, "image/png")
-    assert len({port for _, port in server.requests}) == 2
-
-
-def test_a_redirect_to_a_name_with_spaces_and_accents_is_followed_encoded(origin):
-    base, server = origin
-    assert ImageFetcher().fetch(f"{base}/moved-to-a-name-with-spaces") == (PNG, "image/png")
-    assert server.requests[-1][0] == "/a%20b/%C3%A9t%C3%A9.png?x=%C3%A9"
-
-
-def test_a_connection_idle_too_long_is_replaced(origin, monkeypatch):
-    base, server = origin
-    monkeypatch.setattr(image_fetch, "IDLE_SECONDS", 0.0)
-    fetcher = ImageFetcher()
-    fetcher.fetch(f"{base}/image.png")
-    fetcher.fetch(f"{base}/image.png")
-    assert len({port for _, port in server.requests}) == 2
-
-
 def test_the_proxy_may_lack_a_scheme_and_carry_credentials(origin, monkeypatch):
     base, _ = origin
     with _serving(_ForwardProxy) as proxy:
-        monkeypatch.setenv("HTTP_PROXY", f"user:p%40ss@127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.setenv("ALL_PROXY", f"user:p%40ss@127.0.0.1:{proxy.server_address[1]}")
         assert ImageFetcher().fetch(f"{base}/image.png") == (PNG, "image/png")
         assert proxy.headers[0]["Proxy-Authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
 
@@ -233,7 +268,7 @@ def tls_origin(origin, monkeypatch, tmp_path):
     """The origin's handler over TLS, with a certificate from a throwaway CA the fetcher trusts."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "myflix test CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -251,7 +286,7 @@ def tls_origin(origin, monkeypatch, tmp_path):
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert_path, key_path)
     client_context = ssl.create_default_context(cadata=pem.decode())
-    monkeypatch.setattr(image_fetch, "shared_ssl_context", lambda: client_context)
+    monkeypatch.setattr(downloads, "shared_ssl_context", lambda: client_context)
     with _serving(_Origin, tls=server_context) as server:
         yield f"https://localhost:{server.server_address[1]}", server
 
@@ -262,7 +297,8 @@ def test_https_downloads_check_the_certificate_and_reuse_the_connection(tls_orig
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
     assert len({port for _, port in server.requests}) == 1
-    monkeypatch.setattr(image_fetch, "shared_ssl_context", ssl.create_default_context)  # the CA unknown
+    fetcher.close()
+    monkeypatch.setattr(downloads, "shared_ssl_context", ssl.create_default_context)  # the CA unknown
     with pytest.raises(ImageFetchError, match="CERTIFICATE_VERIFY_FAILED"):
         ImageFetcher().fetch(f"{base}/image.png")
 
