@@ -1,8 +1,6 @@
 import threading
 
-import httpx
-
-from app.core.per_thread import PerThread, without_cookies
+from app.core.per_thread import PerThread
 
 
 def test_each_thread_gets_its_own_value_once_and_close_closes_every_one():
@@ -22,12 +20,3 @@ def test_each_thread_gets_its_own_value_once_and_close_closes_every_one():
     assert sorted(closed) == sorted([here, seen[0]])
     assert per_thread.get() not in (here, seen[0])  # a closed value is never handed out again
 
-
-def test_a_client_without_cookies_neither_keeps_nor_sends_them():
-    def server(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"set-cookie": "session=1"}, json={"cookie": request.headers.get("cookie")})
-
-    client = without_cookies(httpx.Client(transport=httpx.MockTransport(server)))
-    client.get("http://provider.test/")
-    assert client.get("http://provider.test/").json() == {"cookie": None}
-    assert not client.cookies

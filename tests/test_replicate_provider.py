@@ -33,6 +33,21 @@ def _creates(fake):
     return fake.requests_to("/v1/models/black-forest-labs/flux-schnell/predictions", method="POST")
 
 
+def _generate_in_background(provider: ReplicateProvider, request: ImageRequest) -> tuple[threading.Thread, list[str]]:
+    """The call on a thread of its own, and where it records that it stopped."""
+    outcome: list[str] = []
+
+    def generate() -> None:
+        try:
+            provider.generate(request)
+        except ImageStopped:
+            outcome.append("stopped")
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    return worker, outcome
+
+
 def test_success_returns_the_output_url_of_one_sync_prediction(fake_replicate):
     image = _provider(fake_replicate).generate(_request(seed=42))
     [create] = _creates(fake_replicate)
@@ -100,15 +115,47 @@ def test_a_reset_while_polling_is_retried(fake_replicate):
     assert _provider(fake_replicate).generate(_request()).url
 
 
-def test_the_clients_own_get_retries_are_off(fake_replicate):
+@pytest.mark.parametrize("fault", [Fault(status=429, retry_after=0), Fault(status=503, retry_after=0),
+                                   Fault(status=504, retry_after=0), Fault(reset=True)])
+def test_the_clients_own_get_retries_are_off(fake_replicate, fault):
+    # The replicate client wraps our transport in a RetryTransport that retries GETs on 429,
+    # 503 and 504 up to 10 times; ours raises before it sees such an answer. This fails if an
+    # upgrade of the client starts retrying what our transport raises.
     fake_replicate.wait_cap = 0.05
     fake_replicate.latency = 0.3
     for _ in range(3):
-        fake_replicate.push_get_fault(Fault(status=503, retry_after=0))
-    with pytest.raises(ProviderError, match="503"):
+        fake_replicate.push_get_fault(fault)
+    with pytest.raises(ProviderError, match="Replicate is unavailable"):
         _provider(fake_replicate, max_retries=2).generate(_request())
     # One GET per attempt: 1 + 2 retries, not 10 per attempt from the client's RetryTransport.
     assert len(fake_replicate.requests_to("/v1/predictions/", method="GET")) == 3
+
+
+def test_each_retry_is_reported_first_with_its_attempt_delay_and_reason(fake_replicate):
+    fake_replicate.push_create_fault(Fault(status=429, retry_after=0))
+    fake_replicate.push_create_fault(Fault(status=500))
+    request = _request()
+    reported = []
+    request.on_retry = lambda attempt, delay, reason: reported.append((attempt, delay, reason))
+    assert _provider(fake_replicate).generate(request).url
+    [(first, no_wait, throttled), (second, backoff, failed)] = reported
+    assert (first, no_wait) == (1, 0.0) and "429" in throttled  # Retry-After: 0
+    assert second == 2 and 1.0 <= backoff <= 1.5 and "500" in failed  # 0.5 s doubled, plus jitter
+    assert len(_creates(fake_replicate)) == 3
+
+
+def test_a_cancel_cuts_the_wait_before_a_retry_short(fake_replicate):
+    fake_replicate.push_create_fault(Fault(status=503, retry_after=30))
+    request = _request()
+    retried = threading.Event()
+    request.on_retry = lambda attempt, delay, reason: retried.set()
+    worker, outcome = _generate_in_background(_provider(fake_replicate), request)
+    assert retried.wait(5)
+    request.stop.cancel()
+    worker.join(timeout=2)
+    assert not worker.is_alive(), "the 30 s Retry-After was slept to its end"
+    assert outcome == ["stopped"]
+    assert len(_creates(fake_replicate)) == 1
 
 
 def test_retries_are_bounded(fake_replicate):
@@ -166,17 +213,7 @@ def test_cancel_while_polling_cancels_the_prediction(fake_replicate):
     fake_replicate.wait_cap = 0.05
     fake_replicate.add_rule(Rule(match="forever", never_finish=True))
     request = _request("forever and ever")
-    provider = _provider(fake_replicate)
-    outcome = []
-
-    def generate():
-        try:
-            provider.generate(request)
-        except ImageStopped:
-            outcome.append("stopped")
-
-    worker = threading.Thread(target=generate)
-    worker.start()
+    worker, outcome = _generate_in_background(_provider(fake_replicate), request)
     fake_replicate.wait_for(lambda fake: bool(fake.requests_to("/v1/predictions/", method="GET")))
     request.stop.cancel()
     worker.join(timeout=5)
@@ -193,11 +230,11 @@ def test_interrupt_leaves_the_prediction_running_and_resume_follows_it(fake_repl
     request = _request("interrupted")
     request.on_prediction = reported.append
     provider = _provider(fake_replicate)
-    worker = threading.Thread(target=lambda: pytest.raises(ImageStopped, provider.generate, request))
-    worker.start()
+    worker, outcome = _generate_in_background(provider, request)
     fake_replicate.wait_for(lambda fake: bool(fake.requests_to("/v1/predictions/", method="GET")))
     request.stop.interrupt()
     worker.join(timeout=5)
+    assert outcome == ["stopped"]
     [prediction] = fake_replicate.created()
     assert reported == [prediction["id"]]
     assert fake_replicate.predictions[prediction["id"]]["status"] != "canceled"

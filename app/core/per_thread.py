@@ -28,13 +28,6 @@ def shared_ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-def without_cookies(client: httpx.Client) -> httpx.Client:
-    """Replicate's API takes a token, not cookies; reading every response for cookies (httpx
-    builds urllib request objects to do it) costs a tenth of an image's CPU."""
-    client.cookies.extract_cookies = lambda response: None
-    return client
-
-
 class PerThread(Generic[T]):
     def __init__(self, factory: Callable[[], T], closer: Callable[[T], None]) -> None:
         self._factory = factory
@@ -45,12 +38,13 @@ class PerThread(Generic[T]):
 
     def get(self) -> T:
         try:
-            return self._local.value
+            kept: T = self._local.value
         except AttributeError:
             value = self._local.value = self._factory()
             with self._lock:
                 self._made.append(value)
             return value
+        return kept
 
     def close(self) -> None:
         with self._lock:

@@ -1,25 +1,29 @@
 """Replicate through its official client: one prediction per image.
 
-The client itself retries GETs on 429/503/504 but never a create, and raises the same
-`ReplicateError` for every status. This module adds what a service needs on top: bounded
-retries with backoff for transient failures (honouring `Retry-After`), a poll that a cancel
-interrupts, and one readable message for everything that is not an image.
+The client raises the same `ReplicateError` for every status, and wraps the transport it is
+given in a `RetryTransport` of its own that retries GETs on 429/503/504 up to 10 times,
+sleeping any `Retry-After` unbounded and deaf to a cancel. This module adds what a service
+needs on top: one retry policy (tenacity) for transient failures, bounded, with backoff that
+honours `Retry-After` and a cancel cuts short; a poll that a cancel interrupts; and one
+readable message for everything that is not an image.
 """
 
 import functools
 import logging
-import random
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import httpx
-import replicate
 from pydantic.v1 import ValidationError as ClientValidationError
+from replicate.client import Client as ReplicateClient
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.prediction import Prediction
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from app.core.config import Settings
-from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context, without_cookies
-from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, ProviderError
+from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context
+from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, ProviderError, StopSignal
 
 logger = logging.getLogger("myflix.provider.replicate")  # for what the service never sees
 
@@ -28,6 +32,11 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
+_BACKOFF = wait_exponential_jitter(
+    multiplier=BACKOFF_BASE_SECONDS, max=BACKOFF_CAP_SECONDS, jitter=BACKOFF_BASE_SECONDS
+)
+
+T = TypeVar("T")
 
 
 class TransientReplicateError(Exception):
@@ -56,15 +65,59 @@ def _problem_detail(response: httpx.Response) -> str:
     return ""
 
 
-def _raise_transient(response: httpx.Response) -> None:
-    """httpx response hook: turns 429 and 5xx into TransientReplicateError with Retry-After,
-    which ReplicateError would drop."""
-    if response.status_code == 429 or response.status_code >= 500:
-        response.read()
-        detail = _problem_detail(response) or response.reason_phrase
-        raise TransientReplicateError(
-            f"Replicate answered {response.status_code}: {detail}", _retry_after_seconds(response)
-        )
+class TransientFailureTransport(httpx.BaseTransport):
+    """Raises TransientReplicateError for 429 and 5xx answers, with their Retry-After (which
+    ReplicateError would drop). It raises from inside the transport the client wraps: its
+    RetryTransport retries only the responses it gets back, so it makes one attempt and this
+    module does all the retrying."""
+
+    def __init__(self, wrapped: httpx.BaseTransport) -> None:
+        self._wrapped = wrapped
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._wrapped.handle_request(request)
+        if response.status_code == 429 or response.status_code >= 500:
+            response.read()
+            response.close()
+            detail = _problem_detail(response) or response.reason_phrase
+            raise TransientReplicateError(
+                f"Replicate answered {response.status_code}: {detail}", _retry_after_seconds(response)
+            )
+        return response
+
+    def close(self) -> None:
+        self._wrapped.close()
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, (TransientReplicateError, httpx.TransportError))
+
+
+def _may_have_created(exc: BaseException) -> bool:
+    """Whether a create that failed so may have made the prediction all the same: its answer
+    was lost after the request left."""
+    return isinstance(exc, httpx.TransportError) and not isinstance(exc, _NOT_SENT)
+
+
+def _failure(retry_state: RetryCallState) -> BaseException | None:
+    return retry_state.outcome.exception() if retry_state.outcome is not None else None
+
+
+def _retry_delay(retry_state: RetryCallState) -> float:
+    """Replicate's Retry-After when it sent one, else exponential backoff with jitter."""
+    failure = _failure(retry_state)
+    if isinstance(failure, TransientReplicateError) and failure.retry_after is not None:
+        return failure.retry_after
+    return _BACKOFF(retry_state)
+
+
+def _sleep_unless_stopped(stop: StopSignal, seconds: float) -> None:
+    if stop.wait(seconds):
+        raise ImageStopped
+
+
+def _report_retry(request: ImageRequest, retry_state: RetryCallState) -> None:
+    request.on_retry(retry_state.attempt_number, retry_state.upcoming_sleep, str(_failure(retry_state)))
 
 
 def _client_error_message(exc: ReplicateError) -> str:
@@ -79,6 +132,15 @@ def _output_url(output: Any) -> str:
     first = items[0]
     # The client wraps https/data URLs in FileOutput and leaves any other URL a plain str.
     return getattr(first, "url", None) or str(first)
+
+
+@dataclass(frozen=True)
+class _ThreadClient:
+    """A worker thread's Replicate client, and the transport under it that holds its
+    connections (the client has no close of its own)."""
+
+    client: ReplicateClient
+    transport: httpx.BaseTransport
 
 
 class ReplicateProvider:
@@ -100,33 +162,22 @@ class ReplicateProvider:
         self._poll_interval = poll_interval
         self._api_token = api_token
         self._base_url = base_url
-        self._clients = PerThread(self._new_client, lambda client: client._client.close())
+        self._clients = PerThread(self._new_client, lambda client: client.transport.close())
 
-    def _new_client(self) -> replicate.Client:
-        client = replicate.Client(
-            api_token=self._api_token,
-            base_url=self._base_url,
-            transport=httpx.HTTPTransport(verify=shared_ssl_context(), limits=THREAD_CLIENT_LIMITS),
-            event_hooks={"response": [_raise_transient]},
+    def _new_client(self) -> _ThreadClient:
+        transport = TransientFailureTransport(
+            httpx.HTTPTransport(verify=shared_ssl_context(), limits=THREAD_CLIENT_LIMITS)
         )
-        # Its RetryTransport would retry GETs up to 10 times, sleeping any Retry-After
-        # unbounded and deaf to a cancel: this module does the retrying, so turn that off.
-        client._client._transport.max_attempts = 1
-        without_cookies(client._client)
-        # Its base URL is fixed and its paths few: httpx would parse and join them again on every
-        # request, a tenth of a create's CPU.
-        client._client._merge_url = functools.lru_cache(maxsize=64)(client._client._merge_url)
-        return client
+        client = ReplicateClient(api_token=self._api_token, base_url=self._base_url, transport=transport)
+        return _ThreadClient(client, transport)
 
     @property
-    def _client(self) -> replicate.Client:
-        return self._clients.get()
+    def _client(self) -> ReplicateClient:
+        return self._clients.get().client
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
-        if request.resume_prediction_id:
-            prediction = self._with_retries(
-                request, lambda: self._client.predictions.get(request.resume_prediction_id)
-            )
+        if resume_id := request.resume_prediction_id:
+            prediction = self._with_retries(request, lambda: self._client.predictions.get(resume_id))
         else:
             model_input = {**self._extra_input, "prompt": request.prompt, "num_outputs": 1}
             if request.seed is not None:
@@ -162,7 +213,7 @@ class ReplicateProvider:
             if request.stop.is_set():
                 if request.stop.cancels_at_provider and not self._is_finished(prediction):
                     self._cancel(prediction.id)
-                raise ImageStopped()
+                raise ImageStopped
             if self._is_finished(prediction):
                 return prediction
             if not request.stop.wait(self._poll_interval):
@@ -181,40 +232,34 @@ class ReplicateProvider:
             prediction.status == "processing" and bool(prediction.output)
         )
 
-    def _with_retries(self, request: ImageRequest, call, creating: bool = False):  # noqa: ANN001, ANN202
+    def _with_retries(self, request: ImageRequest, call: Callable[[], T], creating: bool = False) -> T:
         """Retry transient failures. A create is retried only when Replicate cannot have made
         the prediction (an error answer, or no connection at all): never pay twice."""
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except (TransientReplicateError, httpx.TransportError) as exc:
-                if creating and isinstance(exc, httpx.TransportError) and not isinstance(exc, _NOT_SENT):
-                    raise ProviderError(f"Lost the connection to Replicate while creating the prediction: {exc!r}") from exc
-                attempt += 1
-                if attempt > self._max_retries:
-                    raise ProviderError(f"Replicate is unavailable: {exc}") from exc
-                retry_after = getattr(exc, "retry_after", None)
-                delay = retry_after if retry_after is not None else self._backoff(attempt)
-                request.on_retry(attempt, delay, str(exc))
-                if request.stop.wait(delay):
-                    raise ImageStopped() from exc
-            except ModelError as exc:
-                raise ProviderError(str(exc) or "The prediction failed.") from exc
-            except ReplicateError as exc:
-                raise ProviderError(_client_error_message(exc)) from exc
-            except ClientValidationError as exc:  # e.g. the newer "aborted" status
-                raise ProviderError(
-                    "Replicate answered with a prediction this client cannot read "
-                    "(a status such as 'aborted'): the image was not made."
-                ) from exc
-            except ValueError as exc:  # a body that is not JSON, e.g. a proxy's error page
-                raise ProviderError("Replicate sent a response that is not JSON.") from exc
-
-    @staticmethod
-    def _backoff(attempt: int) -> float:
-        delay = min(BACKOFF_BASE_SECONDS * 2 ** (attempt - 1), BACKOFF_CAP_SECONDS)
-        return delay * random.uniform(0.8, 1.2)
+        retrying = Retrying(
+            retry=retry_if_exception(lambda exc: _is_transient(exc) and not (creating and _may_have_created(exc))),
+            stop=stop_after_attempt(self._max_retries + 1),
+            wait=_retry_delay,
+            sleep=functools.partial(_sleep_unless_stopped, request.stop),
+            before_sleep=functools.partial(_report_retry, request),
+            reraise=True,
+        )
+        try:
+            return retrying(call)
+        except (TransientReplicateError, httpx.TransportError) as exc:
+            if creating and _may_have_created(exc):
+                raise ProviderError(f"Lost the connection to Replicate while creating the prediction: {exc!r}") from exc
+            raise ProviderError(f"Replicate is unavailable: {exc}") from exc
+        except ModelError as exc:
+            raise ProviderError(str(exc) or "The prediction failed.") from exc
+        except ReplicateError as exc:
+            raise ProviderError(_client_error_message(exc)) from exc
+        except ClientValidationError as exc:  # e.g. the newer "aborted" status
+            raise ProviderError(
+                "Replicate answered with a prediction this client cannot read "
+                "(a status such as 'aborted'): the image was not made."
+            ) from exc
+        except ValueError as exc:  # a body that is not JSON, e.g. a proxy's error page
+            raise ProviderError("Replicate sent a response that is not JSON.") from exc
 
 
 def create_provider(settings: Settings) -> ReplicateProvider:
