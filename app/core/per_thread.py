@@ -23,8 +23,8 @@ THREAD_CLIENT_LIMITS = httpx.Limits(keepalive_expiry=60)
 
 @functools.cache
 def shared_ssl_context() -> ssl.SSLContext:
-    """The CA bundle, loaded once (it takes tens of milliseconds) for every thread's clients
-    and connections."""
+    """The CA bundle, loaded once (it takes tens of milliseconds) for the Replicate and
+    download clients of every thread."""
     return httpx.create_ssl_context()
 
 
