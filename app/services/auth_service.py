@@ -3,11 +3,12 @@
 import asyncio
 import os
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+
+from cachetools import TTLCache
 
 from app.core.security import (
     BCRYPT_MAX_PASSWORD_BYTES,
@@ -93,17 +94,16 @@ async def seed_demo_users(repository: Repository) -> None:
 def stored_users(repository: Repository, cache_seconds: float = USER_CACHE_SECONDS) -> UserLookup:
     """Users from the database, each remembered for `cache_seconds`: every request checks its
     token's user, and a database round trip per request costs more than the rest of it."""
-    cache: dict[str, tuple[float, UserRecord | None]] = {}
+    cache: TTLCache[str, UserRecord | None] = TTLCache(maxsize=USER_CACHE_SIZE, ttl=cache_seconds)
 
     async def find_user(email: str) -> UserRecord | None:
-        cached = cache.get(email)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+        try:
+            return cache[email]
+        except KeyError:  # never looked up, or expired
+            pass
         row = await repository.get_user(email)
         record = None if row is None else UserRecord(User(row.email, row.full_name), row.password_hash)
-        if len(cache) >= USER_CACHE_SIZE:
-            cache.clear()
-        cache[email] = (time.monotonic() + cache_seconds, record)
+        cache[email] = record
         return record
 
     return find_user
