@@ -20,13 +20,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
+from httpx_sse import ServerSentEvent, connect_sse
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -134,34 +134,12 @@ def fail_if_unavailable(response: httpx.Response) -> httpx.Response:
 # Server-Sent Events ---------------------------------------------------------------------
 
 
-@dataclass
-class SseEvent:
-    name: str
-    data: dict
-    id: str | None  # as sent: `7`, or the Redis stream entry id `7-0` of a scaled-out service
-
-    @property
-    def number(self) -> int | None:
-        """The event's place in the job's stream, for ordering."""
-        head = (self.id or "").split("-", 1)[0]
-        return int(head) if head.isascii() and head.isdigit() else None
-
-
-def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
-    """Events from the lines of a text/event-stream (fields `id`, `event`, `data`)."""
-    fields: dict[str, list[str]] = {}
-    for line in lines:
-        if line == "":
-            if "data" in fields:
-                yield SseEvent(
-                    name=fields.get("event", ["message"])[-1],
-                    data=json.loads("\n".join(fields["data"])),
-                    id=fields.get("id", [None])[-1] or None,
-                )
-            fields = {}
-        elif not line.startswith(":"):  # a comment otherwise
-            name, _, value = line.partition(":")
-            fields.setdefault(name, []).append(value.removeprefix(" "))
+def event_number(event: ServerSentEvent) -> int | None:
+    """The event's place in the job's stream, for ordering, from its id: `7`, or the Redis
+    stream entry id `7-0` of a scaled-out service. As the SSE standard has it, an event sent
+    without an id (a keepalive) carries the last one on."""
+    head = event.id.split("-", 1)[0]
+    return int(head) if head.isascii() and head.isdigit() else None
 
 
 # Progress views ---------------------------------------------------------------------------
@@ -269,7 +247,7 @@ class JobRun:
         self.last_number = 0
         self.saved: dict[int, Path] = {}
 
-    def follow(self) -> SseEvent:
+    def follow(self) -> ServerSentEvent:
         """Apply the job's events until `done` or `error`, which is returned."""
         return self._retrying(self._read_stream)
 
@@ -283,26 +261,27 @@ class JobRun:
                 reason = str(retry)
             self.backoff.wait(reason)
 
-    def _read_stream(self) -> SseEvent:
+    def _read_stream(self) -> ServerSentEvent:
         headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
-        with self.client.stream("GET", f"/api/generate/{self.job_id}/stream", headers=headers) as response:
-            ensure_ok(fail_if_unavailable(response))
-            for event in parse_sse(response.iter_lines()):
-                if event.number is None or event.number <= self.last_number:
+        with connect_sse(self.client, "GET", f"/api/generate/{self.job_id}/stream", headers=headers) as stream:
+            ensure_ok(fail_if_unavailable(stream.response))
+            for event in stream.iter_sse():
+                number = event_number(event)
+                if number is None or number <= self.last_number:
                     continue  # a keepalive, or an event applied before the reconnect
-                if event.name in ("done", "error"):
+                if event.event in ("done", "error"):
                     return event
-                self._apply(event)
-                self.last_id, self.last_number = event.id, event.number
+                self._apply(event, number)
+                self.last_id, self.last_number = event.id, number
                 self.backoff.reset()
         raise _Retry("the stream ended before the job did")
 
-    def _apply(self, event: SseEvent) -> None:
-        if event.name != "progress":
+    def _apply(self, event: ServerSentEvent, number: int) -> None:
+        if event.event != "progress":
             return
-        data = event.data
+        data = event.json()
         saved = self._save(data["index"], data["url"]) if data["status"] == "succeeded" else None
-        self.view.show(event.number, data["index"], data["status"], describe(data, saved))
+        self.view.show(number, data["index"], data["status"], describe(data, saved))
 
     def _save(self, index: int, url: str) -> Path:
         response = self._retrying(lambda: ensure_ok(fail_if_unavailable(self.downloads.get(url))))
@@ -318,10 +297,10 @@ def seconds(ms: float | None) -> str:
     return "-" if ms is None else f"{ms / 1000:.2f} s"
 
 
-def report(end: SseEvent, saved: dict[int, Path]) -> int:
+def report(end: ServerSentEvent, saved: dict[int, Path]) -> int:
     """Print how the job ended; the exit code: 0 only if every image succeeded."""
-    data = end.data
-    if end.name == "error":
+    data = end.json()
+    if end.event == "error":
         print(f"job {data['job_id']} ended with an error: {data['message']}", file=sys.stderr)
         return EXIT_FAILED
     images = data["images"]

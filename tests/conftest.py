@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from httpx_sse import EventSource
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sse_starlette.sse import AppStatus
 
-from app import cli
 from app.core.config import PROJECT_ROOT, Settings, async_database_url
 from main import create_app
 from tests.fake_replicate import FakeReplicate
@@ -96,9 +96,22 @@ class SseEvent:
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
-    """The CLI's parser, with ids as the strings they are on the wire."""
-    for event in cli.parse_sse(lines):
-        yield SseEvent(event=event.name, data=event.data, id=event.id)
+    """The events of the lines of a text/event-stream (curl's output, say)."""
+    stream = httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content=(f"{line}\n".encode() for line in lines)
+    )
+    yield from _events(EventSource(stream))
+
+
+def _events(source: EventSource) -> Iterator[SseEvent]:
+    """httpx-sse's events, with ids as they are on the wire: httpx-sse carries the last id on
+    to an event sent without one (as the standard says), and ids here only grow, so a repeated
+    one was not sent. A message without data (`retry:` alone) is no event here."""
+    last_id = ""
+    for event in source.iter_sse():
+        if event.data:
+            yield SseEvent(event=event.event, data=event.json(), id=event.id if event.id != last_id else None)
+        last_id = event.id
 
 
 def read_stream(
@@ -113,7 +126,7 @@ def read_stream(
     with client.stream("GET", f"/api/generate/{job_id}/stream", headers=headers, params=params) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        for event in parse_sse(response.iter_lines()):
+        for event in _events(EventSource(response)):
             events.append(event)
             if stop is not None and stop(event):
                 break
