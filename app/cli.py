@@ -21,13 +21,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import ServerSentEvent, connect_sse
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.progress_bar import ProgressBar
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_BASE_URL = "http://localhost:8000"
@@ -63,7 +64,7 @@ def token_path() -> Path:
     return Path(config_home) / "myflix" / "token.json"
 
 
-def save_session(session: dict) -> Path:
+def save_session(session: dict[str, str]) -> Path:
     """Write the session readable by the user alone (0600, in a 0700 directory if new)."""
     path = token_path()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -77,14 +78,15 @@ def save_session(session: dict) -> Path:
 def load_token(base_url: str) -> str:
     try:
         session = json.loads(token_path().read_text())
-        stored_url, token = session["base_url"], session["access_token"]
+        stored_url: str = session["base_url"]
+        token: str = session["access_token"]
         expires_at = datetime.fromisoformat(session["expires_at"])
     except (OSError, ValueError, KeyError, TypeError):
         raise CliError(f"not signed in: {LOGIN_HINT}", EXIT_USAGE) from None
     if stored_url != base_url:
         hint = f"run `python -m app.cli --base-url {base_url} login`"
         raise CliError(f"not signed in to {base_url} (only to {stored_url}): {hint}", EXIT_USAGE)
-    if expires_at <= datetime.now(timezone.utc):
+    if expires_at <= datetime.now(UTC):
         raise CliError(f"the session has expired: {LOGIN_HINT}", EXIT_USAGE)
     return token
 
@@ -97,7 +99,7 @@ def open_client(base_url: str, token: str | None = None) -> httpx.Client:
     return httpx.Client(base_url=base_url, headers=headers, timeout=TIMEOUT)
 
 
-def call(client: httpx.Client, method: str, path: str, **kwargs) -> httpx.Response:
+def call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
     try:
         return client.request(method, path, **kwargs)
     except httpx.TransportError as exc:
@@ -151,7 +153,7 @@ class PlainView:
     def __enter__(self) -> PlainView:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         pass
 
     def show(self, event_id: int, index: int, status: str, text: str) -> None:
@@ -164,7 +166,7 @@ class PlainView:
 class _ImageBar(BarColumn):
     """Empty while queued, pulsing while running, full once finished: red if not done."""
 
-    def render(self, task: Task):
+    def render(self, task: Task) -> ProgressBar:
         bar = super().render(task)
         bar.pulse = task.fields["status"] == "running"
         if task.fields["status"] in ("failed", "canceled"):
@@ -190,7 +192,7 @@ class RichView:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.progress.stop()
 
     def show(self, event_id: int, index: int, status: str, text: str) -> None:
@@ -201,7 +203,7 @@ class RichView:
         self.progress.console.print(text, markup=False, highlight=False)
 
 
-def describe(data: dict, saved: Path | None) -> str:
+def describe(data: dict[str, Any], saved: Path | None) -> str:
     """An image's state, for people: queued (with its place), running, done, failed: why."""
     status = data["status"]
     if status == "queued" and data.get("queue_position"):
@@ -210,7 +212,7 @@ def describe(data: dict, saved: Path | None) -> str:
         return f"done → {saved}"
     if status == "failed":
         return f"failed: {data.get('error')}"
-    return status
+    return str(status)
 
 
 # Following a job -----------------------------------------------------------------------
@@ -240,7 +242,9 @@ class JobRun:
     """Follows one job's events across dropped connections and restarts, applying each event
     once and in order (a reconnect sends Last-Event-ID), and saves each image as it succeeds."""
 
-    def __init__(self, client: httpx.Client, downloads: httpx.Client, job_id: str, out_dir: Path, view) -> None:
+    def __init__(
+        self, client: httpx.Client, downloads: httpx.Client, job_id: str, out_dir: Path, view: PlainView | RichView
+    ) -> None:
         self.client, self.downloads, self.job_id, self.out_dir, self.view = client, downloads, job_id, out_dir, view
         self.backoff = Backoff(view.notice)
         self.last_id: str | None = None
@@ -327,7 +331,7 @@ def cmd_login(args: argparse.Namespace) -> int:
         issued = ensure_ok(response).json()
         client.headers["Authorization"] = f"Bearer {issued['access_token']}"
         user = ensure_ok(call(client, "GET", "/api/auth/me")).json()
-    expires_at = datetime.now(timezone.utc) + timedelta(seconds=issued["expires_in"])
+    expires_at = datetime.now(UTC) + timedelta(seconds=issued["expires_in"])
     path = save_session(
         {
             "base_url": args.base_url,
@@ -372,9 +376,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def fetch_jobs(client: httpx.Client, limit: int) -> list[dict]:
+def fetch_jobs(client: httpx.Client, limit: int) -> list[dict[str, Any]]:
     """The newest `limit` jobs, following `next_cursor` as far as needed."""
-    jobs: list[dict] = []
+    jobs: list[dict[str, Any]] = []
     cursor: dict[str, str] = {}
     while len(jobs) < limit:
         params = {"limit": min(limit - len(jobs), PAGE_SIZE), **cursor}
@@ -386,7 +390,7 @@ def fetch_jobs(client: httpx.Client, limit: int) -> list[dict]:
     return jobs[:limit]
 
 
-def job_line(job: dict, prompt_width: int = 50) -> str:
+def job_line(job: dict[str, Any], prompt_width: int = 50) -> str:
     created = datetime.fromisoformat(job["created_at"]).astimezone()
     prompt = " ".join(job["prompt"].split())
     if len(prompt) > prompt_width:
@@ -437,8 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.base_url = args.base_url.rstrip("/")
+    command: Callable[[argparse.Namespace], int] = args.command
     try:
-        return args.command(args)
+        return command(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.code

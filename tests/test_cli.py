@@ -32,7 +32,13 @@ def cli_env(tmp_path) -> dict[str, str]:
 
 def run_cli(env: dict[str, str], *args: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "app.cli", *args],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -56,7 +62,11 @@ class BackgroundCli:
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", *args],
-            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -162,8 +172,11 @@ def test_a_job_whose_images_all_fail_exits_1_with_the_reason(live_server, fake_r
 
 def test_a_dropped_stream_is_resumed_and_no_event_is_applied_twice(service_process, cli_env, tmp_path):
     service = service_process(
-        IMAGE_PROVIDER="local", LOCAL_LATENCY_MS=1500, LOCAL_LATENCY_JITTER_MS=0,
-        GENERATION_MAX_WORKERS=1, SHUTDOWN_GRACE_SECONDS=0,
+        IMAGE_PROVIDER="local",
+        LOCAL_LATENCY_MS=1500,
+        LOCAL_LATENCY_JITTER_MS=0,
+        GENERATION_MAX_WORKERS=1,
+        SHUTDOWN_GRACE_SECONDS=0,
     )
     sign_in(cli_env, service.base_url)
     out = tmp_path / "images"

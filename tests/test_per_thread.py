@@ -19,4 +19,3 @@ def test_each_thread_gets_its_own_value_once_and_close_closes_every_one():
     per_thread.close()
     assert sorted(closed) == sorted([here, seen[0]])
     assert per_thread.get() not in (here, seen[0])  # a closed value is never handed out again
-

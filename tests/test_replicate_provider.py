@@ -115,8 +115,15 @@ def test_a_reset_while_polling_is_retried(fake_replicate):
     assert _provider(fake_replicate).generate(_request()).url
 
 
-@pytest.mark.parametrize("fault", [Fault(status=429, retry_after=0), Fault(status=503, retry_after=0),
-                                   Fault(status=504, retry_after=0), Fault(reset=True)])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(status=429, retry_after=0),
+        Fault(status=503, retry_after=0),
+        Fault(status=504, retry_after=0),
+        Fault(reset=True),
+    ],
+)
 def test_the_clients_own_get_retries_are_off(fake_replicate, fault):
     # The replicate client wraps our transport in a RetryTransport that retries GETs on 429,
     # 503 and 504 up to 10 times; ours raises before it sees such an answer. This fails if an

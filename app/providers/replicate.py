@@ -228,9 +228,7 @@ class ReplicateProvider:
     @staticmethod
     def _is_finished(prediction: Prediction) -> bool:
         # Replicate's sync mode may answer `processing` once every file output exists.
-        return prediction.status in TERMINAL_STATUSES or (
-            prediction.status == "processing" and bool(prediction.output)
-        )
+        return prediction.status in TERMINAL_STATUSES or (prediction.status == "processing" and bool(prediction.output))
 
     def _with_retries(self, request: ImageRequest, call: Callable[[], T], creating: bool = False) -> T:
         """Retry transient failures. A create is retried only when Replicate cannot have made
