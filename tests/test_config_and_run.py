@@ -24,6 +24,18 @@ def test_environment_overrides_env_local_which_overrides_env(tmp_path, monkeypat
     assert (settings.LOG_LEVEL, settings.MAX_IMAGES_PER_JOB, settings.PORT) == ("DEBUG", 6, 9003)
 
 
+def test_an_empty_value_in_a_dotenv_file_or_the_environment_is_unset(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("IMAGE_PROVIDER=local\n")
+    (tmp_path / ".env.local").write_text("JWT_SECRET_KEY=\nREPLICATE_API_TOKEN=\nREDIS_URL=\nIMAGE_PROVIDER=\n")
+    for name in ("JWT_SECRET_KEY", "REPLICATE_API_TOKEN", "REDIS_URL", "IMAGE_PROVIDER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DATABASE_URL", "")
+    settings = Settings(_env_file=(tmp_path / ".env", tmp_path / ".env.local"))
+    assert settings.JWT_SECRET_KEY.get_secret_value() == PLACEHOLDER_JWT_SECRET
+    assert (settings.REPLICATE_API_TOKEN, settings.REDIS_URL, settings.DATABASE_URL) == (None, None, None)
+    assert settings.IMAGE_PROVIDER == "local"  # an empty value in .env.local leaves .env's
+
+
 def test_provider_defaults_to_replicate_only_with_a_token(monkeypatch):
     monkeypatch.delenv("IMAGE_PROVIDER", raising=False)
     assert Settings(REPLICATE_API_TOKEN=None).image_provider == "local"
@@ -51,13 +63,18 @@ def _run_py(env_overrides: dict[str, str]) -> subprocess.Popen:
         **env_overrides,
     }
     return subprocess.Popen(
-        [sys.executable, "run.py"], cwd=PROJECT_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "run.py"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 @pytest.mark.parametrize(
-    "secret, complaint", [(PLACEHOLDER_JWT_SECRET, "placeholder"), ("", "placeholder"), ("short", "at least 32 bytes")]
+    ("secret", "complaint"),
+    [(PLACEHOLDER_JWT_SECRET, "placeholder"), ("", "placeholder"), ("short", "at least 32 bytes")],
 )
 def test_run_py_refuses_a_weak_secret_in_production(secret, complaint):
     process = _run_py({"ENVIRONMENT": "production", "JWT_SECRET_KEY": secret})
@@ -119,7 +136,10 @@ def _answers(url: str) -> bool:
 
 def test_cors_allows_only_the_configured_origins(live_server):
     with live_server(CORS_ORIGINS="http://localhost:5173") as server, server.client() as client:
-        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        preflight = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
         allowed = client.options("/api/generate/", headers={"Origin": "http://localhost:5173", **preflight})
         refused = client.options("/api/generate/", headers={"Origin": "http://evil.test", **preflight})
     assert allowed.headers["access-control-allow-origin"] == "http://localhost:5173"
@@ -135,9 +155,8 @@ def test_one_line_per_request_and_state_change_with_no_token(live_server, caplog
     records = caplog.records
     job_lines = [r for r in records if getattr(r, "job_id", None) == job_id]
     # accepted (both images queued), 2 × (running, succeeded), done
-    assert [r.getMessage() for r in job_lines] == ["job accepted"] + ["image running"] * 2 + [
-        "image succeeded"
-    ] * 2 + ["job succeeded"]
+    expected = ["job accepted", *["image running"] * 2, *["image succeeded"] * 2, "job succeeded"]
+    assert [r.getMessage() for r in job_lines] == expected
     requests = [r for r in records if r.name == "myflix.request"]
     assert {r.path for r in requests} >= {"/api/auth/login", "/api/generate/", f"/api/generate/{job_id}/stream"}
     everything = "\n".join(f"{r.getMessage()} {vars(r)}" for r in records)

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
         # Later files win; real environment variables win over both.
         env_file=(PROJECT_ROOT / ".env", PROJECT_ROOT / ".env.local"),
         env_file_encoding="utf-8",
+        # An empty value is unset: the empty `JWT_SECRET_KEY=` of `.env.local.example` is the
+        # placeholder, not an empty key that would sign forgeable tokens.
+        env_ignore_empty=True,
         extra="ignore",
     )
 
@@ -95,12 +98,6 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("JWT_SECRET_KEY", mode="before")
-    @classmethod
-    def _empty_secret_is_placeholder(cls, value: Any) -> Any:
-        # `.env.local.example` leaves it empty; an empty key would sign forgeable tokens.
-        return PLACEHOLDER_JWT_SECRET if isinstance(value, str) and not value.strip() else value
-
     @field_validator("REPLICATE_MODEL")
     @classmethod
     def _model_reference(cls, value: str) -> str:
@@ -128,11 +125,6 @@ class Settings(BaseSettings):
         if not isinstance(value, dict):
             raise ValueError("REPLICATE_INPUT must be a JSON object")
         return value
-
-    @field_validator("REPLICATE_API_TOKEN", "REPLICATE_BASE_URL", "IMAGE_PROVIDER", "PUBLIC_BASE_URL", "DATABASE_URL", "IMAGE_STORE_DIR", "IMAGE_URL_SECRET", "REDIS_URL", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("DATA_DIR")
     @classmethod
