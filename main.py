@@ -4,14 +4,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.bootstrap import Components, image_worker, open_components, scaled_jobs
+from app.bootstrap import job_service, open_components
 from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
 from app.core.security_headers import SecurityHeadersMiddleware
@@ -19,48 +20,17 @@ from app.models.generation import STREAM_EVENT_MODELS
 from app.routers import auth, generation, health, images
 from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
-from app.services.generation_service import GenerationService
 from app.services.health_service import HealthService
-from app.services.journal import Journal
 from app.services.login_throttle import LoginThrottle
-from app.services.redis_streams import RedisLink
-from app.services.scaled_service import ScaledGenerationService
-
 
 MAX_REQUEST_BODY_BYTES = 64 * 1024
 STATIC_DIR = PROJECT_ROOT / "app" / "static"
 
 
-def _generation_service(
-    settings: Settings, components: Components
-) -> tuple[GenerationService | ScaledGenerationService, Journal, RedisLink | None]:
-    """Jobs in this process alone; or, with REDIS_URL, shared with other replicas and workers."""
-    journal = Journal(components.engine)
-    journal.start()
-    if settings.REDIS_URL is None:
-        service = GenerationService(
-            image_maker=components.image_maker,
-            repository=components.repository,
-            journal=journal,
-            url_signer=components.signer,
-            metrics=components.metrics,
-            max_workers=settings.GENERATION_MAX_WORKERS,
-            max_images_per_job=settings.MAX_IMAGES_PER_JOB,
-            max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
-            image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,
-            shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
-        )
-        return service, journal, None
-    jobs = scaled_jobs(settings, components)
-    service = ScaledGenerationService(
-        jobs,
-        journal,
-        metrics=components.metrics,
-        worker=image_worker(settings, components, jobs) if settings.RUN_WORK_IN_API else None,
-        max_images_per_job=settings.MAX_IMAGES_PER_JOB,
-        max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
-    )
-    return service, journal, jobs.link
+class MyFlixAPI(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        """The schema, plus the stream's event payloads, which no JSON response refers to."""
+        return _openapi_with_stream_events(self)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,17 +41,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         components = await open_components(settings)
         await seed_demo_users(components.repository)
-        generation_service, journal, redis = _generation_service(settings, components)
-        await generation_service.start()
+        # Scaled out, a replica makes images too unless RUN_WORK_IN_API is false.
+        service = job_service(settings, components, makes_images=settings.REDIS_URL is None or settings.RUN_WORK_IN_API)
+        await service.start()
         app.state.image_store = components.image_store
         app.state.image_url_signer = components.signer
         app.state.metrics = components.metrics
         app.state.health_service = HealthService(
             components.engine,
-            writes_healthy=lambda: journal.healthy,
+            engine_failures=service.readiness,
             image_store_dir=settings.image_store_dir,
             provider=components.image_maker.provider,
-            redis=redis,
+            redis=components.redis,
         )
         app.state.auth_service = AuthService(
             find_user=stored_users(components.repository),
@@ -89,16 +60,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             token_lifetime=timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES),
             throttle=LoginThrottle(settings.LOGIN_MAX_FAILURES, settings.LOGIN_FAILURE_WINDOW_SECONDS),
         )
-        app.state.generation_service = generation_service
+        app.state.job_service = service
         loop_lag_probe = asyncio.create_task(components.metrics.probe_loop_lag(), name="loop-lag-probe")
         try:
             yield
         finally:
             loop_lag_probe.cancel()
-            await generation_service.shutdown()
-            await components.engine.dispose()
+            await service.shutdown()
+            await components.close()
 
-    app = FastAPI(
+    app = MyFlixAPI(
         title="MyFlix backend",
         description="JWT login and AI image generation with live progress over Server-Sent Events.",
         version="0.2.0",
@@ -127,16 +98,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.openapi = lambda: _openapi_with_stream_events(app)
     return app
 
 
-def _openapi_with_stream_events(app: FastAPI) -> dict:
-    """The schema, plus the stream's event payloads, which no JSON response refers to."""
+def _openapi_with_stream_events(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in STREAM_EVENT_MODELS.values():
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -1,5 +1,6 @@
 """What every process of the service builds at start: the database, the image store, the
-provider, and the way jobs run (in this process alone, or across processes over Redis)."""
+provider, and the job engine — its store, event bus and work queue in this process alone, or
+shared with other processes over PostgreSQL and Redis when REDIS_URL is set."""
 
 from dataclasses import dataclass
 
@@ -7,16 +8,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.config import Settings
 from app.core.metrics import Metrics
+from app.core.redis_link import RedisLink
 from app.core.security import ImageUrlSigner, derive_key
-from app.db.engine import create_engine, create_sessionmaker
+from app.db.engine import PostgresLimits, create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
 from app.db.repository import Repository
 from app.providers import create_provider
-from app.services.image_maker import ImageMaker
 from app.services.image_store import LocalImageStore
-from app.services.job_state import JobRecorder
-from app.services.redis_streams import RedisLink
-from app.services.scaled_service import ImageWorker, ScaledJobs
+from app.services.jobs.events_inprocess import InProcessEventBus
+from app.services.jobs.events_redis import RedisEventBus
+from app.services.jobs.image_maker import ImageMaker
+from app.services.jobs.interfaces import EventBus, JobStore, WorkQueue
+from app.services.jobs.queue_inprocess import InProcessWorkQueue
+from app.services.jobs.queue_redis import RedisWorkQueue
+from app.services.jobs.recorder import JobRecorder
+from app.services.jobs.runner import ImageRunner
+from app.services.jobs.service import JobService
+from app.services.jobs.store_inprocess import InProcessJobStore
+from app.services.jobs.store_scaled import ScaledJobStore
 
 
 @dataclass
@@ -27,6 +36,12 @@ class Components:
     signer: ImageUrlSigner
     metrics: Metrics
     image_maker: ImageMaker
+    redis: RedisLink | None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
+        await self.engine.dispose()
 
 
 def image_url_secret(settings: Settings) -> bytes:
@@ -37,7 +52,15 @@ def image_url_secret(settings: Settings) -> bytes:
 
 async def open_components(settings: Settings) -> Components:
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url,
+        PostgresLimits(
+            pool_size=settings.DB_POOL_SIZE,
+            lock_timeout_seconds=settings.DB_LOCK_TIMEOUT_SECONDS,
+            statement_timeout_seconds=settings.DB_STATEMENT_TIMEOUT_SECONDS,
+            idle_in_transaction_timeout_seconds=settings.DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
+        ),
+    )
     await upgrade_database(engine)
     image_store = LocalImageStore(settings.image_store_dir)
     return Components(
@@ -47,27 +70,49 @@ async def open_components(settings: Settings) -> Components:
         signer=ImageUrlSigner(image_url_secret(settings), settings.IMAGE_URL_TTL_SECONDS),
         metrics=Metrics(),
         image_maker=ImageMaker(create_provider(settings), image_store),
+        redis=RedisLink(settings.REDIS_URL, settings.REDIS_KEY_PREFIX) if settings.REDIS_URL else None,
     )
 
 
-def scaled_jobs(settings: Settings, components: Components) -> ScaledJobs:
+def job_service(settings: Settings, components: Components, makes_images: bool) -> JobService:
+    """The job engine of this process; `makes_images`: whether it runs an image runner."""
+    store: JobStore
+    events: EventBus
+    queue: WorkQueue
+    if components.redis is None:
+        in_process = InProcessJobStore(components.repository, components.engine)
+        store, events = in_process, InProcessEventBus(in_process.events)
+        queue = InProcessWorkQueue(settings.GENERATION_MAX_WORKERS)
+    else:
+        scaled = ScaledJobStore(components.repository)
+        store = scaled
+        events = RedisEventBus(components.redis, settings.REDIS_EVENTS_RETENTION_SECONDS, scaled.events)
+        queue = RedisWorkQueue(components.redis, settings.GENERATION_MAX_WORKERS, settings.WORKER_CLAIM_TIMEOUT_SECONDS)
+    recorder = JobRecorder(store, events, components.metrics)
+    runner = (
+        ImageRunner(
+            store,
+            queue,
+            recorder,
+            components.image_maker,
+            max_workers=settings.GENERATION_MAX_WORKERS,
+            image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,
+            shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
+        )
+        if makes_images
+        else None
+    )
     provider = components.image_maker.provider
-    return ScaledJobs(
-        repository=components.repository,
-        recorder=JobRecorder(provider.name, provider.model, components.signer, components.metrics),
-        link=RedisLink(settings.REDIS_URL, settings.REDIS_KEY_PREFIX),
-        claim_timeout_seconds=settings.WORKER_CLAIM_TIMEOUT_SECONDS,
-        events_retention_seconds=settings.REDIS_EVENTS_RETENTION_SECONDS,
-    )
-
-
-def image_worker(settings: Settings, components: Components, jobs: ScaledJobs) -> ImageWorker:
-    return ImageWorker(
-        jobs=jobs,
-        image_maker=components.image_maker,
-        metrics=components.metrics,
-        max_workers=settings.GENERATION_MAX_WORKERS,
-        claim_timeout_seconds=settings.WORKER_CLAIM_TIMEOUT_SECONDS,
-        image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,
-        shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
+    return JobService(
+        store,
+        events,
+        queue,
+        recorder,
+        components.metrics,
+        runner,
+        provider=(provider.name, provider.model),
+        max_images_per_job=settings.MAX_IMAGES_PER_JOB,
+        max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
+        write_timeout_seconds=settings.DB_WRITE_TIMEOUT_SECONDS,
+        sweep_interval_seconds=settings.WORKER_CLAIM_TIMEOUT_SECONDS,
     )

@@ -1,9 +1,9 @@
 """A worker process of the scaled-out deployment: `python -m app.worker`.
 
 Takes image work from Redis and makes the images, GENERATION_MAX_WORKERS at a time, with the
-same settings as the API (REDIS_URL and a PostgreSQL DATABASE_URL are required). SIGTERM or
-Ctrl-C: it takes no more work and gives running images SHUTDOWN_GRACE_SECONDS to finish;
-what is left is taken over by another worker.
+same job engine and settings as the API (REDIS_URL and a PostgreSQL DATABASE_URL are
+required). SIGTERM or Ctrl-C: it takes no more work and gives running images
+SHUTDOWN_GRACE_SECONDS to finish; what is left is taken over by another worker.
 """
 
 import asyncio
@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from app.bootstrap import image_worker, open_components, scaled_jobs
+from app.bootstrap import job_service, open_components
 from app.core.config import Settings, settings_or_exit
 from app.core.logging import configure_logging
 
@@ -20,25 +20,23 @@ logger = logging.getLogger("myflix.worker")
 
 async def run(settings: Settings) -> None:
     components = await open_components(settings)
-    jobs = scaled_jobs(settings, components)
-    worker = image_worker(settings, components, jobs)
+    service = job_service(settings, components, makes_images=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await jobs.start()
-    worker.start()
+    await service.start()
     logger.info(
         "worker ready: %d at a time, provider %s",
-        settings.GENERATION_MAX_WORKERS, components.image_maker.provider.name,
+        settings.GENERATION_MAX_WORKERS,
+        components.image_maker.provider.name,
     )
     try:
         await stop.wait()
         logger.info("worker stopping")
     finally:
-        await worker.stop()
-        await jobs.close()
-        await components.engine.dispose()
+        await service.shutdown()
+        await components.close()
 
 
 def main() -> int:

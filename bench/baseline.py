@@ -44,7 +44,9 @@ async def login(body: Login) -> dict:
 
 def make_image(prompt: str, index: int) -> None:
     if PROVIDER == "replicate":
-        client = replicate.Client(api_token=os.environ["REPLICATE_API_TOKEN"], base_url=os.environ["REPLICATE_BASE_URL"])
+        client = replicate.Client(
+            api_token=os.environ["REPLICATE_API_TOKEN"], base_url=os.environ["REPLICATE_BASE_URL"]
+        )
         prediction = client.predictions.create(model="black-forest-labs/flux-schnell", input={"prompt": prompt})
         while prediction.status not in ("succeeded", "failed", "canceled"):
             time.sleep(POLL_INTERVAL_S)

@@ -49,14 +49,31 @@ class ServerProcess:
             "LOG_LEVEL": "WARNING",
             **env,
         }
-        command = ["-m", "app.worker"] if worker else [
-            "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log", "--log-level", "warning"
-        ]
+        command = (
+            ["-m", "app.worker"]
+            if worker
+            else [
+                "-m",
+                "uvicorn",
+                app,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ]
+        )
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir / "process.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, *command], cwd=PROJECT_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, *command],
+                cwd=PROJECT_ROOT,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         if worker:
             self._wait_until_logged("worker ready")
@@ -110,7 +127,9 @@ class FakeReplicateProcess:
         self.token = token
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.fake_replicate", "--latency", str(latency), "--token", token],
-            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.base_url = self.process.stdout.readline().strip()
 
@@ -127,8 +146,13 @@ class ScaledDeployment:
     of their own (created here, dropped at the end), sharing one image store."""
 
     def __init__(
-        self, settings: dict[str, str], data_dir: Path, database_url: str, redis_url: str,
-        replicas: int = 2, workers: int = 2,
+        self,
+        settings: dict[str, str],
+        data_dir: Path,
+        database_url: str,
+        redis_url: str,
+        replicas: int = 2,
+        workers: int = 2,
     ) -> None:
         self.admin_url = async_database_url(database_url)
         self.database = f"myflix_bench_{uuid.uuid4().hex[:8]}"

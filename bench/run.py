@@ -58,7 +58,8 @@ async def login(base_url: str) -> str:
 
 async def create(http: httpx.AsyncClient, token: str, num_images: int) -> str:
     response = await http.post(
-        "/api/generate/", json={"prompt": "benchmark", "num_images": num_images},
+        "/api/generate/",
+        json={"prompt": "benchmark", "num_images": num_images},
         headers={"Authorization": f"Bearer {token}"},
     )
     response.raise_for_status()
@@ -81,7 +82,9 @@ async def timed_job(base_url: str, token: str, num_images: int, stream_from: str
     if status != 202:
         raise RuntimeError(f"POST /api/generate/ answered {status}: {body}")
     job_id = body["job_id"]
-    arrivals = await stream_events(stream_from or base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended)
+    arrivals = await stream_events(
+        stream_from or base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended
+    )
     first = min(a.at_perf for a in arrivals if a.name == "progress" and a.data.get("status") == "succeeded")
     return JobTiming(first - started, arrivals[-1].at_perf - started)
 
@@ -117,7 +120,9 @@ async def scenario_a(base_urls: list[str], repeats: int) -> dict:
     # connection to the provider (a job of as many images as there are threads).
     await timed_job(base_urls[0], token, A_WORKERS, other(base_urls, 0))
     for n in (1, 4, 8, 16):
-        timings = [await timed_job(base_urls[i % len(base_urls)], token, n, other(base_urls, i)) for i in range(repeats)]
+        timings = [
+            await timed_job(base_urls[i % len(base_urls)], token, n, other(base_urls, i)) for i in range(repeats)
+        ]
         rows[n] = {
             "ttfi_over_l_p50": statistics.median(t.ttfi for t in timings) / L,
             "total_over_l_p50": statistics.median(t.total for t in timings) / L,
@@ -203,14 +208,19 @@ async def open_streams(base_url: str, token: str, job_ids: list[str], per_job: i
             opened.set()
 
     streams = [
-        asyncio.create_task(stream_events(base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended, on_open))
-        for job_id in job_ids for _ in range(per_job)
+        asyncio.create_task(
+            stream_events(base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended, on_open)
+        )
+        for job_id in job_ids
+        for _ in range(per_job)
     ]
     await opened.wait()
     return streams, time.time()
 
 
-async def delivery_lags(base_url: str, token: str, job_ids: list[str], arrivals_per_stream: list, since: float) -> list[float]:
+async def delivery_lags(
+    base_url: str, token: str, job_ids: list[str], arrivals_per_stream: list, since: float
+) -> list[float]:
     """Seconds from the provider finishing an image (the server's clock: the job's wall-clock
     accept time + the event's elapsed_ms) to the event's arrival, for events after `since`."""
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
@@ -247,10 +257,12 @@ async def scenario_c(services: list[ServerProcess], subscribers: int) -> dict:
             await asyncio.sleep(0.2)
 
     watcher = asyncio.create_task(watch_rss())
-    opened = await asyncio.gather(*(
-        open_streams(service.base_url, token, job_ids, subscribers // len(job_ids) // len(services))
-        for service in services
-    ))
+    opened = await asyncio.gather(
+        *(
+            open_streams(service.base_url, token, job_ids, subscribers // len(job_ids) // len(services))
+            for service in services
+        )
+    )
     streams, all_open_at = [s for tasks, _ in opened for s in tasks], max(at for _, at in opened)
     arrivals = await asyncio.gather(*streams)
     watcher.cancel()
@@ -285,7 +297,7 @@ def histogram_p99(before: dict[float, float], after: dict[float, float]) -> floa
     if total == 0:
         return math.nan
     target, lower, previous = 0.99 * total, 0.0, 0.0
-    for bound, cumulative in zip(bounds, counts):
+    for bound, cumulative in zip(bounds, counts, strict=False):
         if cumulative >= target:
             if math.isinf(bound):
                 return lower
@@ -362,8 +374,8 @@ SYSTEMS = {"myflix": "main:app", "baseline": "bench.baseline:app"}
 def machine() -> dict:
     return {
         "machine": f"{platform.machine()}, {platform.system()} {platform.release()}, "
-                   f"Python {platform.python_version()}, {os.cpu_count()} cores",
-        "when": datetime.now().isoformat(timespec="seconds"),
+        f"Python {platform.python_version()}, {os.cpu_count()} cores",
+        "when": datetime.now().astimezone().isoformat(timespec="seconds"),
         "latency_ms": L_MS,
     }
 
@@ -385,7 +397,8 @@ def run(quick: bool) -> dict:
         results["b"]["ideal"] = {
             "ttfi_over_l": {"p50": percentile(ideal_ttfi, 50), "p99": percentile(ideal_ttfi, 99)},
             "total_over_l": {"p50": percentile(ideal_total, 50), "p99": percentile(ideal_total, 99)},
-            "ttfi_over_l_all": sorted(ideal_ttfi), "total_over_l_all": sorted(ideal_total),
+            "ttfi_over_l_all": sorted(ideal_ttfi),
+            "total_over_l_all": sorted(ideal_total),
         }
         for system, app in SYSTEMS.items():
             with ServerProcess(app, service_settings("local", 32), Path(tmp) / f"b-{system}") as server:
@@ -454,29 +467,40 @@ def table(results: dict) -> str:
             for figure, key, target in A_FIGURES:
                 ideal = "1.000" + (f" (fake alone {alone[key]:.3f})" if alone else "")
                 lines.append(
-                    f"| a: 1 job, N={n}, {provider} | {figure}, p50 | {ours[key]:.3f} | {base[key]:.3f} | {ideal} | {target} |"
+                    f"| a: 1 job, N={n}, {provider} | {figure}, p50 | {ours[key]:.3f} | {base[key]:.3f} "
+                    f"| {ideal} | {target} |"
                 )
     b = results["b"]
     for figure, key, targets in B_FIGURES:
-        for p, target in zip(("p50", "p99"), targets):
+        for p, target in zip(("p50", "p99"), targets, strict=False):
             lines.append(
                 f"| b: 100 jobs × 4, 32 workers | {figure}, {p} | {b['myflix'][key][p]:.2f} | "
                 f"{b['baseline'][key][p]:.2f} | {b['ideal'][key][p]:.2f} | {target} |"
             )
     c, d, e = results["c"], results["d"], results["e"]
     lines += [
-        f"| c: {c['subscribers']} subscribers | delivery lag p50 / p99 | {c['lag_ms']['p50']:.1f} / "
-        f"{c['lag_ms']['p99']:.1f} ms | | 0 | p99 ≤ 100 ms |",
-        f"| c: {c['subscribers']} subscribers | server RSS growth | {c['rss_mib']['growth']:.0f} MiB "
-        f"({c['rss_mib']['before']:.0f} → {c['rss_mib']['peak']:.0f}) | | | ≤ 150 MiB |",
+        (
+            f"| c: {c['subscribers']} subscribers | delivery lag p50 / p99 | {c['lag_ms']['p50']:.1f} / "
+            f"{c['lag_ms']['p99']:.1f} ms | | 0 | p99 ≤ 100 ms |"
+        ),
+        (
+            f"| c: {c['subscribers']} subscribers | server RSS growth | {c['rss_mib']['growth']:.0f} MiB "
+            f"({c['rss_mib']['before']:.0f} → {c['rss_mib']['peak']:.0f}) | | | ≤ 150 MiB |"
+        ),
         f"| c: {c['subscribers']} subscribers | keepalives delivered | {c['keepalives_delivered']} | | | |",
-        f"| d: {d['logins']} logins, {d['streams']} streams | event-loop lag p99 | {d['loop_lag_p99_ms']:.1f} ms "
-        f"| | 0 | ≤ 20 ms |",
-        f"| d: {d['logins']} logins, {d['streams']} streams | delivery lag p50 / p99 | {d['lag_ms']['p50']:.1f} / "
-        f"{d['lag_ms']['p99']:.1f} ms | | 0 | |",
+        (
+            f"| d: {d['logins']} logins, {d['streams']} streams | event-loop lag p99 | {d['loop_lag_p99_ms']:.1f} ms "
+            f"| | 0 | ≤ 20 ms |"
+        ),
+        (
+            f"| d: {d['logins']} logins, {d['streams']} streams | delivery lag p50 / p99 | {d['lag_ms']['p50']:.1f} / "
+            f"{d['lag_ms']['p99']:.1f} ms | | 0 | |"
+        ),
         f"| e: job creation, {e['concurrency']} clients | jobs/s | {e['jobs_per_second']:.0f} | | | ≥ 300 |",
-        f"| e: job creation, {e['concurrency']} clients | POST p50 / p99 | {e['post_ms']['p50']:.1f} / "
-        f"{e['post_ms']['p99']:.1f} ms | | | |",
+        (
+            f"| e: job creation, {e['concurrency']} clients | POST p50 / p99 | {e['post_ms']['p50']:.1f} / "
+            f"{e['post_ms']['p99']:.1f} ms | | | |"
+        ),
     ]
     return "\n".join(lines)
 
@@ -489,8 +513,12 @@ def chart(results: dict, path: Path) -> None:
 
     figure, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.8))
     ns = [1, 4, 8, 16]
-    for key, style in (("myflix/local", "o-"), ("myflix/replicate", "s-"), ("baseline/local", "o--"),
-                       ("baseline/replicate", "s--")):
+    for key, style in (
+        ("myflix/local", "o-"),
+        ("myflix/replicate", "s-"),
+        ("baseline/local", "o--"),
+        ("baseline/replicate", "s--"),
+    ):
         row = results["a"][key]
         left.plot(ns, [row[str(n)]["total_over_l_p50"] for n in ns], style, label=key)
     for provider, style in (("local", "o:"), ("replicate", "s:")):
@@ -504,16 +532,19 @@ def chart(results: dict, path: Path) -> None:
         values = results["b"][name]["ttfi_over_l_all"]
         middle.plot(values, [i / len(values) for i in range(1, len(values) + 1)], style, label=f"TTFI {name}")
         values = results["b"][name]["total_over_l_all"]
-        middle.plot(values, [i / len(values) for i in range(1, len(values) + 1)], style, alpha=0.5,
-                    label=f"batch {name}")
+        middle.plot(
+            values, [i / len(values) for i in range(1, len(values) + 1)], style, alpha=0.5, label=f"batch {name}"
+        )
     if "scaled" in results:
         values = results["scaled"]["b"]["ttfi_over_l_all"]
         middle.plot(values, [i / len(values) for i in range(1, len(values) + 1)], "-.", label="TTFI 2+2 scaled")
     middle.set(title="b: 100 jobs × 4 images, 32 workers", xlabel="× L", ylabel="fraction of jobs")
     middle.legend(fontsize=8)
     c, d = results["c"], results["d"]
-    right.bar(["c p50", "c p99", "d p50", "d p99"],
-              [c["lag_ms"]["p50"], c["lag_ms"]["p99"], d["lag_ms"]["p50"], d["lag_ms"]["p99"]])
+    right.bar(
+        ["c p50", "c p99", "d p50", "d p99"],
+        [c["lag_ms"]["p50"], c["lag_ms"]["p99"], d["lag_ms"]["p50"], d["lag_ms"]["p99"]],
+    )
     right.axhline(100, color="red", linewidth=1, label="target p99")
     right.set(title="c/d: delivery lag (provider done → client)", ylabel="ms")
     right.legend(fontsize=8)
@@ -523,8 +554,10 @@ def chart(results: dict, path: Path) -> None:
 
 def scaled_table(single: dict, scaled: dict) -> str:
     lines = [
-        f"2 API replicas + 2 workers over Redis and PostgreSQL (every job posted to one replica and "
-        f"streamed from the other), beside one process; L = {scaled['latency_ms']} ms; {scaled['when']}",
+        (
+            f"2 API replicas + 2 workers over Redis and PostgreSQL (every job posted to one replica and "
+            f"streamed from the other), beside one process; L = {scaled['latency_ms']} ms; {scaled['when']}"
+        ),
         "",
         "| scenario | figure | one process | 2 replicas + 2 workers | target (one process) |",
         "|---|---|---|---|---|",
@@ -533,22 +566,35 @@ def scaled_table(single: dict, scaled: dict) -> str:
         for n in (1, 4, 8, 16):
             one, two = single["a"][f"myflix/{provider}"][str(n)], scaled["a"][provider][str(n)]
             for figure, key, target in A_FIGURES:
-                lines.append(f"| a: 1 job, N={n}, {provider} | {figure}, p50 | {one[key]:.3f} | {two[key]:.3f} | {target} |")
+                lines.append(
+                    f"| a: 1 job, N={n}, {provider} | {figure}, p50 | {one[key]:.3f} | {two[key]:.3f} | {target} |"
+                )
     for figure, key, targets in B_FIGURES:
-        for p, target in zip(("p50", "p99"), targets):
+        for p, target in zip(("p50", "p99"), targets, strict=False):
             lines.append(
                 f"| b: 100 jobs × 4, 32 workers in all | {figure}, {p} | {single['b']['myflix'][key][p]:.2f} | "
                 f"{scaled['b'][key][p]:.2f} | {target} |"
             )
     one_c, two_c, one_e, two_e = single["c"], scaled["c"], single["e"], scaled["e"]
     lines += [
-        f"| c: 1000 subscribers | delivery lag p50 / p99 | {one_c['lag_ms']['p50']:.1f} / {one_c['lag_ms']['p99']:.1f} ms "
-        f"| {two_c['lag_ms']['p50']:.1f} / {two_c['lag_ms']['p99']:.1f} ms | p99 ≤ 100 ms |",
-        f"| c: 1000 subscribers | RSS growth (replicas together) | {one_c['rss_mib']['growth']:.0f} MiB "
-        f"| {two_c['rss_mib']['growth']:.0f} MiB | ≤ 150 MiB |",
-        f"| e: job creation, 32 clients | jobs/s | {one_e['jobs_per_second']:.0f} | {two_e['jobs_per_second']:.0f} | ≥ 300 |",
-        f"| e: job creation, 32 clients | POST p50 / p99 | {one_e['post_ms']['p50']:.1f} / {one_e['post_ms']['p99']:.1f} ms "
-        f"| {two_e['post_ms']['p50']:.1f} / {two_e['post_ms']['p99']:.1f} ms | |",
+        (
+            f"| c: 1000 subscribers | delivery lag p50 / p99 "
+            f"| {one_c['lag_ms']['p50']:.1f} / {one_c['lag_ms']['p99']:.1f} ms "
+            f"| {two_c['lag_ms']['p50']:.1f} / {two_c['lag_ms']['p99']:.1f} ms | p99 ≤ 100 ms |"
+        ),
+        (
+            f"| c: 1000 subscribers | RSS growth (replicas together) | {one_c['rss_mib']['growth']:.0f} MiB "
+            f"| {two_c['rss_mib']['growth']:.0f} MiB | ≤ 150 MiB |"
+        ),
+        (
+            f"| e: job creation, 32 clients | jobs/s | {one_e['jobs_per_second']:.0f} "
+            f"| {two_e['jobs_per_second']:.0f} | ≥ 300 |"
+        ),
+        (
+            f"| e: job creation, 32 clients | POST p50 / p99 "
+            f"| {one_e['post_ms']['p50']:.1f} / {one_e['post_ms']['p99']:.1f} ms "
+            f"| {two_e['post_ms']['p50']:.1f} / {two_e['post_ms']['p99']:.1f} ms | |"
+        ),
     ]
     return "\n".join(lines)
 
@@ -557,16 +603,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where benchmark.json, .md and .png go")
-    parser.add_argument("--part", choices=("all", "single", "scaled"), default="all",
-                        help="run only one part; the other's figures are kept from the last run")
-    parser.add_argument("--database-url", default=os.environ.get("TEST_DATABASE_URL"),
-                        help="PostgreSQL for the scaled-out part, where it may create a database")
+    parser.add_argument(
+        "--part",
+        choices=("all", "single", "scaled"),
+        default="all",
+        help="run only one part; the other's figures are kept from the last run",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("TEST_DATABASE_URL"),
+        help="PostgreSQL for the scaled-out part, where it may create a database",
+    )
     parser.add_argument("--redis-url", default=os.environ.get("TEST_REDIS_URL"), help="Redis for the scaled-out part")
     args = parser.parse_args()
     path = args.out / "benchmark.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if args.part == "scaled" and "a" not in results:
-        parser.error(f"--part scaled sets its figures beside one-process ones: run the single part into {args.out} first")
+        parser.error(
+            f"--part scaled sets its figures beside one-process ones: run the single part into {args.out} first"
+        )
     if args.part in ("all", "single"):
         scaled = results.get("scaled")
         results = json.loads(json.dumps(run(args.quick)))  # the keys as JSON has them
@@ -574,7 +629,9 @@ def main() -> None:
             results["scaled"] = scaled
     if args.part in ("all", "scaled"):
         if not (args.database_url and args.redis_url):
-            parser.error("the scaled-out part needs --database-url and --redis-url (or TEST_DATABASE_URL, TEST_REDIS_URL)")
+            parser.error(
+                "the scaled-out part needs --database-url and --redis-url (or TEST_DATABASE_URL, TEST_REDIS_URL)"
+            )
         results["scaled"] = json.loads(json.dumps(run_scaled(args.quick, args.database_url, args.redis_url)))
     report = table(results)
     if "scaled" in results:

@@ -51,14 +51,16 @@ def check_status(response: httpx.Response, tally: Tally) -> None:
         tally.server_errors.append(f"{response.request.method} {response.request.url.path} → {response.status_code}")
 
 
-async def read_events(http: httpx.AsyncClient, job_id: str, token: str, after: int, stop_after: int | None,
-                      tally: Tally) -> list[tuple[int, str, dict]] | None:
+async def read_events(
+    http: httpx.AsyncClient, job_id: str, token: str, after: int, stop_after: int | None, tally: Tally
+) -> list[tuple[int, str, dict]] | None:
     """Events after `after`; with `stop_after`, hang up after that many (a dropped client).
     None if the stream could not be opened."""
     headers = {"Last-Event-ID": str(after)} if after else {}
     events: list[tuple[int, str, dict]] = []
-    async with http.stream("GET", f"/api/generate/{job_id}/stream", params={"access_token": token},
-                           headers=headers) as response:
+    async with http.stream(
+        "GET", f"/api/generate/{job_id}/stream", params={"access_token": token}, headers=headers
+    ) as response:
         check_status(response, tally)
         if response.status_code != 200:
             return None
@@ -77,8 +79,11 @@ async def read_events(http: httpx.AsyncClient, job_id: str, token: str, after: i
 
 async def one_job(http: httpx.AsyncClient, token: str, rng: random.Random, tally: Tally) -> None:
     num_images = rng.randint(1, 4)
-    response = await http.post("/api/generate/", json={"prompt": f"soak {rng.random():.6f}", "num_images": num_images},
-                               headers={"Authorization": f"Bearer {token}"})
+    response = await http.post(
+        "/api/generate/",
+        json={"prompt": f"soak {rng.random():.6f}", "num_images": num_images},
+        headers={"Authorization": f"Bearer {token}"},
+    )
     check_status(response, tally)
     if response.status_code == 429:
         tally.throttled += 1
@@ -147,7 +152,7 @@ def memory_growth_mib(samples: list[float]) -> float:
     """Growth from the end of the warm-up (the first fifth) to the end."""
     if len(samples) < 5:
         return 0.0
-    settled = samples[len(samples) // 5:]
+    settled = samples[len(samples) // 5 :]
     return max(settled) - settled[0]
 
 
@@ -162,8 +167,10 @@ def report(tally: Tally, seconds: float) -> bool:
         ("429 answers (expected under load)", tally.throttled),
         ("5xx answers", len(tally.server_errors)),
         ("jobs with a lost or repeated event", len(tally.lost_or_repeated)),
-        ("server RSS first / last (MiB)",
-         f"{tally.rss_samples_mib[0]:.0f} / {tally.rss_samples_mib[-1]:.0f}" if tally.rss_samples_mib else "n/a"),
+        (
+            "server RSS first / last (MiB)",
+            f"{tally.rss_samples_mib[0]:.0f} / {tally.rss_samples_mib[-1]:.0f}" if tally.rss_samples_mib else "n/a",
+        ),
         ("RSS growth after warm-up (MiB)", f"{growth:.1f} (limit {MEMORY_GROWTH_LIMIT_MIB})"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -172,7 +179,9 @@ def report(tally: Tally, seconds: float) -> bool:
     for problem in (tally.server_errors + tally.lost_or_repeated)[:20]:
         print(f"  ! {problem}")
     return (
-        not tally.server_errors and not tally.lost_or_repeated and tally.finished > 0
+        not tally.server_errors
+        and not tally.lost_or_repeated
+        and tally.finished > 0
         and growth < MEMORY_GROWTH_LIMIT_MIB
     )
 

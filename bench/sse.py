@@ -27,7 +27,10 @@ class Arrival:
 
 
 async def stream_events(
-    base_url: str, path: str, until: Callable[[Arrival], bool], on_open: Callable[[], None] | None = None,
+    base_url: str,
+    path: str,
+    until: Callable[[Arrival], bool],
+    on_open: Callable[[], None] | None = None,
 ) -> list[Arrival]:
     """Read `path` until `until(event)` is true or the server ends the stream."""
     url = urlsplit(base_url)

@@ -248,12 +248,18 @@ class ServiceProcess:
 
     def start(self) -> "ServiceProcess":
         self._starts_before = self.log_path.read_text().count("worker ready") if self.log_path.exists() else 0
-        command = ["-m", "app.worker"] if self.worker else [
-            "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)
-        ]
+        command = (
+            ["-m", "app.worker"]
+            if self.worker
+            else ["-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        )
         with open(self.log_path, "ab") as log:  # a file, not a pipe nobody drains
             self.process = subprocess.Popen(
-                [sys.executable, *command], cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, *command],
+                cwd=PROJECT_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         wait_until(self._serving, timeout=30, what="the service process to serve")
         return self

@@ -43,20 +43,21 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
-    "FakeReplicate",
-    "Rule",
-    "Fault",
-    "RecordedRequest",
     "FLUX_SCHNELL",
     "FLUX_SCHNELL_VERSION",
     "TERMINAL_STATUSES",
+    "FakeReplicate",
+    "Fault",
+    "RecordedRequest",
+    "Rule",
 ]
 
 FLUX_SCHNELL = "black-forest-labs/flux-schnell"
@@ -127,7 +128,7 @@ class RecordedRequest:
 
 
 def _iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _new_id() -> str:
@@ -150,8 +151,10 @@ def _png_bytes(seed: str) -> bytes:
     rows = b"".join(marked if 8 <= y <= 23 else plain for y in range(_IMAGE_SIZE))
     header = struct.pack(">IIBBBBB", _IMAGE_SIZE, _IMAGE_SIZE, 8, 2, 0, 0, 0)  # 8-bit RGB
     return (
-        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows, 1)) + _png_chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows, 1))
+        + _png_chunk(b"IEND", b"")
     )
 
 
@@ -347,9 +350,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128  # default 5 drops SYNs under concurrent connects (1 s retransmit)
-    fake: "FakeReplicate"
+    fake: FakeReplicate
 
-    def __init__(self, addr, handler, fake: "FakeReplicate") -> None:
+    def __init__(self, addr, handler, fake: FakeReplicate) -> None:
         self.fake = fake
         self.conns: set[socket.socket] = set()
         self.conns_lock = threading.Lock()
@@ -379,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
             with self.server.conns_lock:
                 self.server.conns.discard(self.connection)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     # ---- dispatch -------------------------------------------------------
@@ -407,7 +410,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in the fake: answer 500 rather than dropping the socket
             fake.errors.append(exc)
             status, resp_headers = 500, {"Content-Type": "application/problem+json"}
-            payload = json.dumps(_problem(500, f"FakeReplicate internal error: {exc!r}", "Internal Server Error")).encode()
+            payload = json.dumps(
+                _problem(500, f"FakeReplicate internal error: {exc!r}", "Internal Server Error")
+            ).encode()
         if fake._stopped.is_set():
             self.close_connection = True
         self._send(status, resp_headers, payload)
@@ -495,7 +500,7 @@ class FakeReplicate:
 
     # ---- lifecycle --------------------------------------------------------
 
-    def start(self) -> "FakeReplicate":
+    def start(self) -> FakeReplicate:
         if self._server is not None:
             return self
         self._stopped.clear()
@@ -533,7 +538,7 @@ class FakeReplicate:
                 t.join(timeout=2)
         self._server = None
 
-    def __enter__(self) -> "FakeReplicate":
+    def __enter__(self) -> FakeReplicate:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -568,7 +573,7 @@ class FakeReplicate:
             self._advance()
             return [self._to_json(self._preds[pid]) for pid in self._order]
 
-    def wait_for(self, predicate: Callable[["FakeReplicate"], bool], timeout: float = 5.0) -> None:
+    def wait_for(self, predicate: Callable[[FakeReplicate], bool], timeout: float = 5.0) -> None:
         """Block until ``predicate(self)`` is true; raise TimeoutError after ``timeout`` seconds.
 
         Re-evaluated whenever a request arrives or a prediction changes state.
@@ -790,7 +795,7 @@ class FakeReplicate:
             with self._cond:
                 self._cond.wait_for(self._stopped.is_set, timeout=fault.hang)
         if fault.reset:
-            raise _Reset()
+            raise _Reset
         status = fault.status
         if status is None and fault.raw_body is not None:
             status = 502
@@ -811,8 +816,8 @@ class FakeReplicate:
         """Return (seconds to hold, Preference-Applied value) from a Prefer header."""
         if not value:
             return None, None
-        for token in re.split(r"[,;]", value):
-            token = token.strip()
+        for raw_token in re.split(r"[,;]", value):
+            token = raw_token.strip()
             if token.lower() == "wait":
                 return float(_MAX_WAIT), "wait"
             m = re.fullmatch(r"(?i)wait\s*=\s*(\d+)", token)
@@ -1005,9 +1010,11 @@ class FakeReplicate:
         }
 
     def _model_json(self, owner: str, name: str) -> dict:
-        version = FLUX_SCHNELL_VERSION if f"{owner}/{name}" == FLUX_SCHNELL else "dp-" + hashlib.md5(
-            f"{owner}/{name}".encode()
-        ).hexdigest()
+        version = (
+            FLUX_SCHNELL_VERSION
+            if f"{owner}/{name}" == FLUX_SCHNELL
+            else "dp-" + hashlib.md5(f"{owner}/{name}".encode()).hexdigest()
+        )
         return {
             "url": f"https://replicate.com/{owner}/{name}",
             "owner": owner,

@@ -170,7 +170,10 @@ class SwitchableFs:
         self._fd = os.open("/dev/fuse", os.O_RDWR)
         try:
             _mount(
-                "myflix-test", self.mountpoint, "fuse.myflix-test", _MS_NOSUID | _MS_NODEV,
+                "myflix-test",
+                self.mountpoint,
+                "fuse.myflix-test",
+                _MS_NOSUID | _MS_NODEV,
                 f"fd={self._fd},rootmode=40000,user_id=0,group_id=0,allow_other",
             )
         except BaseException:
@@ -199,7 +202,7 @@ class SwitchableFs:
                     continue
                 return  # ENODEV: unmounted
             length, opcode, unique, nodeid, *_ = _IN_HEADER.unpack_from(request)
-            body = request[_IN_HEADER.size:length]
+            body = request[_IN_HEADER.size : length]
             try:
                 payload, code = self._handle(opcode, nodeid, body), 0
             except _Reply as reply:
@@ -231,9 +234,22 @@ class SwitchableFs:
 
     def _attr(self, st: os.stat_result) -> bytes:
         return _ATTR.pack(
-            st.st_ino, st.st_size, st.st_blocks, int(st.st_atime), int(st.st_mtime), int(st.st_ctime),
-            st.st_atime_ns % 10**9, st.st_mtime_ns % 10**9, st.st_ctime_ns % 10**9,
-            st.st_mode, st.st_nlink, st.st_uid, st.st_gid, st.st_rdev, 4096, 0,
+            st.st_ino,
+            st.st_size,
+            st.st_blocks,
+            int(st.st_atime),
+            int(st.st_mtime),
+            int(st.st_ctime),
+            st.st_atime_ns % 10**9,
+            st.st_mtime_ns % 10**9,
+            st.st_ctime_ns % 10**9,
+            st.st_mode,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev,
+            4096,
+            0,
         )
 
     def _entry(self, relative: str) -> bytes:
@@ -259,8 +275,20 @@ class SwitchableFs:
             if major != 7:
                 raise _Reply(errno.EPROTO)
             return struct.pack(
-                "<IIIIHHIIHHIIH22x", 7, min(minor, 31), max_readahead, _FUSE_ASYNC_READ | _FUSE_BIG_WRITES,
-                16, 12, _MAX_WRITE, 1, 0, 0, 0, 0, 0,
+                "<IIIIHHIIHHIIH22x",
+                7,
+                min(minor, 31),
+                max_readahead,
+                _FUSE_ASYNC_READ | _FUSE_BIG_WRITES,
+                16,
+                12,
+                _MAX_WRITE,
+                1,
+                0,
+                0,
+                0,
+                0,
+                0,
             )
         if opcode == _LOOKUP:
             return self._entry(self._real(nodeid, _name(body)))
@@ -296,7 +324,7 @@ class SwitchableFs:
             return os.pread(fh, size, offset)
         if opcode == _WRITE:
             fh, offset, size, *_ = _READ_IN.unpack_from(body)
-            data = body[_READ_IN.size:_READ_IN.size + size]
+            data = body[_READ_IN.size : _READ_IN.size + size]
             return struct.pack("<II", os.pwrite(fh, data, offset), 0)
         if opcode == _RELEASE:
             os.close(struct.unpack_from("<Q", body)[0])
@@ -325,7 +353,7 @@ class SwitchableFs:
             return b""
         if opcode in (_RENAME, _RENAME2):
             newdir = struct.unpack_from("<Q", body)[0]
-            names = body[8 if opcode == _RENAME else 16:].split(b"\0")
+            names = body[8 if opcode == _RENAME else 16 :].split(b"\0")
             if opcode == _RENAME2 and struct.unpack_from("<I", body, 8)[0]:
                 raise _Reply(errno.EINVAL)  # RENAME_NOREPLACE/EXCHANGE: not needed here
             old, new = self._real(nodeid, os.fsdecode(names[0])), self._real(newdir, os.fsdecode(names[1]))
@@ -338,8 +366,15 @@ class SwitchableFs:
         if opcode == _STATFS:
             vfs = os.statvfs(self.backing)
             return _KSTATFS.pack(
-                vfs.f_blocks, vfs.f_bfree, vfs.f_bavail, vfs.f_files, vfs.f_ffree,
-                vfs.f_bsize, vfs.f_namemax, vfs.f_frsize, 0,
+                vfs.f_blocks,
+                vfs.f_bfree,
+                vfs.f_bavail,
+                vfs.f_files,
+                vfs.f_ffree,
+                vfs.f_bsize,
+                vfs.f_namemax,
+                vfs.f_frsize,
+                0,
             )
         if opcode == _ACCESS:
             mask = struct.unpack_from("<I", body)[0]
@@ -357,8 +392,9 @@ class SwitchableFs:
         raise _Reply(errno.ENOSYS)
 
     def _setattr(self, nodeid: int, body: bytes) -> bytes:
-        (valid, _, fh, size, _owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec,
-         mode, _, uid, gid, _) = _SETATTR_IN.unpack_from(body)
+        (valid, _, fh, size, _owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode, _, uid, gid, _) = (
+            _SETATTR_IN.unpack_from(body)
+        )
         path = self._on_disk(self._real(nodeid))
         target = fh if valid & _FATTR_FH else path
         if valid & _FATTR_SIZE:
@@ -371,10 +407,13 @@ class SwitchableFs:
             os.utime(target)
         elif valid & (_FATTR_ATIME | _FATTR_MTIME):
             current = os.stat(target)
-            os.utime(target, ns=(
-                atime * 10**9 + atimensec if valid & _FATTR_ATIME else current.st_atime_ns,
-                mtime * 10**9 + mtimensec if valid & _FATTR_MTIME else current.st_mtime_ns,
-            ))
+            os.utime(
+                target,
+                ns=(
+                    atime * 10**9 + atimensec if valid & _FATTR_ATIME else current.st_atime_ns,
+                    mtime * 10**9 + mtimensec if valid & _FATTR_MTIME else current.st_mtime_ns,
+                ),
+            )
         st = os.fstat(fh) if valid & _FATTR_FH else os.lstat(path)
         return _ATTR_OUT.pack(0, 0, 0) + self._attr(st)
 
@@ -554,8 +593,11 @@ class FollowedStream:
         """Connections that ended (or broke) before the end of the job without asking the client
         to come back with `retry:`."""
         return [
-            c for c in self.connections
-            if c.status == 200 and c.retry_ms is None and c.error != "given up by the test"
+            c
+            for c in self.connections
+            if c.status == 200
+            and c.retry_ms is None
+            and c.error != "given up by the test"
             and not (c.events and c.events[-1].event in ("done", "error"))
         ]
 
@@ -566,7 +608,8 @@ def _sse(lines: Iterator[str], connection: Connection) -> Iterator[StreamEvent]:
         if line == "":
             if "data" in fields:
                 yield StreamEvent(
-                    fields.get("event", ["message"])[-1], json.loads("\n".join(fields["data"])),
+                    fields.get("event", ["message"])[-1],
+                    json.loads("\n".join(fields["data"])),
                     fields.get("id", [None])[-1] or None,
                 )
             fields = {}
@@ -580,8 +623,13 @@ def _sse(lines: Iterator[str], connection: Connection) -> Iterator[StreamEvent]:
 
 
 def follow_stream(
-    base_url: str, token: str, job_id: str, deadline: float, stop: threading.Event | None = None,
-    headers: dict[str, str] | None = None, into: FollowedStream | None = None,
+    base_url: str,
+    token: str,
+    job_id: str,
+    deadline: float,
+    stop: threading.Event | None = None,
+    headers: dict[str, str] | None = None,
+    into: FollowedStream | None = None,
 ) -> FollowedStream:
     """Read a job's stream over HTTP to its `done` (or `error`), as EventSource would: when a
     stream ends early, come back after its `retry:` (or half a second) with Last-Event-ID.

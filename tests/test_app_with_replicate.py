@@ -55,11 +55,14 @@ def test_failures_and_retries_surface_per_image(live_server, fake_replicate):
 
 
 def test_a_wrong_token_fails_each_image_with_a_readable_reason(live_server, fake_replicate):
-    with live_server(
-        IMAGE_PROVIDER="replicate",
-        REPLICATE_API_TOKEN="r8_not_valid",
-        REPLICATE_BASE_URL=fake_replicate.base_url,
-    ) as server, server.client() as client:
+    with (
+        live_server(
+            IMAGE_PROVIDER="replicate",
+            REPLICATE_API_TOKEN="r8_not_valid",
+            REPLICATE_BASE_URL=fake_replicate.base_url,
+        ) as server,
+        server.client() as client,
+    ):
         token = login(client)
         job_id = create_job(client, token, prompt="x", num_images=1)
         done = read_stream(client, job_id, params={"access_token": token})[-1].data

@@ -77,7 +77,7 @@ def test_password_hashing_runs_off_the_event_loop(client, monkeypatch):
         return real_verify(password, password_hash)
 
     monkeypatch.setattr(auth_service, "verify_password", spy)
-    loop_thread = client.portal.call(lambda: threading.current_thread())
+    loop_thread = client.portal.call(threading.current_thread)
     assert client.post("/api/auth/login", json={"email": ALICE[0], "password": ALICE[1]}).status_code == 200
     assert threads and threads[0] is not loop_thread
 
@@ -97,7 +97,10 @@ def test_password_over_72_bytes_is_a_clear_422(client, route):
 
 def test_malformed_login_body_is_422(client):
     assert client.post("/api/auth/login", json={"email": ALICE[0]}).status_code == 422
-    assert client.post("/api/auth/login", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        client.post("/api/auth/login", content=b"not json", headers={"content-type": "application/json"}).status_code
+        == 422
+    )
 
 
 def _b64(data: dict) -> str:

@@ -5,10 +5,10 @@ role, never by CSS class. Synchronisation is Playwright's auto-waiting `expect`,
 """
 
 import math
-from decimal import ROUND_HALF_UP, Decimal
 import os
 import re
 import shutil
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest

@@ -93,8 +93,14 @@ def _recovers(client: httpx.Client, token: str, base_url: str, what: str) -> lis
     problems = []
     if not wait_for(lambda: _readyz(client) == 200, timeout=20):
         problems.append(f"after {what}: /readyz still {_readyz(client)} 20 s later (the service stays wedged)")
-    created = exchange(client, "POST", "/api/generate/", timeout=WRITE_BOUND + 5,
-                       json={"prompt": f"after {what}", "num_images": 1}, headers=_auth(token))
+    created = exchange(
+        client,
+        "POST",
+        "/api/generate/",
+        timeout=WRITE_BOUND + 5,
+        json={"prompt": f"after {what}", "num_images": 1},
+        headers=_auth(token),
+    )
     if created.status != 202:
         return [*problems, f"after {what}: a new job was not accepted: {_describe(created)}"]
     job_id = httpx.Response(202, content=created.body).json()["job_id"]
@@ -170,7 +176,11 @@ class _Poster:
                 attempt += 1
                 prompt = f"fault job {attempt}"
                 answer = exchange(
-                    client, "POST", "/api/generate/", timeout=WRITE_BOUND + 5, headers=_auth(self.token),
+                    client,
+                    "POST",
+                    "/api/generate/",
+                    timeout=WRITE_BOUND + 5,
+                    headers=_auth(self.token),
                     json={"prompt": prompt, "num_images": 2, "seed": 1000 * attempt},
                 )
                 self.answers.append((prompt, answer))
@@ -179,7 +189,8 @@ class _Poster:
                     self.followed[job_id] = FollowedStream(job_id)
                     self.accepted.append((job_id, prompt))
                     follower = threading.Thread(
-                        target=follow_stream, daemon=True,
+                        target=follow_stream,
+                        daemon=True,
                         args=(self.base_url, self.token, job_id, time.monotonic() + 600, self.stop),
                         kwargs={"into": self.followed[job_id]},
                     )
@@ -190,8 +201,7 @@ class _Poster:
 
 def _prediction_running(fake: FakeReplicate, prompts: set[str]) -> bool:
     return any(
-        p["status"] in ("starting", "processing") and p["input"]["prompt"] in prompts
-        for p in fake.predictions.values()
+        p["status"] in ("starting", "processing") and p["input"]["prompt"] in prompts for p in fake.predictions.values()
     )
 
 
@@ -202,9 +212,15 @@ def test_postgresql_connection_limits_and_a_revoked_login_lose_and_repeat_nothin
     revoked mid-job (sessions cut again) and given back. Nothing may be lost or repeated."""
     with FakeReplicate(latency=2.0, wait_cap=0.3) as fake:
         service = service_process(
-            DATABASE_URL=pg_sandbox.service_url, IMAGE_PROVIDER="replicate", REPLICATE_API_TOKEN=fake.token,
-            REPLICATE_BASE_URL=fake.base_url, REPLICATE_POLL_INTERVAL=0.1, DB_WRITE_TIMEOUT_SECONDS=WRITE_TIMEOUT,
-            SSE_KEEPALIVE_SECONDS=1, MAX_ACTIVE_JOBS_PER_USER=100, SHUTDOWN_GRACE_SECONDS=2,
+            DATABASE_URL=pg_sandbox.service_url,
+            IMAGE_PROVIDER="replicate",
+            REPLICATE_API_TOKEN=fake.token,
+            REPLICATE_BASE_URL=fake.base_url,
+            REPLICATE_POLL_INTERVAL=0.1,
+            DB_WRITE_TIMEOUT_SECONDS=WRITE_TIMEOUT,
+            SSE_KEEPALIVE_SECONDS=1,
+            MAX_ACTIVE_JOBS_PER_USER=100,
+            SHUTDOWN_GRACE_SECONDS=2,
         )
         client = service.client()
         token = login(client)
@@ -212,8 +228,15 @@ def test_postgresql_connection_limits_and_a_revoked_login_lose_and_repeat_nothin
         with (
             closing(client),
             Poller(service.base_url, "GET", "/readyz", every=0.1) as readyz,
-            Poller(service.base_url, "GET", "/api/generate/", every=0.05, timeout=20,
-                   params={"limit": 20}, headers=_auth(token)) as history,
+            Poller(
+                service.base_url,
+                "GET",
+                "/api/generate/",
+                every=0.05,
+                timeout=20,
+                params={"limit": 20},
+                headers=_auth(token),
+            ) as history,
             _Poster(service.base_url, token) as poster,
         ):
             poster.quota = 4
@@ -227,8 +250,11 @@ def test_postgresql_connection_limits_and_a_revoked_login_lose_and_repeat_nothin
             limit_start = time.monotonic()
             poster.quota = 10
             if not wait_for(
-                lambda: len(poster.accepted) >= 10 and time.monotonic() - limit_start >= 3
-                and len(history.between(limit_start, time.monotonic())) >= 5,
+                lambda: (
+                    len(poster.accepted) >= 10
+                    and time.monotonic() - limit_start >= 3
+                    and len(history.between(limit_start, time.monotonic())) >= 5
+                ),
                 timeout=40,
             ):
                 problems.append(
@@ -242,17 +268,19 @@ def test_postgresql_connection_limits_and_a_revoked_login_lose_and_repeat_nothin
             # Fault 2: the login revoked while images are running, every session cut.
             poster.quota = 12
             prompts = lambda: {prompt for _, prompt in poster.accepted}  # noqa: E731
-            assert wait_for(
-                lambda: len(poster.accepted) >= 12 and _prediction_running(fake, prompts()), timeout=40
-            ), f"harness: no image was running before the login was revoked ({len(poster.accepted)} jobs accepted)"
+            assert wait_for(lambda: len(poster.accepted) >= 12 and _prediction_running(fake, prompts()), timeout=40), (
+                f"harness: no image was running before the login was revoked ({len(poster.accepted)} jobs accepted)"
+            )
             pg_sandbox.login(False)
             pg_sandbox.terminate_sessions()
             nologin_start = time.monotonic()
             poster.quota = JOBS
             wait_for(
-                lambda: time.monotonic() - nologin_start >= WRITE_TIMEOUT + 2
-                and any(a.started >= nologin_start for _, a in poster.answers)
-                and len(readyz.between(nologin_start, time.monotonic())) >= 3,
+                lambda: (
+                    time.monotonic() - nologin_start >= WRITE_TIMEOUT + 2
+                    and any(a.started >= nologin_start for _, a in poster.answers)
+                    and len(readyz.between(nologin_start, time.monotonic())) >= 3
+                ),
                 timeout=20,
             )
             nologin_end = time.monotonic()
@@ -270,8 +298,9 @@ def test_postgresql_connection_limits_and_a_revoked_login_lose_and_repeat_nothin
             problems.append(f"only {len(accepted)} of {JOBS} jobs were accepted in the end")
         for job_id, followed in poster.followed.items():
             if not followed.done:
-                problems.append(f"the stream of {job_id} ({accepted[job_id]}) never ended with `done`: "
-                                f"{_ending(followed)}")
+                problems.append(
+                    f"the stream of {job_id} ({accepted[job_id]}) never ended with `done`: {_ending(followed)}"
+                )
             elif followed.last.data["status"] != "succeeded":
                 problems.append(f"{job_id} ended {followed.last.data['status']}: {followed.last.data['images']}")
             ids = [int(e.id) for e in followed.events if e.id is not None]
@@ -305,8 +334,9 @@ def test_postgresql_connection_limits_and_a_revoked_login_lose_and_repeat_nothin
         # Readiness.
         down = readyz.between(nologin_start, nologin_end + 1)
         if not any(a.status == 503 for a in down):
-            problems.append(f"/readyz never answered 503 while the login was revoked: "
-                            f"{Counter(a.status for a in down)}")
+            problems.append(
+                f"/readyz never answered 503 while the login was revoked: {Counter(a.status for a in down)}"
+            )
         if not ready_after:
             problems.append(f"/readyz is not 200 again 20 s after the faults: {_describe(readyz.answers[-1])}")
         # Reads and writes.
@@ -318,9 +348,11 @@ def test_postgresql_connection_limits_and_a_revoked_login_lose_and_repeat_nothin
             )
         for prompt, answer in poster.answers:
             if answer.status not in (202, 503) or answer.seconds > WRITE_BOUND:
-                problems.append(f"POST of {prompt!r} at +{answer.started - limit_start:.1f} s (faults from 0 to "
-                                f"{limit_end - limit_start:.1f} s and {nologin_start - limit_start:.1f} to "
-                                f"{faults_over - limit_start:.1f} s): {_describe(answer)}")
+                problems.append(
+                    f"POST of {prompt!r} at +{answer.started - limit_start:.1f} s (faults from 0 to "
+                    f"{limit_end - limit_start:.1f} s and {nologin_start - limit_start:.1f} to "
+                    f"{faults_over - limit_start:.1f} s): {_describe(answer)}"
+                )
         assert not problems, "\n".join(problems)
 
 
@@ -343,14 +375,25 @@ def can_mount_fuse():
 
 def _sqlite_service(service_process, data_dir, **env):
     return service_process(
-        DATA_DIR=str(data_dir), DATABASE_URL="", IMAGE_PROVIDER="local", LOCAL_LATENCY_JITTER_MS=0,
-        DB_WRITE_TIMEOUT_SECONDS=WRITE_TIMEOUT, SSE_KEEPALIVE_SECONDS=1, **env,
+        DATA_DIR=str(data_dir),
+        DATABASE_URL="",
+        IMAGE_PROVIDER="local",
+        LOCAL_LATENCY_JITTER_MS=0,
+        DB_WRITE_TIMEOUT_SECONDS=WRITE_TIMEOUT,
+        SSE_KEEPALIVE_SECONDS=1,
+        **env,
     )
 
 
 def _post(client: httpx.Client, token: str, prompt: str) -> Answer:
-    return exchange(client, "POST", "/api/generate/", timeout=WRITE_BOUND + 2,
-                    json={"prompt": prompt, "num_images": 1}, headers=_auth(token))
+    return exchange(
+        client,
+        "POST",
+        "/api/generate/",
+        timeout=WRITE_BOUND + 2,
+        json={"prompt": prompt, "num_images": 1},
+        headers=_auth(token),
+    )
 
 
 def _one_job_succeeds(client: httpx.Client, token: str) -> None:
@@ -370,8 +413,9 @@ def test_sqlite_turning_read_only_answers_503_and_recovers_by_itself(can_mount_f
             _one_job_succeeds(client, token)
 
             disk.read_only = True
-            problems = _check_refused_write(_post(client, token, "while read-only"),
-                                            "POST /api/generate/ while the database is read-only")
+            problems = _check_refused_write(
+                _post(client, token, "while read-only"), "POST /api/generate/ while the database is read-only"
+            )
             if not wait_for(lambda: _readyz(client) == 503, timeout=WRITE_BOUND):
                 problems.append(f"/readyz while the database is read-only: {_readyz(client)}, expected 503")
             assert disk.refused_writes > 0, "harness: the service wrote nothing while its disk was read-only"
@@ -393,12 +437,17 @@ def test_a_full_disk_answers_503_fails_the_image_it_cannot_keep_and_recovers(can
             _one_job_succeeds(client, token)
             # An image is being made when the disk fills: it cannot be kept.
             job_id = create_job(client, token, prompt="cannot be kept", num_images=1)
-            head = read_stream(client, job_id, headers=_auth(token),
-                               stop=lambda e: e.event == "progress" and e.data["status"] == "running")
+            head = read_stream(
+                client,
+                job_id,
+                headers=_auth(token),
+                stop=lambda e: e.event == "progress" and e.data["status"] == "running",
+            )
             running_since = time.monotonic()
             filler = fill(data)
-            problems = _check_refused_write(_post(client, token, "on a full disk"),
-                                            "POST /api/generate/ while the disk is full")
+            problems = _check_refused_write(
+                _post(client, token, "on a full disk"), "POST /api/generate/ while the disk is full"
+            )
             if not wait_for(lambda: _readyz(client) == 503, timeout=WRITE_BOUND):
                 problems.append(f"/readyz while the disk is full: {_readyz(client)}, expected 503")
 
@@ -411,15 +460,18 @@ def test_a_full_disk_answers_503_fails_the_image_it_cannot_keep_and_recovers(can
             assert time.monotonic() > running_since + latency, "harness: the disk was freed before the image was made"
             filler.unlink()
 
-            rest = follow_stream(service.base_url, token, job_id, deadline=time.monotonic() + 30,
-                                 headers={"Last-Event-ID": head[-1].id})
+            rest = follow_stream(
+                service.base_url, token, job_id, deadline=time.monotonic() + 30, headers={"Last-Event-ID": head[-1].id}
+            )
             if not rest.done:
                 problems.append(f"the job whose image could not be kept never ended with `done`: {_ending(rest)}")
             else:
                 image = rest.last.data["images"][0]
                 if image["status"] != "failed" or "the image store is full" not in (image["error"] or ""):
-                    problems.append(f"the image that could not be kept: status {image['status']!r}, error "
-                                    f"{image['error']!r} (expected failed, with 'the image store is full')")
+                    problems.append(
+                        f"the image that could not be kept: status {image['status']!r}, error "
+                        f"{image['error']!r} (expected failed, with 'the image store is full')"
+                    )
             problems += _recovers(client, token, service.base_url, "space is freed")
         assert not problems, "\n".join(problems)
 
@@ -428,13 +480,16 @@ def test_a_full_disk_answers_503_fails_the_image_it_cannot_keep_and_recovers(can
 def test_sigterm_stops_the_service_in_time_while_writes_fail(can_mount_fuse, service_process, tmp_path):
     grace = 2
     with SwitchableFs(tmp_path / "disk", tmp_path / "data") as disk:
-        service = _sqlite_service(service_process, disk.mountpoint, LOCAL_LATENCY_MS=300,
-                                  SHUTDOWN_GRACE_SECONDS=grace)
+        service = _sqlite_service(service_process, disk.mountpoint, LOCAL_LATENCY_MS=300, SHUTDOWN_GRACE_SECONDS=grace)
         with killed_on_exit(service), service.client() as client:
             token = login(client)
             job_id = create_job(client, token, prompt="interrupted", num_images=4)
-            read_stream(client, job_id, headers=_auth(token),
-                        stop=lambda e: e.event == "progress" and e.data["status"] == "running")
+            read_stream(
+                client,
+                job_id,
+                headers=_auth(token),
+                stop=lambda e: e.event == "progress" and e.data["status"] == "running",
+            )
             disk.read_only = True
             # Writes are failing now: the images' results, and a new job.
             _post(client, token, "refused")
@@ -482,8 +537,9 @@ def test_snapshots_seconds_apart_give_identical_image_links(service_process):
 
 @pytest.mark.timeout(120)
 def test_a_stream_replayed_after_its_links_expired_carries_live_links(service_process):
-    service = service_process(IMAGE_PROVIDER="local", LOCAL_LATENCY_MS=50, LOCAL_LATENCY_JITTER_MS=0,
-                              IMAGE_URL_TTL_SECONDS=2)
+    service = service_process(
+        IMAGE_PROVIDER="local", LOCAL_LATENCY_MS=50, LOCAL_LATENCY_JITTER_MS=0, IMAGE_URL_TTL_SECONDS=2
+    )
     with service.client() as client:
         token = login(client)
         job_id = create_job(client, token, prompt="links that expire", num_images=2)
@@ -493,8 +549,11 @@ def test_a_stream_replayed_after_its_links_expired_carries_live_links(service_pr
 
         replayed = _image_urls(read_stream(client, job_id, headers=_auth(token)))
         answers = {url: client.get(url) for url in replayed}
-        stale = {url: r.status_code for url, r in answers.items()
-                 if r.status_code != 200 or r.headers.get("content-type") != "image/png"}
+        stale = {
+            url: r.status_code
+            for url, r in answers.items()
+            if r.status_code != 200 or r.headers.get("content-type") != "image/png"
+        }
         assert replayed and not stale, f"a stream replayed after its links expired carries dead links: {stale}"
 
         # Signed when sent, for the base URL the replaying request came to.

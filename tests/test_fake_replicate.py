@@ -15,9 +15,9 @@ from PIL import Image
 from replicate.exceptions import ModelError, ReplicateError
 
 try:  # tests/ is a package (tests/__init__.py)
-    from tests.fake_replicate import FLUX_SCHNELL, Fault, FakeReplicate, Rule
+    from tests.fake_replicate import FLUX_SCHNELL, FakeReplicate, Fault, Rule
 except ImportError:  # tests/ on sys.path as a plain directory
-    from fake_replicate import FLUX_SCHNELL, Fault, FakeReplicate, Rule
+    from fake_replicate import FLUX_SCHNELL, FakeReplicate, Fault, Rule
 
 MODEL = FLUX_SCHNELL
 
@@ -423,7 +423,7 @@ def test_stop_releases_held_wait_requests():
     def hold() -> None:
         try:
             outcome["pred"] = client.models.predictions.create(model=MODEL, input={"prompt": "forever"}, wait=True)
-        except Exception as exc:  # noqa: BLE001 - either answer is acceptable
+        except Exception as exc:
             outcome["exc"] = exc
 
     t = threading.Thread(target=hold)

@@ -32,7 +32,9 @@ EXAMPLES_PER_OPERATION = 25
 @pytest.fixture(scope="module")
 def fuzzed_server(tmp_path_factory):
     settings_ = make_settings(
-        tmp_path_factory.mktemp("fuzz") / "data", LOCAL_LATENCY_MS=0, MAX_ACTIVE_JOBS_PER_USER=1000,
+        tmp_path_factory.mktemp("fuzz") / "data",
+        LOCAL_LATENCY_MS=0,
+        MAX_ACTIVE_JOBS_PER_USER=1000,
         SSE_KEEPALIVE_SECONDS=0.5,
     )
     with LiveServer(settings_) as server:

@@ -8,26 +8,29 @@ from contextlib import asynccontextmanager
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from app.bootstrap import Components, job_service
 from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner
 from app.db.engine import create_engine, create_sessionmaker
+from app.db.journal import Journal
 from app.db.migrate import upgrade_database
 from app.db.repository import ConflictingWriteError, Repository
 from app.providers.base import GeneratedImage, ImageRequest, ProviderError
 from app.providers.local import render_image
 from app.services.auth_service import seed_demo_users
-from app.services.generation_service import GenerationService
-from app.services import image_maker
-from app.services.image_maker import FirstImage, ImageMaker
 from app.services.image_store import LocalImageStore
-from app.services.job_service import (
+from app.services.jobs import queue_inprocess
+from app.services.jobs.events_inprocess import InProcessEventBus
+from app.services.jobs.image_maker import ImageMaker
+from app.services.jobs.queue_inprocess import FirstImage
+from app.services.jobs.scheduler import FairScheduler
+from app.services.jobs.service import (
     JobNotFoundError,
     ServiceUnavailableError,
     TooManyActiveJobsError,
     TooManyImagesError,
 )
-from app.services.journal import Journal
-from app.services.scheduler import FairScheduler
+from tests.conftest import make_settings
 
 OWNER = "alice@myflix.dev"
 
@@ -65,22 +68,25 @@ class ScriptedProvider:
 
 
 @asynccontextmanager
-async def running_service(tmp_path, provider, **limits):
+async def running_service(tmp_path, provider, image_store=None, **limits):
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
     await upgrade_database(engine)
     repository = Repository(create_sessionmaker(engine))
     await seed_demo_users(repository)
-    journal = Journal(engine)
-    journal.start()
     options = dict(
-        max_workers=4, max_images_per_job=8, max_active_jobs_per_user=4, image_timeout_seconds=30,
-        shutdown_grace_seconds=1,
+        GENERATION_MAX_WORKERS=4,
+        MAX_IMAGES_PER_JOB=8,
+        MAX_ACTIVE_JOBS_PER_USER=4,
+        IMAGE_TIMEOUT_SECONDS=30,
+        SHUTDOWN_GRACE_SECONDS=1,
     )
     options.update(limits)
-    service = GenerationService(
-        ImageMaker(provider, LocalImageStore(tmp_path / "images")), repository, journal,
-        ImageUrlSigner(b"k", 60), Metrics(), **options,
+    settings = make_settings(tmp_path / "data", **options)
+    image_store = image_store or LocalImageStore(tmp_path / "images")
+    components = Components(
+        engine, repository, image_store, ImageUrlSigner(b"k", 60), Metrics(), ImageMaker(provider, image_store), None
     )
+    service = job_service(settings, components, makes_images=True)
     await service.start()
     try:
         yield service
@@ -90,18 +96,18 @@ async def running_service(tmp_path, provider, **limits):
 
 
 class SaveRecordingStore(LocalImageStore):
-    """Notes, at each save, how many `succeeded` progress events `job` had published by then.
-    The first save lingers until a second one starts (half a second at most), so that an image
-    free to overtake the first would do so."""
+    """Notes, at each save, how many `succeeded` progress events of the job had been published
+    by then (`events`). The first save lingers until a second one starts (half a
+    second at most), so that an image free to overtake the first would do so."""
 
     def __init__(self, directory):
         super().__init__(directory)
-        self.job = None
+        self.events: list = []
         self.published_at_save: list[int] = []
         self._second_save = threading.Event()
 
     def save(self, key, content):
-        events = self.job.events.all()
+        events = list(self.events)
         self.published_at_save.append(sum('"status":"succeeded"' in e.data for e in events if e.name == "progress"))
         if len(self.published_at_save) == 1:
             self._second_save.wait(0.5)
@@ -116,7 +122,7 @@ async def _followed(service, job):
 
 
 async def _run_job(service, **job):
-    created, _ = await service.create_job(owner=OWNER, image_base_url="http://test", **job)
+    created, _ = await service.create_job(owner=OWNER, **job)
     events = await _followed(service, created)
     return await service.get_job(created.id, OWNER), events
 
@@ -163,15 +169,22 @@ def test_every_worker_thread_is_prepared_at_start_before_any_image(tmp_path):
 
 
 def test_images_that_finish_together_wait_until_the_first_ones_event_is_published(tmp_path, monkeypatch):
-    monkeypatch.setattr(image_maker, "FIRST_IMAGE_HOLD_SECONDS", 30)
+    monkeypatch.setattr(queue_inprocess, "FIRST_IMAGE_HOLD_SECONDS", 30)
     gate = threading.Event()
     provider = ScriptedProvider(gate=gate)
 
+    store = SaveRecordingStore(tmp_path / "recorded")
+    publish = InProcessEventBus.publish
+
+    async def recorded_publish(self, job_id, events):
+        store.events.extend(events)
+        await publish(self, job_id, events)
+
+    monkeypatch.setattr(InProcessEventBus, "publish", recorded_publish)
+
     async def scenario():
-        async with running_service(tmp_path, provider) as service:
-            store = service._maker._image_store = SaveRecordingStore(tmp_path / "recorded")
-            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=4, seed=None, image_base_url="http://t")
-            store.job = job
+        async with running_service(tmp_path, provider, image_store=store) as service:
+            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=4, seed=None)
             assert await _poll(lambda: len(provider.calls) == 4, seconds=10)  # all made, then released at once
             gate.set()
             events = await _followed(service, job)
@@ -185,7 +198,7 @@ def test_images_that_finish_together_wait_until_the_first_ones_event_is_publishe
 
 
 def test_the_images_after_the_first_wait_no_longer_than_the_hold(monkeypatch):
-    monkeypatch.setattr(image_maker, "FIRST_IMAGE_HOLD_SECONDS", 0.05)
+    monkeypatch.setattr(queue_inprocess, "FIRST_IMAGE_HOLD_SECONDS", 0.05)
     first_image = FirstImage()
     first_image.wait_turn()  # the first: at once
     waited = threading.Event()
@@ -201,13 +214,14 @@ def test_limits_and_ownership_are_domain_errors(tmp_path):
     gate = threading.Event()
 
     async def scenario():
-        async with running_service(tmp_path, ScriptedProvider(gate=gate), max_images_per_job=2,
-                                   max_active_jobs_per_user=1) as service:
+        async with running_service(
+            tmp_path, ScriptedProvider(gate=gate), MAX_IMAGES_PER_JOB=2, MAX_ACTIVE_JOBS_PER_USER=1
+        ) as service:
             with pytest.raises(TooManyImagesError):
-                await service.create_job(owner=OWNER, prompt="p", num_images=3, seed=None, image_base_url="http://t")
-            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t")
+                await service.create_job(owner=OWNER, prompt="p", num_images=3, seed=None)
+            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None)
             with pytest.raises(TooManyActiveJobsError) as too_many:
-                await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t")
+                await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None)
             assert too_many.value.retry_after > 0
             with pytest.raises(JobNotFoundError):
                 await service.get_job(job.id, owner="bob@myflix.dev")
@@ -274,10 +288,15 @@ def test_images_start_while_the_job_is_stored_unless_an_idempotency_key_could_re
         directory = tmp_path / (idempotency_key or "plain")
         directory.mkdir()
         async with running_service(directory, provider) as service:
-            creating = asyncio.create_task(service.create_job(
-                owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t",
-                idempotency_key=idempotency_key,
-            ))
+            creating = asyncio.create_task(
+                service.create_job(
+                    owner=OWNER,
+                    prompt="p",
+                    num_images=1,
+                    seed=None,
+                    idempotency_key=idempotency_key,
+                )
+            )
             started = await _poll(lambda: bool(provider.calls), seconds=1)
             assert not creating.done()  # the POST is answered only once the job is stored
             commits_may_finish.set()
@@ -307,22 +326,22 @@ def test_a_job_the_database_refuses_stops_the_images_it_started_and_frees_its_sl
 
     async def scenario():
         nonlocal refusing
-        async with running_service(tmp_path, provider, max_active_jobs_per_user=1) as service:
+        async with running_service(tmp_path, provider, MAX_ACTIVE_JOBS_PER_USER=1) as service:
             with pytest.raises(ConflictingWriteError):
-                await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t")
+                await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None)
             assert await _poll(lambda: bool(provider.requests), seconds=5)
             assert provider.requests[0].stop.cancels_at_provider
             gate.set()  # the provider finishes it anyway: nothing of it may be recorded
-            assert await _poll(lambda: service._scheduler.busy == 0, seconds=5)
+            assert await _poll(lambda: service.images_in_progress == 0, seconds=5)
             refusing = False
-            job, _ = await service.create_job(owner=OWNER, prompt="q", num_images=1, seed=None, image_base_url="http://t")
+            job, _ = await service.create_job(owner=OWNER, prompt="q", num_images=1, seed=None)
             events = await _followed(service, job)
             assert events[-1].name == "done"
             gate.clear()
             try:
-                await service.create_job(owner=OWNER, prompt="r", num_images=1, seed=None, image_base_url="http://t")
+                await service.create_job(owner=OWNER, prompt="r", num_images=1, seed=None)
                 with pytest.raises(TooManyActiveJobsError):  # the refused job freed its slot once, not twice
-                    await service.create_job(owner=OWNER, prompt="s", num_images=1, seed=None, image_base_url="http://t")
+                    await service.create_job(owner=OWNER, prompt="s", num_images=1, seed=None)
             finally:
                 gate.set()
 
@@ -401,12 +420,12 @@ def test_a_stopping_service_takes_no_new_jobs_and_the_next_one_resumes_them(tmp_
     gate = threading.Event()  # never opened: the images are still running at shutdown
 
     async def first_life():
-        async with running_service(tmp_path, ScriptedProvider(gate=gate), shutdown_grace_seconds=0) as service:
-            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=2, seed=None, image_base_url="http://t")
+        async with running_service(tmp_path, ScriptedProvider(gate=gate), SHUTDOWN_GRACE_SECONDS=0) as service:
+            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=2, seed=None)
             stopping = asyncio.create_task(service.shutdown())
             await asyncio.sleep(0)  # let shutdown begin
             with pytest.raises(ServiceUnavailableError):
-                await service.create_job(owner=OWNER, prompt="q", num_images=1, seed=None, image_base_url="http://t")
+                await service.create_job(owner=OWNER, prompt="q", num_images=1, seed=None)
             await stopping
             gate.set()  # free the worker threads the first life left behind
             return job.id
@@ -421,8 +440,8 @@ def test_a_job_that_cannot_be_resumed_ends_with_an_error_event(tmp_path, monkeyp
     gate = threading.Event()
 
     async def first_life():
-        async with running_service(tmp_path, ScriptedProvider(gate=gate), shutdown_grace_seconds=0) as service:
-            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None, image_base_url="http://t")
+        async with running_service(tmp_path, ScriptedProvider(gate=gate), SHUTDOWN_GRACE_SECONDS=0) as service:
+            job, _ = await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None)
         gate.set()
         return job.id
 

@@ -170,7 +170,7 @@ def test_keepalive_is_sent_while_the_stream_is_quiet(live_server):
 
 
 @pytest.mark.parametrize(
-    "body, fragment",
+    ("body", "fragment"),
     [
         ({"prompt": "   ", "num_images": 1}, "at least 1 character"),
         ({"prompt": "x" * 2001, "num_images": 1}, "at most 2000 characters"),
@@ -200,7 +200,8 @@ def test_odd_json_is_a_422_not_a_500(live_server, raw):
     with live_server() as server, server.client() as client:
         token = login(client)
         response = client.post(
-            "/api/generate/", content=raw,
+            "/api/generate/",
+            content=raw,
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
         assert response.status_code == 422, response.text

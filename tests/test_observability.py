@@ -44,8 +44,9 @@ def test_metrics_show_a_job_in_flight_and_its_outcome(live_server):
         job_id = create_job(client, token, prompt="measured", num_images=4)
         seen: list = []
         follower = threading.Thread(
-            target=lambda: read_stream(server.client(), job_id, params={"access_token": token},
-                                       stop=lambda e: seen.append(e) or False)
+            target=lambda: read_stream(
+                server.client(), job_id, params={"access_token": token}, stop=lambda e: seen.append(e) or False
+            )
         )
         follower.start()
         wait_until(lambda: len(seen) >= 6, what="two images running")  # 4 queued + 2 running
@@ -69,9 +70,14 @@ def test_metrics_show_a_job_in_flight_and_its_outcome(live_server):
 
 def test_retries_are_progress_events_and_counted(live_server, fake_replicate):
     fake_replicate.push_create_fault(Fault(status=429, retry_after=0))
-    with live_server(
-        IMAGE_PROVIDER="replicate", REPLICATE_API_TOKEN=fake_replicate.token, REPLICATE_BASE_URL=fake_replicate.base_url,
-    ) as server, server.client() as client:
+    with (
+        live_server(
+            IMAGE_PROVIDER="replicate",
+            REPLICATE_API_TOKEN=fake_replicate.token,
+            REPLICATE_BASE_URL=fake_replicate.base_url,
+        ) as server,
+        server.client() as client,
+    ):
         token = login(client)
         job_id = create_job(client, token, prompt="retried", num_images=1)
         events = read_stream(client, job_id, params={"access_token": token})
@@ -89,7 +95,10 @@ def test_openapi_documents_the_stream_events_examples_and_tags(live_server):
     stream = schema["paths"]["/api/generate/{job_id}/stream"]["get"]
     event_refs = stream["responses"]["200"]["content"]["text/event-stream"]["schema"]["oneOf"]
     assert {ref["$ref"].rsplit("/", 1)[1] for ref in event_refs} == {
-        "ProgressEvent", "DoneEvent", "ErrorEvent", "KeepaliveEvent"
+        "ProgressEvent",
+        "DoneEvent",
+        "ErrorEvent",
+        "KeepaliveEvent",
     }
     for name in ("ProgressEvent", "DoneEvent", "ErrorEvent"):
         assert "job_id" in schema["components"]["schemas"][name]["properties"]

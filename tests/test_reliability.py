@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -28,8 +28,13 @@ def _auth(token):
 
 def _replicate(live_server, fake, **overrides):
     return live_server(
-        IMAGE_PROVIDER="replicate", REPLICATE_API_TOKEN=fake.token, REPLICATE_BASE_URL=fake.base_url,
-        REPLICATE_POLL_INTERVAL=0.05, REPLICATE_MAX_RETRIES=3, GENERATION_MAX_WORKERS=4, **overrides,
+        IMAGE_PROVIDER="replicate",
+        REPLICATE_API_TOKEN=fake.token,
+        REPLICATE_BASE_URL=fake.base_url,
+        REPLICATE_POLL_INTERVAL=0.05,
+        REPLICATE_MAX_RETRIES=3,
+        GENERATION_MAX_WORKERS=4,
+        **overrides,
     )
 
 
@@ -44,23 +49,38 @@ def _image_threads() -> int:
 
 # Each fault: how to inject it, the job's outcome, and words the user reads.
 FAULTS = {
-    "429 burst within the retries": (lambda f: [f.push_create_fault(Fault(status=429, retry_after=0)) for _ in range(3)],
-                                     "succeeded", None),
-    "429 burst beyond the retries": (lambda f: [f.push_create_fault(Fault(status=429, retry_after=0)) for _ in range(4)],
-                                     "failed", "Replicate is unavailable"),
+    "429 burst within the retries": (
+        lambda f: [f.push_create_fault(Fault(status=429, retry_after=0)) for _ in range(3)],
+        "succeeded",
+        None,
+    ),
+    "429 burst beyond the retries": (
+        lambda f: [f.push_create_fault(Fault(status=429, retry_after=0)) for _ in range(4)],
+        "failed",
+        "Replicate is unavailable",
+    ),
     "500": (lambda f: f.push_create_fault(Fault(status=500)), "succeeded", None),
     "502": (lambda f: f.push_create_fault(Fault(status=502)), "succeeded", None),
     "503": (lambda f: f.push_create_fault(Fault(status=503)), "succeeded", None),
     "connection reset on create": (lambda f: f.push_create_fault(Fault(reset=True)), "failed", "Lost the connection"),
-    "connection reset while polling": (lambda f: (setattr(f, "wait_cap", 0.05), f.push_get_fault(Fault(reset=True))),
-                                       "succeeded", None),
-    "not JSON": (lambda f: f.push_create_fault(Fault(status=201, raw_body=b"<html>proxy error</html>")),
-                 "failed", "not JSON"),
+    "connection reset while polling": (
+        lambda f: (setattr(f, "wait_cap", 0.05), f.push_get_fault(Fault(reset=True))),
+        "succeeded",
+        None,
+    ),
+    "not JSON": (
+        lambda f: f.push_create_fault(Fault(status=201, raw_body=b"<html>proxy error</html>")),
+        "failed",
+        "not JSON",
+    ),
     "aborted": (lambda f: f.add_rule(Rule(match="", status="aborted")), "failed", "aborted"),
     "output 404": (lambda f: f.add_rule(Rule(match="", output_http_status=404)), "failed", "HTTP 404"),
     "output not an image": (lambda f: f.add_rule(Rule(match="", output_body=b"plain text")), "failed", "not a PNG"),
-    "failed prediction": (lambda f: f.add_rule(Rule(match="", fail_error="CUDA out of memory")), "failed",
-                          "CUDA out of memory"),
+    "failed prediction": (
+        lambda f: f.add_rule(Rule(match="", fail_error="CUDA out of memory")),
+        "failed",
+        "CUDA out of memory",
+    ),
     "fewer outputs than asked (NSFW)": (lambda f: f.add_rule(Rule(match="", outputs=0)), "failed", "no image"),
 }
 
@@ -85,12 +105,19 @@ def test_connection_refused_fails_the_image_after_bounded_retries(live_server):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    with live_server(
-        IMAGE_PROVIDER="replicate", REPLICATE_API_TOKEN="r8_x", REPLICATE_BASE_URL=f"http://127.0.0.1:{port}",
-        REPLICATE_MAX_RETRIES=2,
-    ) as server, server.client() as client:
+    with (
+        live_server(
+            IMAGE_PROVIDER="replicate",
+            REPLICATE_API_TOKEN="r8_x",
+            REPLICATE_BASE_URL=f"http://127.0.0.1:{port}",
+            REPLICATE_MAX_RETRIES=2,
+        ) as server,
+        server.client() as client,
+    ):
         token = login(client)
-        events = read_stream(client, create_job(client, token, prompt="x", num_images=1), params={"access_token": token})
+        events = read_stream(
+            client, create_job(client, token, prompt="x", num_images=1), params={"access_token": token}
+        )
     retries = [e.data for e in events if e.data.get("status") == "retrying"]
     assert [r["attempt"] for r in retries] == [1, 2]
     assert events[-1].data["status"] == "failed"
@@ -102,7 +129,9 @@ def test_a_prediction_that_never_finishes_times_out_and_is_canceled(live_server,
     fake_replicate.add_rule(Rule(match="", never_finish=True))
     with _replicate(live_server, fake_replicate, IMAGE_TIMEOUT_SECONDS=1) as server, server.client() as client:
         token = login(client)
-        done = read_stream(client, create_job(client, token, prompt="x", num_images=2), params={"access_token": token})[-1]
+        done = read_stream(client, create_job(client, token, prompt="x", num_images=2), params={"access_token": token})[
+            -1
+        ]
         assert done.data["status"] == "failed"
         assert all("within 1 s" in image["error"] for image in done.data["images"])
         fake_replicate.wait_for(lambda f: all(p["status"] == "canceled" for p in f.predictions.values()))
@@ -166,16 +195,17 @@ def test_a_reader_that_stops_reading_is_cut_off_without_stalling_anyone(live_ser
         job_id = create_job(client, token, prompt="slow reader", num_images=1)
         stalled = socket.create_connection(("127.0.0.1", server.port))
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.sendall(
-            f"GET /api/generate/{job_id}/stream?access_token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-        )
+        stalled.sendall(f"GET /api/generate/{job_id}/stream?access_token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         try:
             # Meanwhile a normal subscriber gets the whole job, keepalive flood and all.
             events = read_stream(client, job_id, params={"access_token": token})
             assert events[-1].event == "done"
             # The stalled one was disconnected once a send waited longer than 1 s.
-            wait_until(lambda: "myflix_open_streams 0.0" in client.get("/metrics").text, timeout=15,
-                       what="the stalled stream to be cut off")
+            wait_until(
+                lambda: "myflix_open_streams 0.0" in client.get("/metrics").text,
+                timeout=15,
+                what="the stalled stream to be cut off",
+            )
         finally:
             stalled.close()
 
@@ -221,7 +251,7 @@ def test_rs256_and_confused_algorithm_tokens_are_refused(live_server):
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    claims = {"sub": ALICE[0], "exp": datetime.now(timezone.utc) + timedelta(minutes=5)}
+    claims = {"sub": ALICE[0], "exp": datetime.now(UTC) + timedelta(minutes=5)}
     tokens = {
         "RS256": jwt.encode(claims, private_pem.decode(), algorithm="RS256"),
         # The classic confusion: HS256 keyed with the public key (jose itself refuses to make one).
@@ -249,9 +279,15 @@ def test_security_headers(live_server):
 
 
 @pytest.mark.parametrize(
-    "prompt, status",
-    [("a cat\x00", 422), ("bell\x07", 422), ("esc \x1b[31m red", 422), ("line\nbreaks\tand tabs", 202),
-     ("日本の猫 🐈 café", 202), ("\u202eright-to-left", 202)],
+    ("prompt", "status"),
+    [
+        ("a cat\x00", 422),
+        ("bell\x07", 422),
+        ("esc \x1b[31m red", 422),
+        ("line\nbreaks\tand tabs", 202),
+        ("日本の猫 🐈 café", 202),
+        ("\u202eright-to-left", 202),
+    ],
 )
 def test_prompts_any_language_yes_control_characters_no(live_server, prompt, status):
     with live_server() as server, server.client() as client:
@@ -284,7 +320,8 @@ def test_deeply_nested_json_is_a_400_not_a_500(live_server):
     nested = b'{"prompt": "x", "num_images": 1, "extra": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}"
     with live_server() as server, server.client() as client:
         response = client.post(
-            "/api/generate/", content=nested,
+            "/api/generate/",
+            content=nested,
             headers={**_auth(login(client)), "Content-Type": "application/json"},
         )
     assert response.status_code == 400

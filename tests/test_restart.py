@@ -36,8 +36,12 @@ def _running_before_stop(events):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_local_images_run_again_after_a_restart(service_process, database_url, sig):
     env = dict(
-        DATABASE_URL=database_url, IMAGE_PROVIDER="local", LOCAL_LATENCY_MS=1500, LOCAL_LATENCY_JITTER_MS=0,
-        GENERATION_MAX_WORKERS=2, SHUTDOWN_GRACE_SECONDS=0,
+        DATABASE_URL=database_url,
+        IMAGE_PROVIDER="local",
+        LOCAL_LATENCY_MS=1500,
+        LOCAL_LATENCY_JITTER_MS=0,
+        GENERATION_MAX_WORKERS=2,
+        SHUTDOWN_GRACE_SECONDS=0,
     )
     service = service_process(**env)
     with service.client() as client:
@@ -51,7 +55,9 @@ def test_local_images_run_again_after_a_restart(service_process, database_url, s
     done = rest[-1].data
     assert done["status"] == "succeeded"
     # TTFI is the first success's, even when that came before the restart.
-    first_success = min(e.data["elapsed_ms"] for e in whole if e.event == "progress" and e.data["status"] == "succeeded")
+    first_success = min(
+        e.data["elapsed_ms"] for e in whole if e.event == "progress" and e.data["status"] == "succeeded"
+    )
     assert done["ttfi_ms"] == first_success
     with service.client() as client:
         token = login(client)
@@ -64,8 +70,12 @@ def test_local_images_run_again_after_a_restart(service_process, database_url, s
 def test_replicate_predictions_are_reattached_not_created_again(service_process, database_url, sig):
     with FakeReplicate(latency=2.0, wait_cap=0.05) as fake:
         service = service_process(
-            DATABASE_URL=database_url, IMAGE_PROVIDER="replicate", REPLICATE_API_TOKEN=fake.token,
-            REPLICATE_BASE_URL=fake.base_url, REPLICATE_POLL_INTERVAL=0.05, SHUTDOWN_GRACE_SECONDS=0,
+            DATABASE_URL=database_url,
+            IMAGE_PROVIDER="replicate",
+            REPLICATE_API_TOKEN=fake.token,
+            REPLICATE_BASE_URL=fake.base_url,
+            REPLICATE_POLL_INTERVAL=0.05,
+            SHUTDOWN_GRACE_SECONDS=0,
         )
         with service.client() as client:
             token = login(client)
@@ -74,7 +84,9 @@ def test_replicate_predictions_are_reattached_not_created_again(service_process,
             stored = f"SELECT count(*) FROM images WHERE job_id = '{job_id}' AND prediction_id IS NOT NULL"
             wait_until(lambda: query_database(database_url, stored) == [(3,)], what="prediction ids stored")
             head = read_stream(
-                client, job_id, headers=_auth(token),
+                client,
+                job_id,
+                headers=_auth(token),
                 stop=lambda e: e.event == "progress" and e.id == str(6),  # 3 queued, 3 running
             )
         service.stop(sig)
@@ -89,17 +101,21 @@ def test_replicate_predictions_are_reattached_not_created_again(service_process,
 
 def test_sigterm_lets_running_images_finish_and_ends_open_streams(service_process, tmp_path):
     service = service_process(
-        IMAGE_PROVIDER="local", LOCAL_LATENCY_MS=1500, LOCAL_LATENCY_JITTER_MS=0,
-        GENERATION_MAX_WORKERS=2, SHUTDOWN_GRACE_SECONDS=20,
+        IMAGE_PROVIDER="local",
+        LOCAL_LATENCY_MS=1500,
+        LOCAL_LATENCY_JITTER_MS=0,
+        GENERATION_MAX_WORKERS=2,
+        SHUTDOWN_GRACE_SECONDS=20,
     )
     open_stream: list = []
     with service.client() as client:
         token = login(client)
         job_id = create_job(client, token, prompt="graceful", num_images=4)
+
         def follow():
             with service.client() as own:
                 try:
-                    read_stream(own, job_id, headers=_auth(token), stop=lambda e: open_stream.append(e))
+                    read_stream(own, job_id, headers=_auth(token), stop=open_stream.append)
                 except httpx.RemoteProtocolError:
                     pass  # the server closed the stream mid-chunk: the client's cue to reconnect
 

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     DATA_DIR: Path = Path("data")
     # SQLAlchemy async URL; empty: a SQLite file under DATA_DIR.
     DATABASE_URL: str | None = None
+    # Connections each process keeps to PostgreSQL (and as many more under a burst).
+    DB_POOL_SIZE: int = Field(10, ge=1, le=200)
+    # How long a request waits for its write while the database refuses writes: then 503.
+    DB_WRITE_TIMEOUT_SECONDS: float = Field(10.0, gt=0)
+    # PostgreSQL session limits, so that no lock, statement or forgotten transaction can hold
+    # up others for long.
+    DB_LOCK_TIMEOUT_SECONDS: float = Field(5.0, gt=0)
+    DB_STATEMENT_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
+    DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS: float = Field(60.0, gt=0)
     # Empty: under DATA_DIR/images.
     IMAGE_STORE_DIR: Path | None = None
     # Where browsers reach this service, for image URLs; empty: taken from each request.
@@ -134,17 +143,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> "Settings":
         if self.ENVIRONMENT == "production" and self.uses_placeholder_secret:
-            raise ValueError(
-                "JWT_SECRET_KEY is the development placeholder; set a real secret in production"
-            )
+            raise ValueError("JWT_SECRET_KEY is the development placeholder; set a real secret in production")
         if self.ENVIRONMENT == "production" and (
             len(self.JWT_SECRET_KEY.get_secret_value().encode()) < MIN_PRODUCTION_SECRET_BYTES
         ):
             raise ValueError(f"JWT_SECRET_KEY must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production")
         if self.REDIS_URL is not None and self.database_url.startswith("sqlite"):
-            raise ValueError(
-                "REDIS_URL runs several processes on one database: set DATABASE_URL to PostgreSQL"
-            )
+            raise ValueError("REDIS_URL runs several processes on one database: set DATABASE_URL to PostgreSQL")
         return self
 
     @property
@@ -176,7 +181,7 @@ def async_database_url(url: str) -> str:
         ("sqlite://", "sqlite+aiosqlite://"),
     ):
         if url.startswith(plain):
-            return async_scheme + url[len(plain):]
+            return async_scheme + url[len(plain) :]
     return url
 
 

@@ -49,19 +49,32 @@ def decode_access_token(token: str, secret: str) -> str:
     return subject
 
 
+# The longest a link's expiry is rounded up by.
+MAX_LINK_WINDOW_SECONDS = 3600
+
+
 class InvalidImageSignatureError(Exception):
     """The image link was tampered with or has expired."""
 
 
 class ImageUrlSigner:
-    """Signed, expiring image links: an <img src> cannot send a token, the link is the token."""
+    """Signed, expiring image links: an <img src> cannot send a token, the link is the token.
+
+    A link is signed when it is sent, and its expiry is rounded up to a fixed window, so the
+    same image has the same URL for that long: browsers cache it, and two snapshots a few
+    seconds apart agree. A link lives between `ttl_seconds` and that plus the window."""
 
     def __init__(self, secret: bytes, ttl_seconds: int) -> None:
         self._secret = secret
         self._ttl_seconds = ttl_seconds
+        self.window_seconds = min(MAX_LINK_WINDOW_SECONDS, max(1, ttl_seconds // 10))
 
-    def query(self, key: str, now: float | None = None) -> str:
-        expires = int((time.time() if now is None else now) + self._ttl_seconds)
+    def expires(self, now: float | None = None) -> int:
+        """The expiry of a link signed now."""
+        moment = int(time.time() if now is None else now)
+        return (moment // self.window_seconds + 1) * self.window_seconds + self._ttl_seconds
+
+    def query(self, key: str, expires: int) -> str:
         # Both values are URL-safe already (digits, hex): no encoding to pay for on every link.
         return f"expires={expires}&signature={self._signature(key, expires)}"
 

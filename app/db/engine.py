@@ -1,13 +1,16 @@
 """Engines, with SQLite tuned for one writer and many readers."""
 
+from dataclasses import dataclass
+from typing import Any
+
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as create_sync_engine
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
 def _tune_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         # WAL lets readers go on while the journal writes; NORMAL still survives a process
         # crash (only a power cut can lose the last commits).
@@ -17,12 +20,48 @@ def _tune_sqlite(engine: Engine) -> None:
         cursor.close()
 
 
-def create_engine(url: str) -> AsyncEngine:
+# How long SQLite waits for a lock before it reports the database busy; the write is then
+# retried, and a request waiting on it gives up at DB_WRITE_TIMEOUT_SECONDS.
+SQLITE_BUSY_TIMEOUT_SECONDS = 2.0
+# Connecting to PostgreSQL: a server that does not answer is unreachable, not slow.
+CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class PostgresLimits:
+    """Session limits, so that no lock, statement or forgotten transaction holds others up."""
+
+    pool_size: int = 10
+    lock_timeout_seconds: float = 5.0
+    statement_timeout_seconds: float = 30.0
+    idle_in_transaction_timeout_seconds: float = 60.0
+
+    def server_settings(self) -> dict[str, str]:
+        return {
+            "lock_timeout": _milliseconds(self.lock_timeout_seconds),
+            "statement_timeout": _milliseconds(self.statement_timeout_seconds),
+            "idle_in_transaction_session_timeout": _milliseconds(self.idle_in_transaction_timeout_seconds),
+        }
+
+
+def _milliseconds(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
+
+def create_engine(url: str, limits: PostgresLimits = PostgresLimits()) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
         _tune_sqlite(engine.sync_engine)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(
+        url,
+        pool_size=limits.pool_size,
+        max_overflow=limits.pool_size,
+        pool_pre_ping=True,
+        # A connection that outlived a database restart or a terminated session is replaced.
+        pool_recycle=300,
+        connect_args={"server_settings": limits.server_settings(), "timeout": CONNECT_TIMEOUT_SECONDS},
+    )
 
 
 def create_blocking_sqlite_engine(async_engine: AsyncEngine) -> Engine | None:
@@ -32,10 +71,10 @@ def create_blocking_sqlite_engine(async_engine: AsyncEngine) -> Engine | None:
     if async_engine.dialect.name != "sqlite":
         return None
     url = async_engine.url.set(drivername="sqlite")
-    engine = create_sync_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    engine = create_sync_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False})
     _tune_sqlite(engine)
     return engine
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)

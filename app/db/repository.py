@@ -3,8 +3,8 @@ journal's session, so that they commit in its batches."""
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -27,7 +27,7 @@ class StoredJob:
 
 def as_utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything stored is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class Repository:
@@ -63,9 +63,7 @@ class Repository:
                 select(JobRow).where(JobRow.owner_email == owner_email, JobRow.idempotency_key == key)
             )
 
-    async def list_jobs(
-        self, owner_email: str, limit: int, before: tuple[datetime, str] | None
-    ) -> list[StoredJob]:
+    async def list_jobs(self, owner_email: str, limit: int, before: tuple[datetime, str] | None) -> list[StoredJob]:
         """The owner's jobs, newest first, strictly after the `before` (created_at, id) key."""
         query = select(JobRow).where(JobRow.owner_email == owner_email)
         if before is not None:
@@ -82,9 +80,11 @@ class Repository:
     async def unfinished_jobs(self) -> list[StoredJob]:
         async with self._sessionmaker() as session:
             jobs = list(
-                (await session.scalars(
-                    select(JobRow).where(JobRow.status.in_(UNFINISHED_JOB_STATUSES)).order_by(JobRow.created_at)
-                )).all()
+                (
+                    await session.scalars(
+                        select(JobRow).where(JobRow.status.in_(UNFINISHED_JOB_STATUSES)).order_by(JobRow.created_at)
+                    )
+                ).all()
             )
             images = await self._images_of(session, [job.id for job in jobs])
         return [StoredJob(job, images[job.id]) for job in jobs]
@@ -92,18 +92,21 @@ class Repository:
     async def events(self, job_id: str, after_id: int = 0) -> list[EventRow]:
         async with self._sessionmaker() as session:
             return list(
-                (await session.scalars(
-                    select(EventRow).where(EventRow.job_id == job_id, EventRow.id > after_id).order_by(EventRow.id)
-                )).all()
+                (
+                    await session.scalars(
+                        select(EventRow).where(EventRow.job_id == job_id, EventRow.id > after_id).order_by(EventRow.id)
+                    )
+                ).all()
             )
 
     async def count_unfinished(self, owner_email: str) -> int:
         async with self._sessionmaker() as session:
-            return await session.scalar(
-                select(func.count()).select_from(JobRow).where(
-                    JobRow.owner_email == owner_email, JobRow.status.in_(UNFINISHED_JOB_STATUSES)
-                )
+            count = await session.scalar(
+                select(func.count())
+                .select_from(JobRow)
+                .where(JobRow.owner_email == owner_email, JobRow.status.in_(UNFINISHED_JOB_STATUSES))
             )
+        return count or 0
 
     # Writes of the scaled-out deployment, each its own transaction -------------------------
 
@@ -126,13 +129,9 @@ class Repository:
                 await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
         return result
 
-    async def set_prediction_id(self, job_id: str, index: int, prediction_id: str) -> None:
+    async def write(self, changes: "Changes") -> None:
         async with self._sessionmaker.begin() as session:
-            await session.execute(
-                update(ImageRow)
-                .where(ImageRow.job_id == job_id, ImageRow.index == index)
-                .values(prediction_id=prediction_id)
-            )
+            await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
 
     @staticmethod
     async def _images_of(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, list[ImageRow]]:
@@ -153,16 +152,17 @@ class Repository:
         """Everything in `batch`, one statement per kind, in an order the foreign keys allow.
         States are whole rows' worth of columns, so the last state of a row in the batch wins.
         Core statements, not the ORM's bulk ones: a third of the CPU, on every event's path."""
-        for table, rows in (
-            (JobRow.__table__, [row for changes in batch for row in changes.jobs]),
-            (ImageRow.__table__, [row for changes in batch for row in changes.images]),
-            (EventRow.__table__, [row for changes in batch for row in changes.events]),
-        ):
+        tables: tuple[tuple[Table, list[dict[str, Any]]], ...] = (
+            (_JOBS, [row for changes in batch for row in changes.jobs]),
+            (_IMAGES, [row for changes in batch for row in changes.images]),
+            (_EVENTS, [row for changes in batch for row in changes.events]),
+        )
+        for table, rows in tables:
             if rows:
                 connection.execute(insert(table), rows)
         for table, states in (
-            (ImageRow.__table__, _last_per_key(batch, "image_states", ("job_id", "index"))),
-            (JobRow.__table__, _last_per_key(batch, "job_states", ("id",))),
+            (_IMAGES, _last_per_key(batch, "image_states", ("job_id", "index"))),
+            (_JOBS, _last_per_key(batch, "job_states", ("id",))),
         ):
             if states:
                 connection.execute(_UPDATE_BY_KEY[table], [_keyed(table, state) for state in states])
@@ -181,9 +181,12 @@ class Changes:
 
 # The primary key's values go in as `key_<column>`, so that they find the row and are not set.
 _KEY_PREFIX = "key_"
+_JOBS = cast(Table, JobRow.__table__)
+_IMAGES = cast(Table, ImageRow.__table__)
+_EVENTS = cast(Table, EventRow.__table__)
 _UPDATE_BY_KEY = {
     table: update(table).where(and_(*(column == bindparam(_KEY_PREFIX + column.name) for column in table.primary_key)))
-    for table in (ImageRow.__table__, JobRow.__table__)
+    for table in (_IMAGES, _JOBS)
 }
 
 
@@ -193,7 +196,7 @@ def _keyed(table: Table, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _last_per_key(batch: list[Changes], kind: str, key: tuple[str, ...]) -> list[dict[str, Any]]:
-    latest: dict[tuple, dict[str, Any]] = {}
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
     for changes in batch:
         for state in getattr(changes, kind):
             latest[tuple(state[k] for k in key)] = state

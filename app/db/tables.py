@@ -44,7 +44,6 @@ class JobRow(Base):
     seed: Mapped[int | None] = mapped_column(BigInteger)
     provider: Mapped[str] = mapped_column(String(40))
     model: Mapped[str] = mapped_column(String(200))
-    image_base_url: Mapped[str] = mapped_column(String(500))
     status: Mapped[str] = mapped_column(String(16))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

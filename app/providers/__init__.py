@@ -7,7 +7,7 @@ import pkgutil
 from app.core.config import Settings
 from app.providers.base import ImageProvider
 
-_NOT_PROVIDERS = {"base"}
+_NOT_PROVIDERS = {"base", "downloads"}
 
 
 def available_providers() -> list[str]:

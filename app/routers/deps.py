@@ -9,17 +9,19 @@ from fastapi.security import OAuth2PasswordBearer
 from app.core.config import Settings
 from app.core.security import ImageUrlSigner
 from app.services.auth_service import AuthService, User
-from app.services.generation_service import GenerationService
 from app.services.health_service import HealthService
 from app.services.image_store import ImageStore
-from app.services.scaled_service import ScaledGenerationService
+from app.services.jobs.service import JobService
+from app.services.jobs.views import ImageLinks
 
 TOKEN_URL = "/api/auth/token"
+
 
 async def get_app_settings(request: Request) -> Settings:
     # The app's own settings (each test app has its own); not a dependency override, which
     # would make FastAPI analyse every dependency's signature again on every request.
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
@@ -32,27 +34,32 @@ class MissingTokenError(Exception):
 
 
 async def get_auth_service(request: Request) -> AuthService:
-    return request.app.state.auth_service
+    auth_service: AuthService = request.app.state.auth_service
+    return auth_service
 
 
-async def get_generation_service(request: Request) -> GenerationService | ScaledGenerationService:
-    return request.app.state.generation_service
+async def get_job_service(request: Request) -> JobService:
+    service: JobService = request.app.state.job_service
+    return service
 
 
 async def get_health_service(request: Request) -> HealthService:
-    return request.app.state.health_service
+    health_service: HealthService = request.app.state.health_service
+    return health_service
 
 
 async def get_image_store(request: Request) -> ImageStore:
-    return request.app.state.image_store
+    image_store: ImageStore = request.app.state.image_store
+    return image_store
 
 
 async def get_image_url_signer(request: Request) -> ImageUrlSigner:
-    return request.app.state.image_url_signer
+    image_url_signer: ImageUrlSigner = request.app.state.image_url_signer
+    return image_url_signer
 
 
 AuthServiceDep = Annotated[AuthService, Depends(get_auth_service)]
-GenerationServiceDep = Annotated[GenerationService | ScaledGenerationService, Depends(get_generation_service)]
+JobServiceDep = Annotated[JobService, Depends(get_job_service)]
 HealthServiceDep = Annotated[HealthService, Depends(get_health_service)]
 ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
 ImageUrlSignerDep = Annotated[ImageUrlSigner, Depends(get_image_url_signer)]
@@ -60,7 +67,7 @@ ImageUrlSignerDep = Annotated[ImageUrlSigner, Depends(get_image_url_signer)]
 
 async def _user_for(token: str | None, auth: AuthService) -> User:
     if not token:
-        raise MissingTokenError()
+        raise MissingTokenError
     return await auth.user_for_token(token)
 
 
@@ -79,9 +86,10 @@ async def get_stream_user(
     return await _user_for(token or access_token, auth)
 
 
-async def get_image_base_url(request: Request, settings: SettingsDep) -> str:
-    """Where browsers reach this service, for the image links it hands out."""
-    return settings.PUBLIC_BASE_URL or str(request.base_url)
+async def get_image_links(request: Request, settings: SettingsDep, signer: ImageUrlSignerDep) -> ImageLinks:
+    """Image links signed now, for where browsers reach this service: PUBLIC_BASE_URL, or the
+    URL this request came to."""
+    return ImageLinks(signer, settings.PUBLIC_BASE_URL or str(request.base_url))
 
 
 async def get_client_address(request: Request) -> str:
@@ -89,7 +97,7 @@ async def get_client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-ImageBaseUrl = Annotated[str, Depends(get_image_base_url)]
+Links = Annotated[ImageLinks, Depends(get_image_links)]
 ClientAddress = Annotated[str, Depends(get_client_address)]
 CurrentUser = Annotated[User, Depends(get_current_user)]
 StreamUser = Annotated[User, Depends(get_stream_user)]

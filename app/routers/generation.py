@@ -12,14 +12,10 @@ from app.models.generation import (
     JobPage,
     JobSnapshot,
 )
-from app.routers.deps import CurrentUser, GenerationServiceDep, ImageBaseUrl, SettingsDep, StreamUser
-from app.services.event_log import (
-    KEEPALIVE_WIRE,
-    RECONNECT_WIRE,
-    EventStreamInterrupted,
-    JobEvent,
-    parse_last_event_id,
-)
+from app.routers.deps import CurrentUser, JobServiceDep, Links, SettingsDep, StreamUser
+from app.services.jobs.domain import JobEvent
+from app.services.jobs.event_log import EventStreamInterrupted
+from app.services.jobs.views import KEEPALIVE_WIRE, RECONNECT_WIRE, ImageLinks, parse_last_event_id
 
 router = APIRouter(prefix="/api/generate", tags=["generation"])
 
@@ -45,8 +41,7 @@ _CANCEL_RESPONSES = {**_NOT_FOUND, **error_responses(_409="The job has already f
 async def create_job(
     body: GenerateRequest,
     user: CurrentUser,
-    service: GenerationServiceDep,
-    image_base_url: ImageBaseUrl,
+    service: JobServiceDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
@@ -59,7 +54,6 @@ async def create_job(
         prompt=body.prompt,
         num_images=body.num_images,
         seed=body.seed,
-        image_base_url=image_base_url,
         idempotency_key=idempotency_key,
     )
     response.headers["Location"] = f"/api/generate/{job.id}"
@@ -71,22 +65,20 @@ async def create_job(
 @router.get("/", response_model=JobPage, responses=_UNAUTHORIZED)
 async def list_jobs(
     user: CurrentUser,
-    service: GenerationServiceDep,
-    image_base_url: ImageBaseUrl,
+    service: JobServiceDep,
+    links: Links,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the previous page.")] = None,
 ) -> JobPage:
     """The caller's jobs, newest first, with their images and metrics."""
-    return await service.list_jobs(user.email, limit, cursor, image_base_url)
+    return await service.list_jobs(user.email, limit, cursor, links)
 
 
 @router.get("/{job_id}", response_model=JobSnapshot, responses=_NOT_FOUND)
-async def get_job(
-    job_id: str, user: CurrentUser, service: GenerationServiceDep, image_base_url: ImageBaseUrl
-) -> JobSnapshot:
+async def get_job(job_id: str, user: CurrentUser, service: JobServiceDep, links: Links) -> JobSnapshot:
     """The job's current state: each image's status, url, error and latency, and its metrics.
     Image URLs are freshly signed on every call."""
-    return service.snapshot(await service.get_job(job_id, user.email), image_base_url)
+    return service.snapshot(await service.get_job(job_id, user.email), links)
 
 
 @router.post(
@@ -95,11 +87,9 @@ async def get_job(
     response_model=JobSnapshot,
     responses=_CANCEL_RESPONSES,
 )
-async def cancel_job(
-    job_id: str, user: CurrentUser, service: GenerationServiceDep, image_base_url: ImageBaseUrl
-) -> JobSnapshot:
+async def cancel_job(job_id: str, user: CurrentUser, service: JobServiceDep, links: Links) -> JobSnapshot:
     """Stop the images that have not finished; the stream ends with `done` status `canceled`."""
-    return service.snapshot(await service.cancel_job(job_id, user.email), image_base_url)
+    return service.snapshot(await service.cancel_job(job_id, user.email), links)
 
 
 @router.delete(
@@ -108,24 +98,25 @@ async def cancel_job(
     response_model=JobSnapshot,
     responses=_CANCEL_RESPONSES,
 )
-async def delete_job(
-    job_id: str, user: CurrentUser, service: GenerationServiceDep, image_base_url: ImageBaseUrl
-) -> JobSnapshot:
+async def delete_job(job_id: str, user: CurrentUser, service: JobServiceDep, links: Links) -> JobSnapshot:
     """The same as `POST /api/generate/{job_id}/cancel`."""
-    return await cancel_job(job_id, user, service, image_base_url)
+    return await cancel_job(job_id, user, service, links)
 
 
-async def _to_sse(batches: AsyncIterator[list[JobEvent] | None]) -> AsyncIterator[bytes]:
+async def _to_sse(batches: AsyncIterator[list[JobEvent] | None], links: ImageLinks) -> AsyncIterator[bytes]:
     try:
         async for batch in batches:
-            yield KEEPALIVE_WIRE if batch is None else b"".join(event.wire for event in batch)
+            yield KEEPALIVE_WIRE if batch is None else b"".join(links.wire(event) for event in batch)
     except EventStreamInterrupted:
         yield RECONNECT_WIRE
 
 
 _STREAM_DESCRIPTION = "\n".join(
     ["Server-Sent Events. Each event's `data` is JSON:", ""]
-    + [f"- `{name}`: `{model.__name__}` — {model.__doc__.strip()}" for name, model in STREAM_EVENT_MODELS.items()]
+    + [
+        f"- `{name}`: `{model.__name__}` — {(model.__doc__ or '').strip()}"
+        for name, model in STREAM_EVENT_MODELS.items()
+    ]
 )
 
 
@@ -139,8 +130,7 @@ _STREAM_DESCRIPTION = "\n".join(
                 "text/event-stream": {
                     "schema": {
                         "oneOf": [
-                            {"$ref": f"#/components/schemas/{model.__name__}"}
-                            for model in STREAM_EVENT_MODELS.values()
+                            {"$ref": f"#/components/schemas/{model.__name__}"} for model in STREAM_EVENT_MODELS.values()
                         ]
                     }
                 }
@@ -152,8 +142,9 @@ _STREAM_DESCRIPTION = "\n".join(
 async def stream_job(
     job_id: str,
     user: StreamUser,
-    service: GenerationServiceDep,
+    service: JobServiceDep,
     settings: SettingsDep,
+    links: Links,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events of the job from the start, or after `Last-Event-ID`: `progress`,
@@ -161,4 +152,4 @@ async def stream_job(
     job = await service.get_job(job_id, user.email)
     events = service.follow(job, parse_last_event_id(last_event_id), settings.SSE_KEEPALIVE_SECONDS)
     # Keepalives are our own `keepalive` events, sent only when the stream is quiet.
-    return EventSourceResponse(_to_sse(events), ping=0, send_timeout=settings.SSE_SEND_TIMEOUT_SECONDS)
+    return EventSourceResponse(_to_sse(events, links), ping=0, send_timeout=settings.SSE_SEND_TIMEOUT_SECONDS)

@@ -86,8 +86,7 @@ USER_CACHE_SIZE = 10_000
 
 async def seed_demo_users(repository: Repository) -> None:
     await repository.seed_users(
-        UserRow(email=r.user.email, full_name=r.user.full_name, password_hash=r.password_hash)
-        for r in DEMO_USERS
+        UserRow(email=r.user.email, full_name=r.user.full_name, password_hash=r.password_hash) for r in DEMO_USERS
     )
 
 
@@ -134,7 +133,7 @@ class AuthService:
     async def login(self, email: str, password: str, client: str) -> IssuedToken:
         """`client` identifies the caller (its address) for throttling failed attempts."""
         if len(password.encode("utf-8", "surrogatepass")) > BCRYPT_MAX_PASSWORD_BYTES:
-            raise PasswordTooLongError()
+            raise PasswordTooLongError
         account = normalize_email(email)
         self._throttle.check(account, client)
         record = await self._find_user(account)
@@ -145,7 +144,7 @@ class AuthService:
         )
         if record is None or not matches:
             self._throttle.failed(account, client)
-            raise InvalidCredentialsError()
+            raise InvalidCredentialsError
         self._throttle.succeeded(account, client)
         token = create_access_token(record.user.email, self._jwt_secret, self._token_lifetime)
         return IssuedToken(token, int(self._token_lifetime.total_seconds()))

@@ -9,8 +9,8 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.redis_link import RedisLink
 from app.providers.base import ImageProvider
-from app.services.redis_streams import RedisLink
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -25,13 +25,13 @@ class HealthService:
     def __init__(
         self,
         engine: AsyncEngine,
-        writes_healthy: Callable[[], bool],
+        engine_failures: Callable[[], dict[str, str | None]],
         image_store_dir: Path,
         provider: ImageProvider,
         redis: RedisLink | None = None,
     ) -> None:
         self._engine = engine
-        self._writes_healthy = writes_healthy
+        self._engine_failures = engine_failures
         self._image_store_dir = image_store_dir
         self._provider = provider
         self._redis = redis
@@ -48,8 +48,9 @@ class HealthService:
         return checks
 
     async def _database(self) -> Check:
-        if not self._writes_healthy():
-            return Check(False, "writes are failing and being retried")
+        write_failure = self._engine_failures()["database"]
+        if write_failure is not None:
+            return Check(False, f"writes fail and are being retried: {write_failure}")
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
                 async with self._engine.connect() as connection:

@@ -1,5 +1,6 @@
 """Where finished images live. A small interface, so an object store can stand in later."""
 
+import errno
 import os
 import re
 import tempfile
@@ -13,6 +14,19 @@ _EXTENSIONS = {media_type: extension for extension, media_type in MEDIA_TYPES.it
 
 class ImageNotFoundError(LookupError):
     """No image under this key (or the key is not a valid one)."""
+
+
+class ImageStoreError(Exception):
+    """The image could not be kept; the message says why, for the image's `error`."""
+
+
+# What a failed save says, by the errno of its cause; anything else names the errno.
+_SAVE_FAILURES = {
+    errno.ENOSPC: "The image could not be kept: the image store is full.",
+    errno.EDQUOT: "The image could not be kept: the image store is full (quota).",
+    errno.EROFS: "The image could not be kept: the image store is read-only.",
+    errno.EACCES: "The image could not be kept: the image store may not be written to.",
+}
 
 
 def image_key(stem: str, content_type: str) -> str:
@@ -49,11 +63,17 @@ class LocalImageStore:
     def save(self, key: str, content: bytes) -> None:
         target = self._directory / check_image_key(key)
         # Write then rename, so a reader never sees half an image.
-        fd, tmp = tempfile.mkstemp(dir=self._directory, prefix=".incoming-")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self._directory, prefix=".incoming-")
+        except OSError as exc:
+            raise _save_failure(exc) from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)
             os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise _save_failure(exc) from exc
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -63,3 +83,8 @@ class LocalImageStore:
         if not path.is_file():
             raise ImageNotFoundError(key)
         return path
+
+
+def _save_failure(exc: OSError) -> ImageStoreError:
+    reason = _SAVE_FAILURES.get(exc.errno or 0)
+    return ImageStoreError(reason or f"The image could not be kept: {errno.errorcode.get(exc.errno or 0, 'error')}.")

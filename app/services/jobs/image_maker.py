@@ -1,15 +1,15 @@
 """One image, made: the provider's call, the download of its output and the save into the
-image store. Blocking; runs on a worker thread, in the API process or in a worker process."""
+image store. Blocking; runs on a worker thread, in an API process or a worker process."""
 
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.providers.base import ImageProvider, ImageRequest, ImageStopped, ProviderError
-from app.services.image_fetch import ImageFetcher, ImageFetchError, require_image
-from app.services.image_store import ImageStore, image_key
+from app.providers.downloads import ImageFetcher, ImageFetchError, require_image
+from app.services.image_store import ImageStore, ImageStoreError, image_key
+from app.services.jobs.interfaces import FirstImageHold
 
 logger = logging.getLogger("myflix.jobs")
 
@@ -22,44 +22,20 @@ class ImageOutcome:
     error: str | None = None
 
 
-# How long a job's other images wait for its first one to be published, at most: enough for a
-# commit and a send; a stalled database delays the rest of the batch by no more than this.
-FIRST_IMAGE_HOLD_SECONDS = 0.02
-
-
-class FirstImage:
-    """A job's first finished image goes out alone. When a job's images finish together, their
-    work after the provider (download, save, record, commit, send) would share the GIL evenly and
-    every image, the first too, would reach the browser last. So the first to finish goes on; the
-    others wait until its event is published (or FIRST_IMAGE_HOLD_SECONDS), then go on together."""
-
-    def __init__(self) -> None:
-        self._claim = threading.Lock()
-        self._published = threading.Event()
-
-    def wait_turn(self) -> None:
-        """On a worker thread, once its image is made: the first returns at once."""
-        if not self._claim.acquire(blocking=False):
-            self._published.wait(FIRST_IMAGE_HOLD_SECONDS)
-
-    def published(self) -> None:
-        self._published.set()
-
-
 class ImageMaker:
     def __init__(self, provider: ImageProvider, image_store: ImageStore) -> None:
         self.provider = provider
         self._image_store = image_store
         self._fetcher = ImageFetcher()
 
-    def make(self, request: ImageRequest, first_image: FirstImage | None = None) -> ImageOutcome | None:
+    def make(self, request: ImageRequest, hold: FirstImageHold | None = None) -> ImageOutcome | None:
         """The outcome; None when the request was stopped (a cancel is recorded by whoever
-        canceled, an interrupted image is taken up again later). `first_image`: the job's,
-        shared by its images, when this process publishes their events."""
+        canceled, an interrupted image is taken up again later). `hold`: the job's, shared by
+        its images, where the queue gives one."""
         try:
             generated = self.provider.generate(request)
-            if first_image is not None:
-                first_image.wait_turn()
+            if hold is not None:
+                hold.wait_turn()
             if generated.content is not None:
                 content, media_type = generated.content, require_image(generated.content)
             elif generated.url:
@@ -71,7 +47,7 @@ class ImageMaker:
             return ImageOutcome("succeeded", time.monotonic(), key)
         except ImageStopped:
             return None
-        except (ProviderError, ImageFetchError) as exc:
+        except (ProviderError, ImageFetchError, ImageStoreError) as exc:
             return ImageOutcome("failed", time.monotonic(), error=str(exc))
         except Exception as exc:  # a bug or an unexpected library error: fail the image, not the pool
             logger.exception("image crashed", extra={"job_id": request.job_id, "index": request.index})

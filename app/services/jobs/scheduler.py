@@ -56,8 +56,10 @@ class FairScheduler(Generic[Task]):
         defer: Callable[[Callable[[], None]], object] = lambda dispatch: dispatch(),
         call_later: Callable[[float, Callable[[], None]], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        free: int | None = None,
     ) -> None:
-        self._free = workers
+        # Workers free for a task: `workers` unless given; each `release` brings one more.
+        self._free = workers if free is None else free
         self._workers = workers
         self._burst = BurstReserve(workers, clock)
         self._start = start
@@ -135,12 +137,16 @@ class FairScheduler(Generic[Task]):
         return list(self._unstarted.pop(job_id, ())) + list(self._rotation.pop(job_id, ()))
 
     def release(self) -> None:
-        """A worker has finished its task."""
+        """A worker is free for a task (it has just started, or finished its last)."""
         self._free += 1
         self._dispatch()
 
     def pause(self) -> None:
         self._paused = True
+
+    def holds(self, job_id: str, task: Task) -> bool:
+        """Whether the task is waiting here."""
+        return task in self._unstarted.get(job_id, ()) or task in self._rotation.get(job_id, ())
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False

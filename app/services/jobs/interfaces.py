@@ -1,0 +1,164 @@
+"""The three things the job service stands on, each with an in-process implementation (the
+embedded default: one process does everything) and a scaled one (API replicas and workers
+over PostgreSQL and Redis):
+
+- `JobStore`: where jobs are kept and changed — one transactional call applies a transition.
+- `EventBus`: where a job's events go — publish, and follow from an id.
+- `WorkQueue`: where image work goes — push, take, done, cancel.
+"""
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from app.db.faults import WriteHealth
+from app.services.jobs.domain import Job, JobEvent, Update
+
+Transition = Callable[[Job], Update | None]
+
+
+class FirstImageHold(Protocol):
+    """Lets the job's first finished image go out before the job's other images go on."""
+
+    def wait_turn(self) -> None: ...
+
+    def published(self) -> None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class WorkItem:
+    """One image to make. `hold`: the job's FirstImageHold, where the queue has one."""
+
+    job_id: str
+    index: int
+    hold: FirstImageHold | None = None
+
+
+@dataclass(frozen=True)
+class Applied:
+    job: Job
+    update: Update
+
+
+class JobStore(Protocol):
+    # Whether writes go through now, and who is told when that changes.
+    write_health: WriteHealth
+
+    async def start(self) -> None: ...
+
+    async def close(self, timeout: float) -> None: ...
+
+    def create(self, job: Job, update: Update) -> Awaitable[None]:
+        """Store a new job. The write is under way when this returns; the awaitable resolves
+        once it is committed, or raises ConflictingWriteError (its Idempotency-Key was taken)."""
+        ...
+
+    def withdraw(self, job_id: str) -> Awaitable[bool]:
+        """The new job's creator gave up on it: if it is not committed yet, it never will be.
+        Resolves to whether it was committed after all (a commit was under way)."""
+        ...
+
+    async def apply(self, job_id: str, transition: Transition, timeout: float | None = None) -> Applied | None:
+        """Apply `transition` to the job as stored and store what it changed, atomically; None
+        when there is no such job. `timeout`: give up with DatabaseUnavailableError after so
+        many seconds of failing writes (None: retry until it goes through)."""
+        ...
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def page(self, owner: str, limit: int, before: tuple[datetime, str] | None) -> list[Job]:
+        """The owner's jobs, newest first, strictly after the `before` (created_at, id) key."""
+        ...
+
+    async def unfinished(self) -> list[Job]: ...
+
+    async def find_idempotent(self, owner: str, key: str) -> Job | None: ...
+
+    async def count_unfinished(self, owner: str) -> int: ...
+
+    async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]: ...
+
+
+class EventBus(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, job_id: str, events: list[JobEvent]) -> None:
+        """Send committed events to every follower of the job, in any process."""
+        ...
+
+    def follow(self, job_id: str, after_id: int, keepalive_seconds: float) -> AsyncIterator[list[JobEvent] | None]:
+        """The job's events after `after_id` until its last, in batches of all that have come;
+        None after each quiet `keepalive_seconds`. Raises EventStreamInterrupted when the events
+        cannot be read for a while (the follower reconnects later)."""
+        ...
+
+    def interrupt_all(self) -> None:
+        """End every follower with EventStreamInterrupted."""
+        ...
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why events cannot be carried now; None while they can."""
+        ...
+
+
+class WorkQueue(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why work cannot be queued now; None while it can."""
+        ...
+
+    @property
+    def waiting_count(self) -> int:
+        """Images this process holds that wait for a worker."""
+        ...
+
+    def positions_for_new_job(self, count: int) -> list[int | None]:
+        """1-based places the images of a new job would get (None where unknown)."""
+        ...
+
+    def position(self, job_id: str, index: int) -> int | None: ...
+
+    async def push(self, job: Job, indexes: list[int], stored: Awaitable[None] | None = None) -> None:
+        """Queue the job's images. `stored`: the job's insert, still committing; work must not be
+        recorded before it, and the queue decides whether work may start before it."""
+        ...
+
+    async def take(self) -> WorkItem:
+        """The next image this process should make; waits for one."""
+        ...
+
+    async def done(self, item: WorkItem) -> None:
+        """The item's image is recorded (or needs no work): it leaves the queue for good."""
+        ...
+
+    def still_held(self, item: WorkItem) -> bool:
+        """Whether this process still holds the item (another may have taken it over)."""
+        ...
+
+    async def cancel(self, job: Job) -> None:
+        """The job's waiting images never start; its running ones are told to stop."""
+        ...
+
+    def on_cancel(self, callback: Callable[[str], None]) -> None:
+        """`callback(job_id)` in every process when a job is canceled."""
+        ...
+
+    async def untracked(self, images: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Those of the images no queue holds (waiting, or taken and not done)."""
+        ...
+
+    def on_reset(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """`callback()` when the queue lost what it held (Redis started empty)."""
+        ...
+
+    async def lock(self, name: str, seconds: float) -> bool:
+        """Whether this process may do the periodic chore `name` now (one at a time)."""
+        ...

@@ -1,0 +1,137 @@
+"""Image work within this process: the fair scheduler (first images first, then round-robin,
+with a burst reserve) hands each image to the next of this process's workers that asks.
+
+Two speed-ups live here, since only one process can have them:
+- A job with no Idempotency-Key (whose insert nothing can refuse) starts its first image the
+  moment it is pushed, while its insert commits: the image's own writes go through the same
+  journal after the insert, so nothing of it can be stored before the job.
+- First image first: when a job's images finish together, their work after the provider
+  (download, save, record, commit, send) would share the GIL evenly and every image, the
+  first too, would reach the browser last. So the first to finish goes on; the others wait
+  until its event is published (or FIRST_IMAGE_HOLD_SECONDS), then go on together.
+"""
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from app.services.jobs.domain import Job
+from app.services.jobs.interfaces import WorkItem
+from app.services.jobs.scheduler import FairScheduler
+
+# How long a job's other images wait for its first one to be published, at most: enough for a
+# commit and a send; a stalled database delays the rest of the batch by no more than this.
+FIRST_IMAGE_HOLD_SECONDS = 0.02
+
+
+class FirstImage:
+    """A job's hold: the first of its images to finish goes on at once, the others wait."""
+
+    def __init__(self) -> None:
+        self._claim = threading.Lock()
+        self._published = threading.Event()
+
+    def wait_turn(self) -> None:
+        """On a worker thread, once its image is made: the first returns at once."""
+        if not self._claim.acquire(blocking=False):
+            self._published.wait(FIRST_IMAGE_HOLD_SECONDS)
+
+    def published(self) -> None:
+        self._published.set()
+
+
+def _later(delay: float, dispatch: Callable[[], None]) -> object:
+    return asyncio.get_running_loop().call_later(delay, dispatch)
+
+
+def _soon(dispatch: Callable[[], None]) -> object:
+    return asyncio.get_running_loop().call_soon(dispatch)
+
+
+class InProcessWorkQueue:
+    def __init__(self, workers: int) -> None:
+        # A worker is free when it asks for work (`take`), not before.
+        self._scheduler: FairScheduler[WorkItem] = FairScheduler(
+            workers, self._hand_over, defer=_soon, call_later=_later, free=0
+        )
+        self._takers: deque[asyncio.Future[WorkItem]] = deque()
+        self._waiting: dict[tuple[str, int], WorkItem] = {}  # pushed, not taken
+        self._taken: set[tuple[str, int]] = set()  # taken, not done
+        self._cancel_callbacks: list[Callable[[str], None]] = []
+        self._reset_callbacks: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def unavailable(self) -> str | None:
+        return None
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    async def start(self) -> None:
+        # A new process holds none of the work a previous one left unfinished.
+        for callback in self._reset_callbacks:
+            await callback()
+
+    async def close(self) -> None:
+        self._scheduler.pause()
+
+    def positions_for_new_job(self, count: int) -> list[int | None]:
+        return list(self._scheduler.positions_for_new_job(count))
+
+    def position(self, job_id: str, index: int) -> int | None:
+        item = self._waiting.get((job_id, index))
+        return None if item is None else self._scheduler.position(job_id, item)
+
+    async def push(self, job: Job, indexes: list[int], stored: Awaitable[None] | None = None) -> None:
+        if stored is not None and job.idempotency_key is not None:
+            await stored  # a racing request with the same key may refuse it
+        hold = FirstImage()
+        items = [WorkItem(job.id, index, hold) for index in indexes]
+        for item in items:
+            self._waiting[(item.job_id, item.index)] = item
+        # Work that had started (before a restart) goes first: it may only need re-attaching.
+        self._scheduler.push(job.id, [item for item in items if job.images[item.index].status == "running"], front=True)
+        self._scheduler.push(job.id, [item for item in items if job.images[item.index].status != "running"])
+
+    async def take(self) -> WorkItem:
+        taker: asyncio.Future[WorkItem] = asyncio.get_running_loop().create_future()
+        self._takers.append(taker)
+        self._scheduler.release()
+        return await taker
+
+    def _hand_over(self, item: WorkItem) -> None:
+        """Called by the scheduler when a worker is free for this item."""
+        key = (item.job_id, item.index)
+        self._waiting.pop(key, None)
+        while self._takers:
+            taker = self._takers.popleft()
+            if not taker.done():
+                self._taken.add(key)
+                taker.set_result(item)
+                return
+
+    async def done(self, item: WorkItem) -> None:
+        self._taken.discard((item.job_id, item.index))
+
+    def still_held(self, item: WorkItem) -> bool:
+        return True
+
+    async def cancel(self, job: Job) -> None:
+        for item in self._scheduler.remove_job(job.id):
+            self._waiting.pop((item.job_id, item.index), None)
+        for callback in self._cancel_callbacks:
+            callback(job.id)
+
+    def on_cancel(self, callback: Callable[[str], None]) -> None:
+        self._cancel_callbacks.append(callback)
+
+    async def untracked(self, images: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        return [image for image in images if image not in self._waiting and image not in self._taken]
+
+    def on_reset(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._reset_callbacks.append(callback)
+
+    async def lock(self, name: str, seconds: float) -> bool:
+        return True

@@ -1,0 +1,186 @@
+"""The image runner: takes image work from the queue and makes the images on a pool of
+threads, `max_workers` at a time, recording each state change. The same runner works in the
+API process (in-process, or scaled out with RUN_WORK_IN_API) and in `python -m app.worker`."""
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from app.providers.base import ImageRequest
+from app.services.jobs import domain
+from app.services.jobs.domain import Job, Update
+from app.services.jobs.image_maker import ImageMaker, ImageOutcome
+from app.services.jobs.interfaces import JobStore, WorkItem, WorkQueue
+from app.services.jobs.recorder import JobRecorder
+
+logger = logging.getLogger("myflix.jobs")
+
+
+def timeout_message(seconds: float) -> str:
+    return f"The provider did not finish the image within {seconds:g} s."
+
+
+class ImageRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        queue: WorkQueue,
+        recorder: JobRecorder,
+        maker: ImageMaker,
+        max_workers: int,
+        image_timeout_seconds: float,
+        shutdown_grace_seconds: float,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._recorder = recorder
+        self._maker = maker
+        self._workers = max_workers
+        self._image_timeout = image_timeout_seconds
+        self._grace = shutdown_grace_seconds
+        self._executor = maker.new_executor(max_workers)
+        self._running: dict[WorkItem, ImageRequest] = {}
+        self._slots: list[asyncio.Task[None]] = []
+        self._taking: set[asyncio.Task[None]] = set()  # slots waiting for work, not making an image
+        self._reports: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        queue.on_cancel(self._stop_job)
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    async def start(self) -> None:
+        """Start every worker thread (the pool makes them on demand, and a first burst of images
+        would pay for that), then take work."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._start_threads)
+        self._slots = [asyncio.create_task(self._slot(), name=f"image-slot-{n}") for n in range(self._workers)]
+
+    def _start_threads(self) -> None:
+        everyone_started = threading.Barrier(self._workers + 1)
+        for _ in range(self._workers):
+            self._executor.submit(everyone_started.wait)
+        everyone_started.wait()
+
+    async def stop(self) -> None:
+        """Take no more work; give running images the grace period, then leave them for the
+        next start or another worker (a Replicate prediction is re-attached there)."""
+        self._stopping = True
+        for slot in self._taking:
+            slot.cancel()
+        try:
+            await asyncio.wait_for(self._idle.wait(), self._grace)
+        except TimeoutError:
+            logger.warning("shutdown grace period over; %d images left for later", len(self._running))
+        for request in self._running.values():
+            request.stop.interrupt()
+        for slot in self._slots:
+            slot.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._maker.close()
+
+    async def _slot(self) -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        while not self._stopping:
+            self._taking.add(current)
+            try:
+                item = await self._queue.take()
+            finally:
+                self._taking.discard(current)
+            try:
+                await self._run(item)
+            except Exception:  # a bug, or a store that refused for good: log, keep the slot
+                logger.exception("image work failed", extra={"job_id": item.job_id, "index": item.index})
+
+    def _stop_job(self, job_id: str) -> None:
+        for item, request in list(self._running.items()):
+            if item.job_id == job_id:
+                request.stop.cancel()
+
+    async def _run(self, item: WorkItem) -> None:
+        job = await self._store.get(item.job_id)
+        if job is None or job.images[item.index].finished or job.cancel_requested:
+            await self._queue.done(item)  # recorded already (delivered twice), or canceled
+            return
+        request = self._request(job, item)
+        self._running[item] = request
+        self._idle.clear()
+        loop = asyncio.get_running_loop()
+        # The image first, the bookkeeping after: its time is running already.
+        made = loop.run_in_executor(self._executor, self._maker.make, request, item.hold)
+        try:
+            if job.images[item.index].status == "queued":
+                await self._recorder.record(job.id, lambda j: domain.started(j, item.index, request.dispatched_at))
+            try:
+                outcome = await asyncio.wait_for(asyncio.shield(made), self._image_timeout)
+            except TimeoutError:
+                # The thread ends when the provider notices; the image does not wait for it.
+                request.stop.cancel()
+                outcome = ImageOutcome("failed", time.monotonic(), error=timeout_message(self._image_timeout))
+            if outcome is None:
+                if request.stop.cancels_at_provider:
+                    await self._queue.done(item)  # canceled: the cancel recorded it
+                return  # interrupted: stays unfinished, for the next start or another worker
+            if not self._queue.still_held(item):
+                return  # taken over by another worker, whose outcome counts
+            await self._recorder.record(job.id, _finish(item.index, request.dispatched_at, outcome))
+            if item.hold is not None:
+                item.hold.published()
+            await self._queue.done(item)
+        finally:
+            # The worker thread stays this slot's until its call ends, even after a timeout.
+            with contextlib.suppress(Exception):
+                await made
+            self._running.pop(item, None)
+            if not self._running:
+                self._idle.set()
+
+    def _request(self, job: Job, item: WorkItem) -> ImageRequest:
+        index = item.index
+        return ImageRequest(
+            job_id=job.id,
+            index=index,
+            prompt=job.prompt,
+            seed=job.seed_of(index),
+            resume_prediction_id=job.images[index].prediction_id,
+            on_prediction=lambda prediction_id: self._report(
+                self._recorder.record(job.id, lambda j: domain.prediction_created(j, index, prediction_id))
+            ),
+            on_retry=lambda attempt, delay, reason: self._report(
+                self._recorder.record(
+                    job.id, lambda j: domain.retrying(j, index, attempt, delay, reason, time.monotonic())
+                )
+            ),
+        )
+
+    def _report(self, record: Coroutine[Any, Any, Any]) -> None:
+        """From a worker thread: record on the event loop, without waiting for it."""
+        loop = self._loop
+        assert loop is not None, "ImageRunner.start() was not awaited"
+
+        def schedule() -> None:
+            task = loop.create_task(record)
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
+
+        try:
+            loop.call_soon_threadsafe(schedule)
+        except RuntimeError:  # the loop is closed: this process is gone, the next start resumes
+            record.close()
+
+
+def _finish(index: int, started_at: float, outcome: ImageOutcome) -> Callable[[Job], Update | None]:
+    def finish(job: Job) -> Update | None:
+        job.images[index].started_at = started_at
+        return domain.image_changed(job, index, outcome.status, outcome.at, key=outcome.key, error=outcome.error)
+
+    return finish

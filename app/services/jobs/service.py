@@ -1,0 +1,327 @@
+"""The job service: the whole lifecycle of a job — admit, run its images, time out, cancel,
+shut down, recover — written once, over a JobStore, an EventBus and a WorkQueue (see
+interfaces.py), whether one process does everything or API replicas and workers share the
+jobs. Knows nothing of HTTP."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from app.core.metrics import Metrics
+from app.db.faults import DatabaseUnavailableError
+from app.db.repository import ConflictingWriteError
+from app.models.generation import JobPage, JobSnapshot
+from app.services.errors import InvalidFieldError
+from app.services.jobs import domain
+from app.services.jobs.domain import Job, JobEvent
+from app.services.jobs.event_log import EventStreamInterrupted
+from app.services.jobs.interfaces import EventBus, JobStore, Transition, WorkQueue
+from app.services.jobs.recorder import JobRecorder
+from app.services.jobs.runner import ImageRunner
+from app.services.jobs.views import ImageLinks, decode_cursor, encode_cursor
+
+logger = logging.getLogger("myflix.jobs")
+
+ACTIVE_JOBS_RETRY_AFTER_SECONDS = 5
+# A sweep leaves alone jobs younger than this: their enqueue may be on its way.
+SWEEP_GRACE_SECONDS = 5.0
+# At shutdown, how long what is still queued for the database may take to be stored.
+SHUTDOWN_FLUSH_SECONDS = 3.0
+NOT_ACCEPTED = "The job was not accepted: the database did not store it in time."
+QUEUE_DOWN = "The job queue is unavailable; retry in a moment."
+
+
+class JobNotFoundError(Exception):
+    """No such job for this user (another user's job is not found either)."""
+
+
+class TooManyImagesError(InvalidFieldError):
+    location = ("body", "num_images")
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"num_images must be between 1 and {limit}")
+
+
+class TooManyActiveJobsError(Exception):
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(f"You already have {limit} jobs in progress; wait for one to finish or cancel one.")
+        self.retry_after = retry_after
+
+
+class JobAlreadyFinishedError(Exception):
+    def __init__(self, status: str) -> None:
+        super().__init__(f"The job has already finished ({status}); there is nothing to cancel.")
+
+
+class IdempotencyConflictError(Exception):
+    def __init__(self) -> None:
+        super().__init__("This Idempotency-Key was used with a different request body.")
+
+
+class ServiceUnavailableError(Exception):
+    def __init__(self, message: str = "The service is shutting down; retry in a moment.") -> None:
+        super().__init__(message)
+
+
+class JobService:
+    def __init__(
+        self,
+        store: JobStore,
+        events: EventBus,
+        queue: WorkQueue,
+        recorder: JobRecorder,
+        metrics: Metrics,
+        runner: ImageRunner | None,
+        provider: tuple[str, str],
+        max_images_per_job: int,
+        max_active_jobs_per_user: int,
+        write_timeout_seconds: float,
+        sweep_interval_seconds: float,
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._queue = queue
+        self._metrics = metrics
+        self._runner = runner
+        self._provider_name, self._provider_model = provider  # (name, model): stored with each job
+        self.recorder = recorder
+        self._max_images_per_job = max_images_per_job
+        self._max_active_jobs_per_user = max_active_jobs_per_user
+        self._write_timeout = write_timeout_seconds
+        self._sweep_interval = sweep_interval_seconds
+        self._accepting = True
+        self._background: set[asyncio.Task[None]] = set()
+        metrics.watch_workers(lambda: self.images_in_progress, lambda: queue.waiting_count)
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Pick up what a previous process left unfinished, then take work."""
+        self._store.write_health.listen(self._write_health_changed)
+        self._queue.on_reset(lambda: self.sweep(grace_seconds=0))
+        await self._store.start()
+        await self._events.start()
+        await self._queue.start()
+        if self._runner is not None:
+            await self._runner.start()
+        self._spawn(self._sweep_periodically())
+
+    async def shutdown(self) -> None:
+        """Take no new jobs; let running images finish for the grace period; leave the rest
+        recorded for the next start (Replicate predictions stay running there)."""
+        if not self._accepting:
+            return  # already shut down, or shutting down
+        self._accepting = False
+        for task in self._background:
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.stop()
+        await self._queue.close()
+        await self._events.close()
+        await self._store.close(SHUTDOWN_FLUSH_SECONDS)
+
+    @property
+    def images_in_progress(self) -> int:
+        """Images this process is making now."""
+        return 0 if self._runner is None else self._runner.busy
+
+    def readiness(self) -> dict[str, str | None]:
+        """What stops this service from working now, by part; None where nothing does."""
+        return {
+            "database": self._store.write_health.failure,
+            "events": self._events.unavailable,
+            "queue": self._queue.unavailable,
+        }
+
+    # Commands ------------------------------------------------------------------------------
+
+    async def create_job(
+        self, owner: str, prompt: str, num_images: int, seed: int | None, idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        """The new job, or with an Idempotency-Key seen before the earlier job; and whether it
+        was an earlier one."""
+        if not self._accepting:
+            raise ServiceUnavailableError
+        if self._queue.unavailable:
+            raise ServiceUnavailableError(f"{QUEUE_DOWN} ({self._queue.unavailable})")
+        if not 1 <= num_images <= self._max_images_per_job:
+            raise TooManyImagesError(self._max_images_per_job)
+        job = domain.new_job(
+            owner, prompt, num_images, seed, self._provider_name, self._provider_model, idempotency_key
+        )
+        if idempotency_key is not None:
+            earlier = await self._store.find_idempotent(owner, idempotency_key)
+            if earlier is not None:
+                return _replayed(earlier, job), True
+        if await self._store.count_unfinished(owner) >= self._max_active_jobs_per_user:
+            raise TooManyActiveJobsError(self._max_active_jobs_per_user, ACTIVE_JOBS_RETRY_AFTER_SECONDS)
+        try:
+            await self._admit(job)
+        except ConflictingWriteError:
+            # Another request stored this Idempotency-Key first.
+            earlier = await self._store.find_idempotent(owner, idempotency_key) if idempotency_key else None
+            if earlier is None:
+                raise
+            return _replayed(earlier, job), True
+        return job, False
+
+    async def _admit(self, job: Job) -> None:
+        update = domain.accepted(job, self._queue.positions_for_new_job(job.num_images))
+        committed = self._store.create(job, update)
+        stored = asyncio.ensure_future(committed)
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await self._queue.push(job, [image.index for image in job.images], asyncio.shield(stored))
+                await asyncio.shield(stored)
+        except ConflictingWriteError:
+            await self._queue.cancel(job)
+            raise
+        except (TimeoutError, DatabaseUnavailableError):
+            self._abandon(job)
+            raise DatabaseUnavailableError(self._store.write_health.failure or "writes are slow") from None
+        except (RedisError, OSError):
+            # Stored, but not queued: it ends now with a reason rather than wait for a sweep.
+            self._spawn(self._record_quietly(job.id, lambda j: domain.failed(j, QUEUE_DOWN)))
+            raise ServiceUnavailableError(QUEUE_DOWN) from None
+        await self.recorder.published(job, update)
+
+    def _abandon(self, job: Job) -> None:
+        """The job's creator is told it was not accepted: it must never run. If its insert was
+        committing as it was withdrawn, it is ended with a reason once stored."""
+        stored_after_all = self._store.withdraw(job.id)
+
+        async def conclude() -> None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(job)
+            if await stored_after_all:
+                await self.recorder.record(job.id, lambda j: None if j.finished else domain.failed(j, NOT_ACCEPTED))
+
+        self._spawn(conclude())
+
+    async def cancel_job(self, job_id: str, owner: str) -> Job:
+        _check_cancelable(await self.get_job(job_id, owner))
+
+        def cancel(job: Job) -> domain.Update:
+            _check_cancelable(job)  # again, as stored: a worker may have just finished it
+            return domain.canceled(job, time.monotonic())
+
+        applied = await self.recorder.record(job_id, cancel, timeout=self._write_timeout)
+        if applied is None:
+            raise JobNotFoundError(job_id)
+        try:
+            await self._queue.cancel(applied.job)
+        except (RedisError, OSError):
+            pass  # workers find the images canceled when they record them
+        return applied.job
+
+    # Queries -------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str, owner: str) -> Job:
+        job = await self._store.get(job_id)
+        if job is None or job.owner != owner:
+            raise JobNotFoundError(job_id)
+        return job
+
+    async def list_jobs(self, owner: str, limit: int, cursor: str | None, links: ImageLinks) -> JobPage:
+        before = decode_cursor(cursor) if cursor else None
+        page = await self._store.page(owner, limit + 1, before)
+        more = len(page) > limit
+        page = page[:limit]
+        next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
+        return JobPage(jobs=[self.snapshot(job, links) for job in page], next_cursor=next_cursor)
+
+    def snapshot(self, job: Job, links: ImageLinks) -> JobSnapshot:
+        positions = [
+            self._queue.position(job.id, image.index) if image.status == "queued" else None for image in job.images
+        ]
+        return links.snapshot(job, positions)
+
+    async def follow(self, job: Job, after_id: int, keepalive_seconds: float) -> AsyncIterator[list[JobEvent] | None]:
+        """The job's events after `after_id`, live until the job ends, in batches of all that
+        have come; None means keepalive. Raises EventStreamInterrupted while events cannot be
+        stored (or, from the bus, carried): the client reconnects with Last-Event-ID and resumes
+        exactly."""
+        if self._store.write_health.failure:
+            raise EventStreamInterrupted
+        self._metrics.open_streams.inc()
+        try:
+            async for batch in self._events.follow(job.id, after_id, keepalive_seconds):
+                yield batch
+        finally:
+            self._metrics.open_streams.dec()
+
+    async def last_event_id(self, job: Job) -> int:
+        """The id of the job's last stored event."""
+        events = await self._store.events(job.id, 0)
+        return events[-1].id if events else 0
+
+    # Recovery ------------------------------------------------------------------------------
+
+    async def sweep(self, grace_seconds: float) -> None:
+        """Bring every unfinished job to where it can finish: queue the images no queue holds,
+        end a canceled job's images, and send `done` for a job whose images have all ended. At
+        start and when the queue lost its contents, and every sweep interval (one process at a
+        time)."""
+        now, young = time.monotonic(), datetime.now(UTC) - timedelta(seconds=grace_seconds)
+        for job in await self._store.unfinished():
+            if job.created_at > young:
+                continue
+            try:
+                if job.cancel_requested or not job.unfinished_images():
+                    await self.recorder.record(job.id, lambda j: domain.concluded(j, now))
+                    continue
+                unfinished = [(job.id, image.index) for image in job.unfinished_images()]
+                missing = await self._queue.untracked(unfinished)
+                if missing:
+                    logger.info("queueing images no queue held", extra={"job_id": job.id, "images": len(missing)})
+                    await self._queue.push(job, [index for _, index in missing])
+            except (RedisError, OSError, DatabaseUnavailableError):
+                raise
+            except Exception:
+                logger.exception("could not resume job", extra={"job_id": job.id})
+                await self.recorder.record(job.id, lambda j: domain.failed(j, "The job could not be resumed."))
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                if await self._queue.lock("sweep", self._sweep_interval * 0.9):
+                    await self.sweep(SWEEP_GRACE_SECONDS)
+            except Exception:  # the next sweep tries again
+                logger.exception("sweep failed")
+
+    # Internals -----------------------------------------------------------------------------
+
+    def _write_health_changed(self, failure: str | None) -> None:
+        if failure is not None:
+            # Nothing new can be stored, so nothing new can be sent: followers come back later.
+            self._events.interrupt_all()
+
+    async def _record_quietly(self, job_id: str, transition: Transition) -> None:
+        try:
+            await self.recorder.record(job_id, transition)
+        except Exception:
+            logger.exception("could not record", extra={"job_id": job_id})
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _replayed(earlier: Job, new: Job) -> Job:
+    """The earlier job of this Idempotency-Key, if it was asked for with the same body."""
+    if earlier.request_fingerprint != new.request_fingerprint:
+        raise IdempotencyConflictError
+    return earlier
+
+
+def _check_cancelable(job: Job) -> None:
+    if job.finished or job.cancel_requested:
+        raise JobAlreadyFinishedError(job.status)

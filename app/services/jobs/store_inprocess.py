@@ -1,0 +1,130 @@
+"""Jobs kept by this process alone: unfinished jobs live in memory, where a transition is
+applied at once, and every change is written through the journal, which commits them in
+batches and never drops one. Finished jobs are read from the database."""
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db.faults import DatabaseUnavailableError, WriteHealth
+from app.db.journal import Journal
+from app.db.repository import Repository
+from app.services.jobs.domain import Job, JobEvent, Update
+from app.services.jobs.interfaces import Applied, Transition
+from app.services.jobs.rows import changes_of, job_from_rows, stored_events
+
+logger = logging.getLogger("myflix.jobs")
+
+
+class InProcessJobStore:
+    def __init__(self, repository: Repository, engine: AsyncEngine) -> None:
+        self._repository = repository
+        self.write_health = WriteHealth()
+        self._journal = Journal(engine, self.write_health)
+        self._live: dict[str, Job] = {}  # unfinished jobs, and finished ones until stored
+        self._keys: dict[tuple[str, str], Job] = {}  # live jobs by (owner, Idempotency-Key)
+        # Kept with _live, so that a new job's limit check does not walk every live job.
+        self._unfinished_per_owner: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        self._journal.start()
+        for stored in await self._repository.unfinished_jobs():
+            events = stored_events(await self._repository.events(stored.job.id))
+            self._hold(job_from_rows(stored, events))
+
+    async def close(self, timeout: float) -> None:
+        await self._journal.close(timeout)
+
+    def create(self, job: Job, update: Update) -> Awaitable[None]:
+        self._hold(job)
+        committed = self._journal.write(changes_of(job, update), job.id)
+        committed.add_done_callback(
+            lambda future: self._release(job) if future.cancelled() or future.exception() else None
+        )
+        return committed
+
+    def withdraw(self, job_id: str) -> Awaitable[bool]:
+        committed = self._journal.withdraw(job_id)
+        job = self._live.get(job_id)
+        if job is not None:
+            self._release(job)
+        return committed
+
+    async def apply(self, job_id: str, transition: Transition, timeout: float | None = None) -> Applied | None:
+        job = self._live.get(job_id)
+        if job is None:
+            job = await self.get(job_id)  # finished, or none
+            if job is None:
+                return None
+        was_finished = job.finished
+        update = transition(job) or Update()
+        if not (update.events or update.images or update.job_changed):
+            return Applied(job, update)
+        if update.closes and not was_finished and job_id in self._live:
+            self._unfinished_per_owner[job.owner] -= 1  # its slot is free at once
+        committed = self._journal.write(changes_of(job, update), job_id)
+        if update.closes:
+            committed.add_done_callback(lambda _: self._forget(job))
+        if timeout is None:
+            await committed
+        else:
+            try:
+                await asyncio.wait_for(asyncio.shield(committed), timeout)
+            except TimeoutError:
+                raise DatabaseUnavailableError(self.write_health.failure or "writes are slow") from None
+        return Applied(job, update)
+
+    async def get(self, job_id: str) -> Job | None:
+        job = self._live.get(job_id)
+        if job is not None:
+            return job
+        stored = await self._repository.get_job(job_id)
+        return None if stored is None else job_from_rows(stored)
+
+    async def page(self, owner: str, limit: int, before: tuple[datetime, str] | None) -> list[Job]:
+        return [
+            self._live.get(s.job.id) or job_from_rows(s) for s in await self._repository.list_jobs(owner, limit, before)
+        ]
+
+    async def unfinished(self) -> list[Job]:
+        return [job for job in self._live.values() if not job.finished]
+
+    async def find_idempotent(self, owner: str, key: str) -> Job | None:
+        # A job whose insert is on its way is found before it is stored.
+        job = self._keys.get((owner, key))
+        if job is not None:
+            return job
+        row = await self._repository.find_by_idempotency_key(owner, key)
+        return None if row is None else await self.get(row.id)
+
+    async def count_unfinished(self, owner: str) -> int:
+        return self._unfinished_per_owner[owner]
+
+    async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]:
+        return stored_events(await self._repository.events(job_id, after_id))
+
+    def _hold(self, job: Job) -> None:
+        self._live[job.id] = job
+        if job.idempotency_key is not None:
+            self._keys[(job.owner, job.idempotency_key)] = job
+        if not job.finished:
+            self._unfinished_per_owner[job.owner] += 1
+
+    def _release(self, job: Job) -> None:
+        """The job was never stored: forget it, and free its slot."""
+        if self._live.pop(job.id, None) is not None and not job.finished:
+            self._unfinished_per_owner[job.owner] -= 1
+        self._forget_key(job)
+
+    def _forget(self, job: Job) -> None:
+        """The job has ended and is stored: from now on it is read from the database."""
+        self._live.pop(job.id, None)
+        self._forget_key(job)
+
+    def _forget_key(self, job: Job) -> None:
+        if job.idempotency_key is not None:
+            self._keys.pop((job.owner, job.idempotency_key), None)
