@@ -84,7 +84,7 @@ def job_service(settings: Settings, components: Components, makes_images: bool) 
         store, events = in_process, InProcessEventBus(in_process.events)
         queue = InProcessWorkQueue(settings.GENERATION_MAX_WORKERS)
     else:
-        scaled = ScaledJobStore(components.repository)
+        scaled = ScaledJobStore(components.repository, components.engine)
         store = scaled
         events = RedisEventBus(components.redis, settings.REDIS_EVENTS_RETENTION_SECONDS, scaled.events)
         queue = RedisWorkQueue(components.redis, settings.GENERATION_MAX_WORKERS, settings.WORKER_CLAIM_TIMEOUT_SECONDS)

@@ -1,5 +1,7 @@
 """The whole service on the Replicate provider: real client, fake Replicate server, real HTTP."""
 
+import pytest
+
 from tests.conftest import create_job, login, read_stream
 from tests.fake_replicate import Fault, Rule
 
@@ -15,6 +17,7 @@ def _replicate_server(live_server, fake, **overrides):
     )
 
 
+@pytest.mark.slow
 def test_an_eight_image_job_makes_eight_predictions_concurrently(live_server, fake_replicate):
     fake_replicate.latency = 0.3
     with _replicate_server(live_server, fake_replicate) as server, server.client() as client:

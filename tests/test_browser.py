@@ -20,6 +20,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOT_COPY = Path("/tmp/myflix-demo.png")
 WAIT_MS = 10_000
+pytestmark = pytest.mark.slow
 
 # One worker and 300 ms per image: the first job (4 images) takes ~1.2 s, the second
 # (8 images) ~2.4 s, so it is still running when Cancel is clicked after its first image.

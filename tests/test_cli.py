@@ -94,6 +94,7 @@ class BackgroundCli:
         return code, self.lines, self.process.stderr.read()
 
 
+@pytest.mark.slow
 def test_login_generate_save_images_and_list_jobs(live_server, cli_env, tmp_path):
     with live_server(LOCAL_LATENCY_MS=50, LOCAL_LATENCY_JITTER_MS=0) as server:
         url = server.base_url
@@ -150,6 +151,7 @@ def test_the_token_file_is_the_users_with_mode_0600(monkeypatch, tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600, "an existing file is made private too"
 
 
+@pytest.mark.slow
 def test_generate_and_jobs_need_a_login(cli_env):
     for command in (["generate", "a cat"], ["jobs"]):
         result = run_cli(cli_env, "--base-url", "http://127.0.0.1:9", *command)
@@ -157,6 +159,7 @@ def test_generate_and_jobs_need_a_login(cli_env):
         assert "not signed in: run `python -m app.cli login`" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_job_whose_images_all_fail_exits_1_with_the_reason(live_server, fake_replicate, cli_env, tmp_path):
     with live_server(
         IMAGE_PROVIDER="replicate", REPLICATE_API_TOKEN="r8_wrong", REPLICATE_BASE_URL=fake_replicate.base_url
@@ -170,6 +173,7 @@ def test_a_job_whose_images_all_fail_exits_1_with_the_reason(live_server, fake_r
     assert all(" failed: " in line and "401" in line for line in failures)
 
 
+@pytest.mark.slow
 def test_a_dropped_stream_is_resumed_and_no_event_is_applied_twice(service_process, cli_env, tmp_path):
     service = service_process(
         IMAGE_PROVIDER="local",
@@ -203,6 +207,7 @@ def test_a_dropped_stream_is_resumed_and_no_event_is_applied_twice(service_proce
     assert all(path.read_bytes().startswith(PNG_MAGIC) for path in saved)
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_the_job_id_and_exits_130(live_server, cli_env, tmp_path):
     with live_server(LOCAL_LATENCY_MS=10_000, SHUTDOWN_GRACE_SECONDS=0) as server:
         sign_in(cli_env, server.base_url)

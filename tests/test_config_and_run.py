@@ -76,6 +76,7 @@ def _run_py(env_overrides: dict[str, str]) -> subprocess.Popen:
     ("secret", "complaint"),
     [(PLACEHOLDER_JWT_SECRET, "placeholder"), ("", "placeholder"), ("short", "at least 32 bytes")],
 )
+@pytest.mark.slow
 def test_run_py_refuses_a_weak_secret_in_production(secret, complaint):
     process = _run_py({"ENVIRONMENT": "production", "JWT_SECRET_KEY": secret})
     try:
@@ -86,6 +87,7 @@ def test_run_py_refuses_a_weak_secret_in_production(secret, complaint):
     assert "JWT_SECRET_KEY" in err and complaint in err
 
 
+@pytest.mark.slow
 def test_run_py_refuses_an_unknown_provider():
     process = _run_py({"IMAGE_PROVIDER": "dalle"})
     try:
@@ -96,6 +98,7 @@ def test_run_py_refuses_an_unknown_provider():
     assert "unknown IMAGE_PROVIDER 'dalle'" in err
 
 
+@pytest.mark.slow
 def test_run_py_says_what_is_active_and_serves(tmp_path):
     import socket
 

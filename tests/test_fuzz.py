@@ -27,6 +27,7 @@ CHECKS = [
     response_schema_conformance,
 ]
 EXAMPLES_PER_OPERATION = 25
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

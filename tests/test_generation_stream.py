@@ -100,6 +100,7 @@ def test_a_last_event_id_we_never_sent_replays_from_the_start(live_server, last_
         assert events[0].id == "1" and events[-1].event == "done"
 
 
+@pytest.mark.slow
 def test_a_subscriber_joining_mid_job_gets_the_past_then_the_rest_live(live_server):
     with live_server(LOCAL_LATENCY_MS=300, GENERATION_MAX_WORKERS=1) as server, server.client() as client:
         token = login(client)
@@ -158,6 +159,7 @@ def test_stream_accepts_the_token_as_a_query_parameter(live_server):
         assert client.get(f"/api/generate/{job_id}/stream").status_code == 401
 
 
+@pytest.mark.slow
 def test_keepalive_is_sent_while_the_stream_is_quiet(live_server):
     with live_server(LOCAL_LATENCY_MS=700, SSE_KEEPALIVE_SECONDS=0.2) as server, server.client() as client:
         token = login(client)

@@ -3,6 +3,7 @@
 import shutil
 import threading
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import create_job, login, read_stream, wait_until
@@ -38,6 +39,7 @@ def test_health_and_readiness(live_server, tmp_path):
         assert client.get("/healthz").status_code == 200  # up, just not ready
 
 
+@pytest.mark.slow
 def test_metrics_show_a_job_in_flight_and_its_outcome(live_server):
     with live_server(LOCAL_LATENCY_MS=600, GENERATION_MAX_WORKERS=2) as server, server.client() as client:
         token = login(client)

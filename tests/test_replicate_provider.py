@@ -107,6 +107,7 @@ def test_connection_refused_is_retried_then_reported(fake_replicate):
         provider.generate(_request())
 
 
+@pytest.mark.slow
 def test_a_reset_while_polling_is_retried(fake_replicate):
     fake_replicate.wait_cap = 0.05
     fake_replicate.latency = 0.3
@@ -124,6 +125,7 @@ def test_a_reset_while_polling_is_retried(fake_replicate):
         Fault(reset=True),
     ],
 )
+@pytest.mark.slow
 def test_the_clients_own_get_retries_are_off(fake_replicate, fault):
     # The replicate client wraps our transport in a RetryTransport that retries GETs on 429,
     # 503 and 504 up to 10 times; ours raises before it sees such an answer. This fails if an

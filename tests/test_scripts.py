@@ -9,6 +9,8 @@ import pytest
 from app.core.config import PROJECT_ROOT
 from tests.conftest import parse_sse
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_demo_script_logs_in_creates_a_job_and_follows_it(live_server):

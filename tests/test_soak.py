@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from app.core.config import PROJECT_ROOT
 from tests.conftest import IN_CI
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60" if IN_CI else "10"))
+pytestmark = pytest.mark.slow
 
 
 def test_a_soak_loses_no_event_answers_no_5xx_and_keeps_memory_flat():

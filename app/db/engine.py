@@ -3,9 +3,11 @@
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from app.db.faults import transient_fault
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -78,3 +80,17 @@ def create_blocking_sqlite_engine(async_engine: AsyncEngine) -> Engine | None:
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def probe_writes(engine: AsyncEngine) -> None:
+    """A write that changes nothing: whether the database takes writes now. Connections a
+    fault left unable to write (SQLite opened read-only) are dropped, so the next try opens
+    new ones."""
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE alembic_version SET version_num = version_num"))
+    except Exception as exc:
+        fault = transient_fault(exc)
+        if fault is not None and fault.reopen_connections:
+            await engine.dispose()
+        raise

@@ -8,9 +8,10 @@ for what it is (a broken constraint, say) is not. The cause is told by PostgreSQ
 and SQLite's error code, never by the exception's class alone.
 """
 
+import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,11 +99,15 @@ def transient_fault(exc: BaseException) -> TransientFault | None:
 
 
 class WriteHealth:
-    """Whether writes go through, told to whoever listens when it changes."""
+    """Whether writes go through, told to whoever listens when it changes. While they fail,
+    `probe` (a write that changes nothing) is tried with backoff, so that recovery is noticed
+    even when no write is left waiting (the one that failed was withdrawn)."""
 
-    def __init__(self) -> None:
+    def __init__(self, probe: Callable[[], Awaitable[None]] | None = None) -> None:
         self.failure: str | None = None  # why writes fail now; None while they go through
         self._listeners: list[Callable[[str | None], None]] = []
+        self._probe = probe
+        self._probing: asyncio.Task[None] | None = None
 
     def listen(self, callback: Callable[[str | None], None]) -> None:
         self._listeners.append(callback)
@@ -113,12 +118,28 @@ class WriteHealth:
         if self.failure is None:
             logger.error("database writes fail (%s); retrying until they go through: %s", cause, exc)
             self._tell(cause)
+            if self._probe is not None and self._probing is None:
+                self._probing = asyncio.get_running_loop().create_task(self._probe_until_recovered())
         return fault
 
     def recovered(self) -> None:
         if self.failure is not None:
             logger.info("database writes go through again")
             self._tell(None)
+
+    async def _probe_until_recovered(self) -> None:
+        assert self._probe is not None
+        try:
+            async for attempt in write_retrying(None, lambda exc, n: None):
+                with attempt:
+                    if self.failure is None:
+                        return  # a real write went through meanwhile
+                    await self._probe()
+            self.recovered()
+        except Exception:
+            logger.exception("the database write probe failed for good")
+        finally:
+            self._probing = None
 
     def _tell(self, failure: str | None) -> None:
         self.failure = failure

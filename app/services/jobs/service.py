@@ -14,7 +14,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from app.core.metrics import Metrics
-from app.db.faults import DatabaseUnavailableError
+from app.db.faults import DatabaseUnavailableError, transient_fault
 from app.db.repository import ConflictingWriteError
 from app.models.generation import JobPage, JobSnapshot
 from app.services.errors import InvalidFieldError
@@ -253,6 +253,10 @@ class JobService:
         try:
             async for batch in self._events.follow(job.id, after_id, keepalive_seconds):
                 yield batch
+        except Exception as exc:
+            if transient_fault(exc) is None:
+                raise
+            raise EventStreamInterrupted from exc  # the stored past cannot be read right now
         finally:
             self._metrics.open_streams.dec()
 

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db.engine import probe_writes
 from app.db.faults import DatabaseUnavailableError, WriteHealth
 from app.db.journal import Journal
 from app.db.repository import Repository
@@ -23,7 +24,7 @@ logger = logging.getLogger("myflix.jobs")
 class InProcessJobStore:
     def __init__(self, repository: Repository, engine: AsyncEngine) -> None:
         self._repository = repository
-        self.write_health = WriteHealth()
+        self.write_health = WriteHealth(probe=lambda: probe_writes(engine))
         self._journal = Journal(engine, self.write_health)
         self._live: dict[str, Job] = {}  # unfinished jobs, and finished ones until stored
         self._keys: dict[tuple[str, str], Job] = {}  # live jobs by (owner, Idempotency-Key)

@@ -10,6 +10,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db.engine import probe_writes
 from app.db.faults import DatabaseUnavailableError, WriteHealth, write_retrying
 from app.db.repository import Changes, Repository, StoredJob
 from app.db.tables import EventRow
@@ -37,12 +40,12 @@ class _Create:
 
 
 class ScaledJobStore:
-    def __init__(self, repository: Repository) -> None:
+    def __init__(self, repository: Repository, engine: AsyncEngine) -> None:
         self._repository = repository
         self._waiting: dict[str, list[_Pending]] = {}  # job id -> transitions for its next transaction
         self._creates: dict[str, _Create] = {}
         self._batches: dict[str, asyncio.Future[None]] = {}
-        self.write_health = WriteHealth()
+        self.write_health = WriteHealth(probe=lambda: probe_writes(engine))
 
     async def start(self) -> None:
         pass
