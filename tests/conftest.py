@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import uvicorn
 from httpx_sse import EventSource
 from sqlalchemy import text
@@ -197,6 +198,17 @@ def postgres_url() -> str:
         asyncio.run(reset())
     except (OSError, SQLAlchemyError) as exc:
         _unavailable(f"PostgreSQL at TEST_DATABASE_URL is unreachable: {exc}")
+    return url
+
+
+def redis_url() -> str:
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        _unavailable("TEST_REDIS_URL is not set: scale-out tests skipped")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis at TEST_REDIS_URL is unreachable: {exc}")
     return url
 
 

@@ -43,6 +43,7 @@ def test_an_eight_image_job_makes_eight_predictions_concurrently(live_server, fa
         assert len(downloads) == 8 + 8  # the service's fetches, then this test's
 
 
+@pytest.mark.slow
 def test_failures_and_retries_surface_per_image(live_server, fake_replicate):
     fake_replicate.add_rule(Rule(match="refused", fail_error="NSFW content detected."))
     fake_replicate.push_create_fault(Fault(status=429, retry_after=0))

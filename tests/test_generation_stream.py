@@ -55,6 +55,7 @@ def test_a_job_streams_every_state_change_then_done(live_server):
         assert len(set(pictures)) == 4  # seed + i: each image differs
 
 
+@pytest.mark.slow
 def test_images_run_concurrently_not_one_after_another(live_server):
     with live_server(LOCAL_LATENCY_MS=400, GENERATION_MAX_WORKERS=8) as server, server.client() as client:
         token = login(client)
@@ -115,6 +116,7 @@ def test_a_subscriber_joining_mid_job_gets_the_past_then_the_rest_live(live_serv
         assert snapshot["status"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_two_subscribers_at_once_each_get_every_event(live_server):
     with live_server(LOCAL_LATENCY_MS=300) as server, server.client() as client:
         token = login(client)
@@ -136,6 +138,7 @@ def test_two_subscribers_at_once_each_get_every_event(live_server):
         assert len(results["a"]) == 13
 
 
+@pytest.mark.slow
 def test_jobs_belong_to_their_creator(live_server):
     with live_server() as server, server.client() as client:
         alice = login(client)

@@ -74,6 +74,7 @@ def test_failed_prediction_becomes_the_image_error_without_retry(fake_replicate)
     assert len(_creates(fake_replicate)) == 1
 
 
+@pytest.mark.slow
 def test_429_on_create_is_retried_after_retry_after(fake_replicate):
     fake_replicate.push_create_fault(Fault(status=429, retry_after=1))
     started = time.monotonic()
@@ -140,6 +141,7 @@ def test_the_clients_own_get_retries_are_off(fake_replicate, fault):
     assert len(fake_replicate.requests_to("/v1/predictions/", method="GET")) == 3
 
 
+@pytest.mark.slow
 def test_each_retry_is_reported_first_with_its_attempt_delay_and_reason(fake_replicate):
     fake_replicate.push_create_fault(Fault(status=429, retry_after=0))
     fake_replicate.push_create_fault(Fault(status=500))

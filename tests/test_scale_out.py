@@ -32,6 +32,7 @@ from tests.conftest import (
     postgres_url,
     query_database,
     read_stream,
+    redis_url,
     wait_until,
 )
 from tests.fake_replicate import FakeReplicate
@@ -39,17 +40,6 @@ from tests.fake_replicate import FakeReplicate
 
 def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def redis_url() -> str:
-    url = os.environ.get("TEST_REDIS_URL")
-    if not url:
-        _unavailable("TEST_REDIS_URL is not set: scale-out tests skipped")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        _unavailable(f"Redis at TEST_REDIS_URL is unreachable: {exc}")
-    return url
 
 
 class Cluster:

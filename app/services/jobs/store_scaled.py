@@ -10,11 +10,12 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.engine import probe_writes
 from app.db.faults import DatabaseUnavailableError, WriteHealth, write_retrying
-from app.db.repository import Changes, Repository, StoredJob
+from app.db.repository import Changes, ConflictingWriteError, Repository, StoredJob
 from app.db.tables import EventRow
 from app.services.jobs.domain import Job, JobEvent, Update
 from app.services.jobs.interfaces import Applied, Transition
@@ -65,6 +66,9 @@ class ScaledJobStore:
                     if create.withdrawn:
                         raise JobWithdrawnError(job.id)
                     await self._repository.write(changes)
+        except IntegrityError as exc:
+            create.stored.set_result(False)
+            raise ConflictingWriteError(str(exc)) from exc
         except BaseException:
             create.stored.set_result(False)
             raise
