@@ -19,7 +19,6 @@ import getpass
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +28,7 @@ import httpx
 from httpx_sse import ServerSentEvent, connect_sse
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.progress_bar import ProgressBar
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_BASE_URL = "http://localhost:8000"
@@ -218,24 +218,11 @@ def describe(data: dict[str, Any], saved: Path | None) -> str:
 # Following a job -----------------------------------------------------------------------
 
 
-class Backoff:
-    """Pauses between attempts to reach the service: 0.1 s, doubling up to 2 s, for 30
-    attempts in a row (about a minute); then the service counts as unreachable."""
-
-    def __init__(self, notify: Callable[[str], None], attempts: int = 30, first: float = 0.1, cap: float = 2.0):
-        self.notify, self.attempts, self.first, self.cap = notify, attempts, first, cap
-        self.failures = 0
-
-    def reset(self) -> None:
-        self.failures = 0
-
-    def wait(self, reason: str) -> None:
-        self.failures += 1
-        if self.failures > self.attempts:
-            raise CliError(f"the service is unreachable after {self.attempts} attempts: {reason}", EXIT_UNREACHABLE)
-        delay = min(self.cap, self.first * 2 ** (self.failures - 1))
-        self.notify(f"connection lost ({reason}); reconnecting in {delay:.1f} s ({self.failures}/{self.attempts})")
-        time.sleep(delay)
+# Pauses between attempts to reach the service: 0.1 s, doubling up to 2 s, for 30 attempts in
+# a row without progress (about a minute); then the service counts as unreachable.
+RECONNECT_ATTEMPTS = 30
+RECONNECT_FIRST_SECONDS = 0.1
+RECONNECT_CAP_SECONDS = 2.0
 
 
 class JobRun:
@@ -246,7 +233,7 @@ class JobRun:
         self, client: httpx.Client, downloads: httpx.Client, job_id: str, out_dir: Path, view: PlainView | RichView
     ) -> None:
         self.client, self.downloads, self.job_id, self.out_dir, self.view = client, downloads, job_id, out_dir, view
-        self.backoff = Backoff(view.notice)
+        self.failures_in_a_row = 0  # attempts that failed since the last event applied
         self.last_id: str | None = None
         self.last_number = 0
         self.saved: dict[int, Path] = {}
@@ -256,14 +243,31 @@ class JobRun:
         return self._retrying(self._read_stream)
 
     def _retrying(self, attempt: Callable[[], T]) -> T:
-        while True:
-            try:
-                return attempt()
-            except httpx.TransportError as exc:
-                reason = str(exc) or type(exc).__name__
-            except _Retry as retry:
-                reason = str(retry)
-            self.backoff.wait(reason)
+        retrying = Retrying(
+            retry=retry_if_exception_type((httpx.TransportError, _Retry)),
+            stop=self._gave_up,
+            wait=lambda _: min(RECONNECT_CAP_SECONDS, RECONNECT_FIRST_SECONDS * 2 ** (self.failures_in_a_row - 1)),
+            before_sleep=self._notice,
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except (httpx.TransportError, _Retry) as exc:
+            raise CliError(
+                f"the service is unreachable after {RECONNECT_ATTEMPTS} attempts: {_reason(exc)}", EXIT_UNREACHABLE
+            ) from None
+
+    def _gave_up(self, state: RetryCallState) -> bool:
+        self.failures_in_a_row += 1
+        return self.failures_in_a_row > RECONNECT_ATTEMPTS
+
+    def _notice(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        delay = state.upcoming_sleep
+        self.view.notice(
+            f"connection lost ({_reason(exc)}); reconnecting in {delay:.1f} s "
+            f"({self.failures_in_a_row}/{RECONNECT_ATTEMPTS})"
+        )
 
     def _read_stream(self) -> ServerSentEvent:
         headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
@@ -277,7 +281,7 @@ class JobRun:
                     return event
                 self._apply(event, number)
                 self.last_id, self.last_number = event.id, number
-                self.backoff.reset()
+                self.failures_in_a_row = 0
         raise _Retry("the stream ended before the job did")
 
     def _apply(self, event: ServerSentEvent, number: int) -> None:
@@ -295,6 +299,10 @@ class JobRun:
         path.write_bytes(response.content)
         self.saved[index] = path
         return path
+
+
+def _reason(exc: BaseException | None) -> str:
+    return (str(exc) or type(exc).__name__) if exc is not None else "unknown"
 
 
 def seconds(ms: float | None) -> str:
