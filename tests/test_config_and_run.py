@@ -11,7 +11,7 @@ import pytest
 
 from app.core.config import PLACEHOLDER_JWT_SECRET, PROJECT_ROOT, Settings
 from app.core.logging import JsonFormatter
-from tests.conftest import create_job, login, read_stream, wait_until
+from tests.conftest import ALICE, create_job, read_stream, wait_until
 
 
 def test_environment_overrides_env_local_which_overrides_env(tmp_path, monkeypatch):
@@ -152,7 +152,8 @@ def test_cors_allows_only_the_configured_origins(live_server):
 def test_one_line_per_request_and_state_change_with_no_token(live_server, caplog):
     caplog.set_level(logging.INFO)
     with live_server() as server, server.client() as client:
-        token = login(client)
+        signed_in = client.post("/api/auth/login", json={"email": ALICE[0], "password": ALICE[1]})
+        token = signed_in.json()["access_token"]
         job_id = create_job(client, token, prompt="logged", num_images=2)
         read_stream(client, job_id, params={"access_token": token})
     records = caplog.records

@@ -212,6 +212,7 @@ def test_idempotency_key_returns_the_same_job(live_server, database_url):
         assert later.json() == first.json()
 
 
+@pytest.mark.slow
 def test_too_many_active_jobs_is_429_with_retry_after(live_server, database_url):
     settings = dict(DATABASE_URL=database_url, MAX_ACTIVE_JOBS_PER_USER=2, LOCAL_LATENCY_MS=5000)
     with live_server(**settings) as server, server.client() as client:
@@ -226,6 +227,7 @@ def test_too_many_active_jobs_is_429_with_retry_after(live_server, database_url)
         create_job(client, alice, prompt="a slot is free again", num_images=1)
 
 
+@pytest.mark.slow
 def test_queued_images_carry_their_place_in_the_queue(live_server):
     with live_server(GENERATION_MAX_WORKERS=1, LOCAL_LATENCY_MS=400) as server, server.client() as client:
         token = login(client)

@@ -85,6 +85,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_provider_faults_end_the_job_with_a_reason_and_free_the_pool(live_server, fake_replicate, fault):
     inject, outcome, words = FAULTS[fault]
@@ -101,6 +102,7 @@ def test_provider_faults_end_the_job_with_a_reason_and_free_the_pool(live_server
         assert _image_threads() <= server.settings.GENERATION_MAX_WORKERS
 
 
+@pytest.mark.slow
 def test_connection_refused_fails_the_image_after_bounded_retries(live_server):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -124,6 +126,7 @@ def test_connection_refused_fails_the_image_after_bounded_retries(live_server):
     assert "Replicate is unavailable" in events[-1].data["images"][0]["error"]
 
 
+@pytest.mark.slow
 def test_a_prediction_that_never_finishes_times_out_and_is_canceled(live_server, fake_replicate):
     fake_replicate.wait_cap = 0.05
     fake_replicate.add_rule(Rule(match="", never_finish=True))
@@ -155,6 +158,7 @@ def _crowd_that_drops(base_url: str, job_id: str, token: str, clients: int = 200
     asyncio.run(crowd())
 
 
+@pytest.mark.slow
 def test_two_hundred_dropped_streams_leave_no_task_or_connection(live_server):
     with live_server(LOCAL_LATENCY_MS=60_000) as server, server.client() as client:
         token = login(client)
@@ -173,6 +177,7 @@ def _rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
+@pytest.mark.slow
 def test_dropped_streams_leave_the_server_memory_flat(service_process):
     service = service_process(IMAGE_PROVIDER="local", LOCAL_LATENCY_MS=60_000)
     with service.client() as client:
@@ -188,6 +193,7 @@ def test_dropped_streams_leave_the_server_memory_flat(service_process):
     assert growth_mib < 10, f"RSS grew {growth_mib:.1f} MiB over 600 dropped streams"
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_reading_is_cut_off_without_stalling_anyone(live_server):
     settings = dict(LOCAL_LATENCY_MS=1500, SSE_KEEPALIVE_SECONDS=0.0005, SSE_SEND_TIMEOUT_SECONDS=1)
     with live_server(**settings) as server, server.client() as client:

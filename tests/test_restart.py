@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import create_job, login, query_database, read_stream, wait_until
 from tests.fake_replicate import FakeReplicate
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def _auth(token):
     return {"Authorization": f"Bearer {token}"}

@@ -37,6 +37,8 @@ from tests.conftest import (
 )
 from tests.fake_replicate import FakeReplicate
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}

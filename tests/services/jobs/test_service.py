@@ -329,6 +329,7 @@ def _follow_in_a_second_life(tmp_path, job_id):
     return asyncio.run(second_life())
 
 
+@pytest.mark.slow
 def test_a_stopping_service_takes_no_new_jobs_and_the_next_one_resumes_them(tmp_path):
     gate = threading.Event()  # never opened: the images are still running at shutdown
 
@@ -349,6 +350,7 @@ def test_a_stopping_service_takes_no_new_jobs_and_the_next_one_resumes_them(tmp_
     assert events[-1].name == "done"
 
 
+@pytest.mark.slow
 def test_a_job_that_cannot_be_resumed_ends_with_an_error_event(tmp_path, monkeypatch):
     gate = threading.Event()
 
