@@ -12,9 +12,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.bootstrap import job_service, open_components
+from app.bootstrap import job_service, jwt_secret, open_components
 from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
+from app.core.request_limits import RequestLimitsMiddleware
 from app.core.security_headers import SecurityHeadersMiddleware
 from app.models.generation import STREAM_EVENT_MODELS
 from app.routers import auth, generation, health, images
@@ -23,6 +24,7 @@ from app.services.auth_service import AuthService, seed_demo_users, stored_users
 from app.services.health_service import HealthService
 from app.services.login_throttle import LoginThrottle
 
+# The largest valid body (a 2000-character prompt) is a few KiB; refuse far more (413).
 MAX_REQUEST_BODY_BYTES = 64 * 1024
 STATIC_DIR = PROJECT_ROOT / "app" / "static"
 
@@ -56,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.auth_service = AuthService(
             find_user=stored_users(components.repository),
-            jwt_secret=settings.JWT_SECRET_KEY.get_secret_value(),
+            jwt_secret=jwt_secret(settings),
             token_lifetime=timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES),
             throttle=LoginThrottle(settings.LOGIN_MAX_FAILURES, settings.LOGIN_FAILURE_WINDOW_SECONDS),
         )
@@ -74,8 +76,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="JWT login and AI image generation with live progress over Server-Sent Events.",
         version="0.2.0",
         lifespan=lifespan,
-        # The largest valid body (a 2000-character prompt) is a few KiB; refuse far more (413).
-        max_body_size=MAX_REQUEST_BODY_BYTES,
     )
     app.state.settings = settings
     app.add_middleware(
@@ -85,13 +85,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
         expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
     )
+    # Inside the security headers, so that its refusals carry them too.
+    app.add_middleware(RequestLimitsMiddleware, max_body_bytes=MAX_REQUEST_BODY_BYTES)
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.ENVIRONMENT == "production")
     app.add_middleware(RequestLogMiddleware)
-    register_error_handlers(app)
-    app.include_router(auth.router)
-    app.include_router(generation.router)
-    app.include_router(images.router)
-    app.include_router(health.router)
+    routers = [auth.router, generation.router, images.router, health.router]
+    register_error_handlers(app, routers)
+    for router in routers:
+        app.include_router(router)
 
     @app.get("/", include_in_schema=False)
     async def demo_page() -> FileResponse:

@@ -4,6 +4,7 @@ import sys
 
 import uvicorn
 
+from app.bootstrap import KEPT_JWT_SECRET_FILE
 from app.core.config import settings_or_exit
 from app.providers import create_provider
 from app.services.auth_service import DEMO_USERS
@@ -24,7 +25,7 @@ def main() -> int:
     print(f"  database:       {settings.database_url.split('@')[-1]}")
     print(f"  image store:    {settings.image_store_dir}")
     if settings.uses_placeholder_secret:
-        print("  WARNING: JWT_SECRET_KEY is the development placeholder; tokens are not secure.")
+        print(f"  token key:      made for this data directory ({settings.DATA_DIR / KEPT_JWT_SECRET_FILE})")
     print(f"  API docs:       http://{settings.HOST}:{settings.PORT}/docs", flush=True)
 
     uvicorn.run("main:app", host=settings.HOST, port=settings.PORT, log_level=settings.LOG_LEVEL.lower())

@@ -2,6 +2,8 @@
 provider, and the job engine — its store, event bus and work queue in this process alone, or
 shared with other processes over PostgreSQL and Redis when REDIS_URL is set."""
 
+import os
+import secrets
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -44,10 +46,29 @@ class Components:
         await self.engine.dispose()
 
 
+# With no JWT_SECRET_KEY in development, the key made for this data directory (never the
+# published placeholder, which would let anyone sign tokens).
+KEPT_JWT_SECRET_FILE = "jwt-secret"
+
+
+def jwt_secret(settings: Settings) -> str:
+    if not settings.uses_placeholder_secret:
+        return settings.JWT_SECRET_KEY.get_secret_value()
+    path = settings.DATA_DIR / KEPT_JWT_SECRET_FILE
+    settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made before, maybe by another process on this directory
+        return path.read_text().strip()
+    with os.fdopen(descriptor, "w") as kept:
+        kept.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
 def image_url_secret(settings: Settings) -> bytes:
     if settings.IMAGE_URL_SECRET is not None:
         return settings.IMAGE_URL_SECRET.get_secret_value().encode()
-    return derive_key(settings.JWT_SECRET_KEY.get_secret_value(), "image-urls")
+    return derive_key(jwt_secret(settings), "image-urls")
 
 
 async def open_components(settings: Settings) -> Components:

@@ -5,12 +5,14 @@ import logging
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import httpx
 import pytest
 
 from app.core.config import PLACEHOLDER_JWT_SECRET, PROJECT_ROOT, Settings
 from app.core.logging import JsonFormatter
+from app.core.security import create_access_token
 from tests.conftest import ALICE, create_job, read_stream, wait_until
 
 
@@ -115,12 +117,21 @@ def test_run_py_says_what_is_active_and_serves(tmp_path):
         banner = "".join(lines)
         assert "image provider: local" in banner
         assert "alice@myflix.dev" in banner and "bob@myflix.dev" in banner
-        assert "development placeholder" in banner
+        assert "token key:      made for this data directory" in banner
         assert f":{port}" in banner
         url = f"http://127.0.0.1:{port}/api/auth/login"
         wait_until(lambda: _answers(url), timeout=30, what="run.py to serve")
         login = httpx.post(url, json={"email": "bob@myflix.dev", "password": "bob-builder"})
         assert login.status_code == 200
+        # The key is this data directory's own, readable by its owner only; the published
+        # placeholder signs nothing here.
+        kept = tmp_path / "jwt-secret"
+        assert kept.stat().st_mode & 0o777 == 0o600 and len(kept.read_text()) >= 32
+        forged = create_access_token("bob@myflix.dev", PLACEHOLDER_JWT_SECRET, timedelta(days=365))
+        me = f"http://127.0.0.1:{port}/api/auth/me"
+        assert httpx.get(me, headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+        own = login.json()["access_token"]
+        assert httpx.get(me, headers={"Authorization": f"Bearer {own}"}).status_code == 200
     finally:
         process.terminate()
         try:

@@ -4,6 +4,7 @@ Structured fields travel in `extra={...}`; both formatters print them. Request l
 carry the query string, because the stream endpoint takes the access token there.
 """
 
+import copy
 import json
 import logging
 import sys
@@ -12,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.text import escape_control_characters
 
 _HANDLER_NAME = "myflix"
 
@@ -43,12 +46,19 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: what came from outside (a path, a prompt, a provider's error) has
+    its control characters escaped, so that nobody can write a line of their own."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = " ".join(f"{k}={v}" for k, v in _extra_fields(record).items() if v is not None)
+        escaped = copy.copy(record)
+        escaped.msg, escaped.args = escape_control_characters(record.getMessage()), None
+        line = super().format(escaped)
+        fields = " ".join(
+            f"{k}={escape_control_characters(str(v))}" for k, v in _extra_fields(record).items() if v is not None
+        )
         return f"{line} {fields}" if fields else line
 
 

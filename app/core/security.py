@@ -80,7 +80,8 @@ class ImageUrlSigner:
 
     def verify(self, key: str, expires: int, signature: str, now: float | None = None) -> int:
         """Return the seconds the link has left; raise InvalidImageSignatureError if none."""
-        if not hmac.compare_digest(self._signature(key, expires), signature):
+        # A signature is hex; anything else (non-ASCII, say) is simply not one of ours.
+        if not signature.isascii() or not hmac.compare_digest(self._signature(key, expires), signature):
             raise InvalidImageSignatureError("invalid image signature")
         remaining = expires - int(time.time() if now is None else now)
         if remaining <= 0:

@@ -18,6 +18,21 @@ _PAGE_CSP = (
 _NO_CSP_PREFIXES = ("/docs", "/redoc")
 
 
+def security_headers(path: str, hsts: bool) -> dict[str, str]:
+    """The headers every answer on `path` carries."""
+    headers = dict(_COMMON)
+    if path == "/" or path.startswith("/static/"):
+        headers["Content-Security-Policy"] = _PAGE_CSP
+    elif not path.startswith(_NO_CSP_PREFIXES):
+        headers["Content-Security-Policy"] = _API_CSP
+    if path.startswith("/api/") and not path.startswith("/api/images/"):
+        # Answers carry tokens and private data: no cache may keep them.
+        headers["Cache-Control"] = "no-store"
+    if hsts:
+        headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
+    return headers
+
+
 class SecurityHeadersMiddleware:
     def __init__(self, app: ASGIApp, hsts: bool) -> None:
         self.app = app
@@ -27,22 +42,13 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        wanted = security_headers(scope["path"], self.hsts)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                for name, value in _COMMON.items():
+                for name, value in wanted.items():
                     headers.setdefault(name, value)
-                if path == "/" or path.startswith("/static/"):
-                    headers.setdefault("Content-Security-Policy", _PAGE_CSP)
-                elif not path.startswith(_NO_CSP_PREFIXES):
-                    headers.setdefault("Content-Security-Policy", _API_CSP)
-                if path.startswith("/api/") and not path.startswith("/api/images/"):
-                    # Answers carry tokens and private data: no cache may keep them.
-                    headers.setdefault("Cache-Control", "no-store")
-                if self.hsts:
-                    headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_never, wait_exponential_jitter
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from tenacity import AsyncRetrying, retry_if_exception, stop_never, wait_exponential_jitter
 
 logger = logging.getLogger("myflix.db")
 
@@ -26,7 +27,6 @@ _TRANSIENT_SQLSTATE_CLASSES = {
     "53": "the database is out of resources",
     "57": "the database is shutting down or restarting",
     "58": "the database had an I/O error",
-    "40": "the transaction was rolled back (serialization or deadlock)",
 }
 _TRANSIENT_SQLSTATES = {
     "53300": "the database has too many connections",
@@ -37,7 +37,12 @@ _TRANSIENT_SQLSTATES = {
     "55P03": "a lock was not granted in time",
     "57014": "a statement was canceled (timeout)",
     "25P03": "an idle transaction was ended (timeout)",
+    "25006": "the database is read-only (a standby, or failing over)",
+    "40001": "the transaction was rolled back (serialization)",
+    "40P01": "the transaction was rolled back (deadlock)",
 }
+# Of the classes above, what a retry cannot mend: the client and server no longer agree.
+_PERMANENT_SQLSTATES = frozenset({"08P01"})
 _TRANSIENT_SQLITE_ERRORS = {
     "SQLITE_BUSY": "the SQLite database is locked",
     "SQLITE_LOCKED": "the SQLite database is locked",
@@ -50,7 +55,8 @@ _TRANSIENT_SQLITE_ERRORS = {
 # SQLite error names come with extended codes: SQLITE_READONLY_DBMOVED, SQLITE_IOERR_WRITE…
 _SQLITE_REOPEN = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR")
 
-# Waits between attempts: from a tenth of a second, doubling, to five seconds at most.
+# Waits between attempts: doubling from a tenth of a second (plus up to a second of jitter),
+# five seconds at most.
 RETRY_INITIAL_SECONDS = 0.1
 RETRY_MAX_SECONDS = 5.0
 
@@ -76,6 +82,8 @@ def transient_fault(exc: BaseException) -> TransientFault | None:
         return TransientFault(exc.cause)
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
         return TransientFault("the database cannot be reached")
+    if isinstance(exc, PoolTimeoutError):
+        return TransientFault("every connection to the database is busy")
     if not isinstance(exc, DBAPIError):
         return None
     original: Any = exc.orig
@@ -89,7 +97,7 @@ def transient_fault(exc: BaseException) -> TransientFault | None:
     if isinstance(sqlstate, str) and sqlstate:
         if sqlstate in _TRANSIENT_SQLSTATES:
             return TransientFault(_TRANSIENT_SQLSTATES[sqlstate])
-        if sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES:
+        if sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES and sqlstate not in _PERMANENT_SQLSTATES:
             return TransientFault(_TRANSIENT_SQLSTATE_CLASSES[sqlstate[:2]])
         return None
     # No SQLSTATE: the driver lost the connection before the server said anything.
@@ -113,6 +121,7 @@ class WriteHealth:
         self._listeners.append(callback)
 
     def failed(self, exc: BaseException) -> TransientFault | None:
+        """A write failed for a passing cause (only those are retried)."""
         fault = transient_fault(exc)
         cause = fault.cause if fault is not None else "the database refused a write"
         if self.failure is None:
@@ -130,7 +139,7 @@ class WriteHealth:
     async def _probe_until_recovered(self) -> None:
         assert self._probe is not None
         try:
-            async for attempt in write_retrying(None, lambda exc, n: None):
+            async for attempt in write_retrying(lambda exc: None):
                 with attempt:
                     if self.failure is None:
                         return  # a real write went through meanwhile
@@ -151,15 +160,14 @@ def is_transient(exc: BaseException) -> bool:
     return transient_fault(exc) is not None
 
 
-def write_retrying(give_up_after: float | None, on_failure: Callable[[BaseException, int], None]) -> AsyncRetrying:
-    """Attempts of one write: while the fault is transient, again after a growing pause, for
-    `give_up_after` seconds (None: until it goes through); `on_failure(exc, attempt)` after
-    each failed attempt."""
+def write_retrying(on_failure: Callable[[BaseException], None]) -> AsyncRetrying:
+    """Attempts of one write: while the fault is transient, again after a growing pause, until
+    it goes through; `on_failure(exc)` after each failed attempt."""
     return AsyncRetrying(
         retry=retry_if_exception(is_transient),
         wait=wait_exponential_jitter(multiplier=RETRY_INITIAL_SECONDS, max=RETRY_MAX_SECONDS),
-        stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
-        before_sleep=lambda state: on_failure(_exception_of(state.outcome), state.attempt_number),
+        stop=stop_never,
+        before_sleep=lambda state: on_failure(_exception_of(state.outcome)),
         reraise=True,
     )
 

@@ -114,9 +114,14 @@ class Journal:
                 self._batch = []
 
     async def _commit(self, batch: list[_Write]) -> None:
+        live: list[_Write] = []
         try:
-            async for attempt in write_retrying(None, self._failed):
+            async for attempt in write_retrying(self._failed):
                 with attempt:
+                    # Withdrawn before this attempt: never stored.
+                    for item in batch:
+                        if item.withdrawn:
+                            item.fail(DatabaseUnavailableError(WITHDRAWN))
                     live = [item for item in batch if not item.withdrawn]
                     if not live:
                         return
@@ -135,10 +140,10 @@ class Journal:
             batch[0].fail(ConflictingWriteError(str(exc)) if isinstance(exc, IntegrityError) else exc)
             return
         self._health.recovered()
-        for item in batch:
+        for item in live:
             item.succeed()  # a write withdrawn during its successful attempt is stored too
 
-    def _failed(self, exc: BaseException, attempt: int) -> None:
+    def _failed(self, exc: BaseException) -> None:
         fault = self._health.failed(exc)
         if fault is not None and fault.reopen_connections and self._blocking_engine is not None:
             # A connection opened while the file was read-only stays read-only.

@@ -1,9 +1,10 @@
 """Request, response and event schemas of the generation endpoints."""
 
-import unicodedata
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+
+from app.core.text import is_control_character
 
 ImageStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 JobStatus = Literal["queued", "running", "succeeded", "partial", "failed", "canceled"]
@@ -29,7 +30,7 @@ class GenerateRequest(BaseModel):
     def _printable(cls, prompt: str) -> str:
         # Any language and emoji are welcome; control characters (but line breaks and tabs)
         # are not, as they only ever come from broken clients or injection attempts.
-        if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in prompt):
+        if any(is_control_character(c) and c not in "\t\n\r" for c in prompt):
             raise ValueError("prompt must not contain control characters")
         return prompt
 

@@ -1,14 +1,18 @@
 """Domain errors to HTTP answers, in one table."""
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, APIRouter
 from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.security import InvalidImageSignatureError, InvalidTokenError
+from app.core.security_headers import security_headers
 from app.db.faults import DatabaseUnavailableError, transient_fault
 from app.routers.deps import MissingTokenError
 from app.services.auth_service import InvalidCredentialsError
@@ -77,7 +81,38 @@ async def _handle_database_error(request: Request, exc: Exception) -> JSONRespon
     return await _handle(request, DatabaseUnavailableError(fault.cause))
 
 
-def register_error_handlers(app: FastAPI) -> None:
+def _methods_by_path(routers: list[APIRouter]) -> Callable[[str], set[str]]:
+    routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
+
+    def methods_of(path: str) -> set[str]:
+        return {method for route in routes if route.path_regex.match(path) for method in route.methods or ()}
+
+    return methods_of
+
+
+def _http_error_handler(methods_of: Callable[[str], set[str]]) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        """FastAPI's answer, but a 405 names every method of the path, not one route's."""
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 405:
+            headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods_of(request.url.path)))}
+            return JSONResponse({"detail": exc.detail}, status_code=405, headers=headers)
+        return await http_exception_handler(request, exc)
+
+    return handle
+
+
+async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: the same JSON shape and headers as every answer (this one is sent outside the
+    middleware that adds them). The error itself is logged by the server."""
+    settings = request.app.state.settings
+    headers = security_headers(request.url.path, hsts=settings.ENVIRONMENT == "production")
+    return JSONResponse({"detail": "Internal server error"}, status_code=500, headers=headers)
+
+
+def register_error_handlers(app: FastAPI, routers: list[APIRouter]) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler(_methods_by_path(routers)))
+    app.add_exception_handler(Exception, _handle_unexpected)
     app.add_exception_handler(DBAPIError, _handle_database_error)
     app.add_exception_handler(ConnectionError, _handle_database_error)
     app.add_exception_handler(RequestValidationError, _handle_request_validation)

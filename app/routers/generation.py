@@ -124,6 +124,7 @@ _STREAM_DESCRIPTION = "\n".join(
     "/{job_id}/stream",
     responses={
         **_NOT_FOUND,
+        204: {"description": "The job has ended and `Last-Event-ID` was its last event: nothing more will come."},
         200: {
             "description": _STREAM_DESCRIPTION,
             "content": {
@@ -146,10 +147,14 @@ async def stream_job(
     settings: SettingsDep,
     links: Links,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-) -> EventSourceResponse:
+) -> Response:
     """Server-Sent Events of the job from the start, or after `Last-Event-ID`: `progress`,
-    then `done` (or `error`), with `keepalive` while nothing else happens."""
+    then `done` (or `error`), with `keepalive` while nothing else happens. 204 when the job
+    has ended and `Last-Event-ID` is its last event: `EventSource` then stops reconnecting."""
     job = await service.get_job(job_id, user.email)
-    events = service.follow(job, parse_last_event_id(last_event_id), settings.SSE_KEEPALIVE_SECONDS)
+    after_id = parse_last_event_id(last_event_id)
+    if await service.nothing_to_follow(job, after_id):
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    events = service.follow(job, after_id, settings.SSE_KEEPALIVE_SECONDS)
     # Keepalives are our own `keepalive` events, sent only when the stream is quiet.
     return EventSourceResponse(_to_sse(events, links), ping=0, send_timeout=settings.SSE_SEND_TIMEOUT_SECONDS)

@@ -17,6 +17,7 @@ from app.core.security import (
     decode_access_token,
     verify_password,
 )
+from app.core.text import has_control_character
 from app.db.repository import Repository
 from app.db.tables import UserRow
 from app.services.errors import InvalidFieldError
@@ -136,7 +137,8 @@ class AuthService:
             raise PasswordTooLongError
         account = normalize_email(email)
         self._throttle.check(account, client)
-        record = await self._find_user(account)
+        # No account has a control character (PostgreSQL would refuse a NUL): an unknown email.
+        record = None if has_control_character(account) else await self._find_user(account)
         password_hash = record.password_hash if record else _DUMMY_HASH
         # bcrypt takes a fifth of a second of CPU: keep it off the event loop.
         matches = await asyncio.get_running_loop().run_in_executor(

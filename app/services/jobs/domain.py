@@ -9,6 +9,7 @@ URL lives here. Events hold image keys; links are signed when an event is sent.
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -124,8 +125,15 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
+_JOB_ID = re.compile(r"job_[0-9a-f]{24}", re.ASCII)
+
+
 def new_job_id() -> str:
     return f"job_{secrets.token_hex(12)}"
+
+
+def is_job_id(text: str) -> bool:
+    return _JOB_ID.fullmatch(text) is not None
 
 
 def request_fingerprint(prompt: str, num_images: int, seed: int | None) -> str:

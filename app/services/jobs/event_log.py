@@ -33,6 +33,11 @@ class EventLog:
     def __len__(self) -> int:
         return len(self._events)
 
+    @property
+    def gapped(self) -> bool:
+        """Whether events wait here for ones before them that have not come."""
+        return bool(self._early)
+
     def add(self, event: JobEvent) -> None:
         """Take the event in its place; one seen already, or any after the log closed, is
         ignored. The log closes with the job's last event."""

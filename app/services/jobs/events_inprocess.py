@@ -3,12 +3,18 @@ reads. A job followed before anything of it was published here (say, resumed aft
 starts from what is stored, and what is published after joins it in its place."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator
 
 from app.services.jobs.domain import JobEvent
 from app.services.jobs.event_log import EventLog
+from app.services.jobs.interfaces import StoredEvents
 
-StoredEvents = Callable[[str, int], Awaitable[list[JobEvent]]]
+logger = logging.getLogger("myflix.jobs")
+
+# How long events that came before their predecessors wait for them to be published here
+# before the gap is filled from storage.
+CATCH_UP_AFTER_SECONDS = 1.0
 
 
 class InProcessEventBus:
@@ -33,10 +39,11 @@ class InProcessEventBus:
         log = self._logs.get(job_id)
         if log is None:
             log = self._logs[job_id] = EventLog()
-            if events[0].id > 1:  # the job's past was published before this log existed
-                task = asyncio.create_task(self._catch_up(job_id, log))
-                self._catching_up.add(task)
-                task.add_done_callback(self._catching_up.discard)
+            if events[0].id > 1:
+                # The events before these are on their way (a job's first image can be recorded
+                # before its acceptance is published) or were published before this log existed:
+                # read them from storage only if they do not come.
+                asyncio.get_running_loop().call_later(CATCH_UP_AFTER_SECONDS, self._catch_up_if_gapped, job_id, log)
         for event in events:
             log.add(event)
         self._drop_if_closed(job_id, log)
@@ -45,14 +52,17 @@ class InProcessEventBus:
         self, job_id: str, after_id: int, keepalive_seconds: float
     ) -> AsyncIterator[list[JobEvent] | None]:
         log = self._logs.get(job_id)
+        if log is not None and log.gapped:
+            await self._catch_up(job_id, log)  # a follower waits: fill the gap now
         if log is None:
             stored = await self._stored_events(job_id, 0)
             # Whatever was published meanwhile has a log now; the past goes in before it.
-            log = self._logs.get(job_id) or EventLog()
+            log = self._logs.get(job_id)
+            if log is None:
+                log = self._logs[job_id] = EventLog()
             for event in stored:
                 log.add(event)
-            if not log.closed:
-                self._logs[job_id] = log
+            self._drop_if_closed(job_id, log)
         async for batch in log.follow(after_id, keepalive_seconds):
             yield batch
 
@@ -61,8 +71,22 @@ class InProcessEventBus:
         for log in logs.values():
             log.interrupt()
 
+    def _catch_up_if_gapped(self, job_id: str, log: EventLog) -> None:
+        if log.gapped and self._logs.get(job_id) is log:
+            task = asyncio.create_task(self._catch_up(job_id, log))
+            self._catching_up.add(task)
+            task.add_done_callback(self._catching_up.discard)
+
     async def _catch_up(self, job_id: str, log: EventLog) -> None:
-        for event in await self._stored_events(job_id, 0):
+        try:
+            stored = await self._stored_events(job_id, 0)
+        except Exception:  # the past cannot be read now: followers come back for it later
+            logger.warning("could not read the stored events of %s", job_id, exc_info=True)
+            log.interrupt()
+            if self._logs.get(job_id) is log:
+                del self._logs[job_id]
+            return
+        for event in stored:
             log.add(event)
         self._drop_if_closed(job_id, log)
 

@@ -7,7 +7,7 @@ followers of a job in one process share one reader."""
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -15,10 +15,9 @@ from redis.exceptions import RedisError
 from app.core.redis_link import BLOCK_MS, RedisLink
 from app.services.jobs.domain import JobEvent
 from app.services.jobs.event_log import EventLog
+from app.services.jobs.interfaces import StoredEvents
 
 logger = logging.getLogger("myflix.redis")
-
-StoredEvents = Callable[[str, int], Awaitable[list[JobEvent]]]
 
 _PUBLISH = """
 local last = 0

@@ -7,6 +7,8 @@ over PostgreSQL and Redis):
 - `WorkQueue`: where image work goes — push, take, done, cancel.
 """
 
+import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +18,8 @@ from app.db.faults import WriteHealth
 from app.services.jobs.domain import Job, JobEvent, Update
 
 Transition = Callable[[Job], Update | None]
+# (job id, after id): the job's committed events, in order.
+StoredEvents = Callable[[str, int], Awaitable[list[JobEvent]]]
 
 
 class FirstImageHold(Protocol):
@@ -33,6 +37,35 @@ class WorkItem:
     job_id: str
     index: int
     hold: FirstImageHold | None = None
+
+
+class Takers:
+    """Workers of this process waiting for work, each with the future its item goes into."""
+
+    def __init__(self) -> None:
+        self._waiting: deque[asyncio.Future[WorkItem]] = deque()
+
+    def __len__(self) -> int:
+        self._waiting = deque(taker for taker in self._waiting if not taker.done())
+        return len(self._waiting)
+
+    def wait(self) -> "asyncio.Future[WorkItem]":
+        taker: asyncio.Future[WorkItem] = asyncio.get_running_loop().create_future()
+        self._waiting.append(taker)
+        return taker
+
+    def hand(self, item: WorkItem) -> bool:
+        """Give the item to the worker that has waited longest; False when none waits."""
+        while self._waiting:
+            taker = self._waiting.popleft()
+            if not taker.done():
+                taker.set_result(item)
+                return True
+        return False
+
+
+class QueueUnavailableError(Exception):
+    """The work queue cannot be reached right now."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +92,10 @@ class JobStore(Protocol):
         Resolves to whether it was committed after all (a commit was under way)."""
         ...
 
-    async def apply(self, job_id: str, transition: Transition, timeout: float | None = None) -> Applied | None:
-        """Apply `transition` to the job as stored and store what it changed, atomically; None
-        when there is no such job. `timeout`: give up with DatabaseUnavailableError after so
-        many seconds of failing writes (None: retry until it goes through)."""
+    async def apply(self, job_id: str, transition: Transition) -> Applied | None:
+        """Apply `transition` to the job as stored and store what it changed, atomically (a
+        write that fails for a passing cause is retried until it goes through); None when there
+        is no such job."""
         ...
 
     async def get(self, job_id: str) -> Job | None: ...
@@ -127,8 +160,9 @@ class WorkQueue(Protocol):
     def position(self, job_id: str, index: int) -> int | None: ...
 
     async def push(self, job: Job, indexes: list[int], stored: Awaitable[None] | None = None) -> None:
-        """Queue the job's images. `stored`: the job's insert, still committing; work must not be
-        recorded before it, and the queue decides whether work may start before it."""
+        """Queue those of the job's images that no queue holds. `stored`: the job's insert, still
+        committing; work must not be recorded before it, and the queue decides whether work may
+        start before it. Raises QueueUnavailableError."""
         ...
 
     async def take(self) -> WorkItem:
@@ -139,8 +173,9 @@ class WorkQueue(Protocol):
         """The item's image is recorded (or needs no work): it leaves the queue for good."""
         ...
 
-    def still_held(self, item: WorkItem) -> bool:
-        """Whether this process still holds the item (another may have taken it over)."""
+    def give_up(self, item: WorkItem) -> None:
+        """This process will not finish the item (its work failed): another may take it over,
+        or the sweep queues it again."""
         ...
 
     async def cancel(self, job: Job) -> None:

@@ -13,11 +13,10 @@ Two speed-ups live here, since only one process can have them:
 
 import asyncio
 import threading
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 from app.services.jobs.domain import Job
-from app.services.jobs.interfaces import WorkItem
+from app.services.jobs.interfaces import Takers, WorkItem
 from app.services.jobs.scheduler import FairScheduler
 
 # How long a job's other images wait for its first one to be published, at most: enough for a
@@ -55,7 +54,7 @@ class InProcessWorkQueue:
         self._scheduler: FairScheduler[WorkItem] = FairScheduler(
             workers, self._hand_over, defer=_soon, call_later=_later, free=0
         )
-        self._takers: deque[asyncio.Future[WorkItem]] = deque()
+        self._takers = Takers()
         self._waiting: dict[tuple[str, int], WorkItem] = {}  # pushed, not taken
         self._taken: set[tuple[str, int]] = set()  # taken, not done
         self._cancel_callbacks: list[Callable[[str], None]] = []
@@ -88,7 +87,8 @@ class InProcessWorkQueue:
         if stored is not None and job.idempotency_key is not None:
             await stored  # a racing request with the same key may refuse it
         hold = FirstImage()
-        items = [WorkItem(job.id, index, hold) for index in indexes]
+        held = set(self._waiting) | self._taken
+        items = [WorkItem(job.id, index, hold) for index in indexes if (job.id, index) not in held]
         for item in items:
             self._waiting[(item.job_id, item.index)] = item
         # Work that had started (before a restart) goes first: it may only need re-attaching.
@@ -96,8 +96,7 @@ class InProcessWorkQueue:
         self._scheduler.push(job.id, [item for item in items if job.images[item.index].status != "running"])
 
     async def take(self) -> WorkItem:
-        taker: asyncio.Future[WorkItem] = asyncio.get_running_loop().create_future()
-        self._takers.append(taker)
+        taker = self._takers.wait()
         self._scheduler.release()
         return await taker
 
@@ -105,18 +104,14 @@ class InProcessWorkQueue:
         """Called by the scheduler when a worker is free for this item."""
         key = (item.job_id, item.index)
         self._waiting.pop(key, None)
-        while self._takers:
-            taker = self._takers.popleft()
-            if not taker.done():
-                self._taken.add(key)
-                taker.set_result(item)
-                return
+        if self._takers.hand(item):
+            self._taken.add(key)
 
     async def done(self, item: WorkItem) -> None:
         self._taken.discard((item.job_id, item.index))
 
-    def still_held(self, item: WorkItem) -> bool:
-        return True
+    def give_up(self, item: WorkItem) -> None:
+        self._taken.discard((item.job_id, item.index))  # the next sweep queues it again
 
     async def cancel(self, job: Job) -> None:
         for item in self._scheduler.remove_job(job.id):

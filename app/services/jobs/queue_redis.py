@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 import socket
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from app.core.redis_link import BLOCK_MS, RedisLink
 from app.services.jobs.domain import Job
-from app.services.jobs.interfaces import WorkItem
+from app.services.jobs.interfaces import QueueUnavailableError, Takers, WorkItem
 from app.services.jobs.scheduler import BurstReserve
 
 logger = logging.getLogger("myflix.redis")
@@ -52,7 +51,7 @@ class RedisWorkQueue:
         # The single process's rule: during a burst of new jobs, half the workers wait for
         # first images rather than take later ones.
         self._burst = BurstReserve(workers)
-        self._takers: deque[asyncio.Future[WorkItem]] = deque()
+        self._takers = Takers()
         self._wanted = asyncio.Event()  # a worker is asking
         self._ready: list[WorkItem] = []  # read, not handed out yet
         self._entries: dict[WorkItem, _Entry] = {}  # read and not done: renewed while held
@@ -96,17 +95,28 @@ class RedisWorkQueue:
             await stored  # a worker must find the job when it takes the work
         # A job none of whose images has succeeded yet sends its lowest one ahead.
         first = None if any(image.status == "succeeded" for image in job.images) else min(indexes, default=None)
+        try:
+            # Only what no queue holds yet: a sweep and an admission may push the same image.
+            added = await self._track(job.id, indexes)
+            async with self._client.pipeline(transaction=True) as pipe:
+                for index in added:
+                    pipe.xadd(self._first if index == first else self._rest, {"job": job.id, "index": index})
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._link.lost(exc)
+            raise QueueUnavailableError(str(exc)) from exc
+
+    async def _track(self, job_id: str, indexes: list[int]) -> list[int]:
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.sadd(self._tracked, *(f"{job.id}:{index}" for index in indexes))
             for index in indexes:
-                pipe.xadd(self._first if index == first else self._rest, {"job": job.id, "index": index})
-            await pipe.execute()
+                pipe.sadd(self._tracked, f"{job_id}:{index}")
+            newly = await pipe.execute()
+        return [index for index, new in zip(indexes, newly, strict=True) if new]
 
     async def take(self) -> WorkItem:
         if self._ready:
             return self._ready.pop(0)
-        taker: asyncio.Future[WorkItem] = asyncio.get_running_loop().create_future()
-        self._takers.append(taker)
+        taker = self._takers.wait()
         self._wanted.set()
         return await taker
 
@@ -120,12 +130,17 @@ class RedisWorkQueue:
             pipe.srem(self._tracked, f"{item.job_id}:{item.index}")
             await pipe.execute()
 
-    def still_held(self, item: WorkItem) -> bool:
-        return item in self._entries
+    def give_up(self, item: WorkItem) -> None:
+        # No longer renewed: another process takes it over once its claim is old enough.
+        self._entries.pop(item, None)
 
     async def cancel(self, job: Job) -> None:
-        await self._client.publish(self._link.key("cancel"), job.id)
-        await self._client.srem(self._tracked, *(f"{job.id}:{image.index}" for image in job.images))
+        try:
+            await self._client.publish(self._link.key("cancel"), job.id)
+            await self._client.srem(self._tracked, *(f"{job.id}:{image.index}" for image in job.images))
+        except (RedisError, OSError) as exc:
+            self._link.lost(exc)
+            raise QueueUnavailableError(str(exc)) from exc
 
     def on_cancel(self, callback: Callable[[str], None]) -> None:
         self._cancel_callbacks.append(callback)
@@ -165,15 +180,10 @@ class RedisWorkQueue:
 
     def _hand_over(self, item: WorkItem, entry: _Entry) -> None:
         self._entries[item] = entry
-        while self._takers:
-            taker = self._takers.popleft()
-            if not taker.done():
-                taker.set_result(item)
-                return
-        self._ready.append(item)
+        if not self._takers.hand(item):
+            self._ready.append(item)
 
     def _asking(self) -> int:
-        self._takers = deque(taker for taker in self._takers if not taker.done())
         return len(self._takers)
 
     async def _consume(self) -> None:

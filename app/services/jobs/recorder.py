@@ -12,15 +12,14 @@ class JobRecorder:
         self._events = events
         self._metrics = metrics
 
-    async def record(self, job_id: str, transition: Transition, timeout: float | None = None) -> Applied | None:
-        """Apply and store `transition`, then send its events; None when there is no such job.
-        `timeout`: see JobStore.apply."""
-        applied = await self._store.apply(job_id, transition, timeout)
+    async def record(self, job_id: str, transition: Transition) -> Applied | None:
+        """Apply and store `transition`, then send its events; None when there is no such job."""
+        applied = await self._store.apply(job_id, transition)
         if applied is not None:
-            await self.published(applied.job, applied.update)
+            await self.publish(applied.job, applied.update)
         return applied
 
-    async def published(self, job: Job, update: Update) -> None:
+    async def publish(self, job: Job, update: Update) -> None:
         """Send the events of a stored update, and count what it finished."""
         await self._events.publish(job.id, update.events)
         self._count(job, update)

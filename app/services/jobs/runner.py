@@ -20,6 +20,11 @@ from app.services.jobs.recorder import JobRecorder
 logger = logging.getLogger("myflix.jobs")
 
 
+# At a stop, how long the outcomes of finished images may take to be stored (what is left is
+# redone from what was stored at the next start, or by another worker).
+RECORDING_AT_STOP_SECONDS = 1.0
+
+
 def timeout_message(seconds: float) -> str:
     return f"The provider did not finish the image within {seconds:g} s."
 
@@ -46,7 +51,8 @@ class ImageRunner:
         self._running: dict[WorkItem, ImageRequest] = {}
         self._slots: list[asyncio.Task[None]] = []
         self._taking: set[asyncio.Task[None]] = set()  # slots waiting for work, not making an image
-        self._reports: set[asyncio.Task[Any]] = set()
+        # Outcomes being stored, and what worker threads reported: recorded off the slots.
+        self._background: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -82,6 +88,11 @@ class ImageRunner:
             logger.warning("shutdown grace period over; %d images left for later", len(self._running))
         for request in self._running.values():
             request.stop.interrupt()
+        if self._background:
+            # Outcomes being stored: a database that takes no writes cannot hold the stop.
+            _, unfinished = await asyncio.wait(self._background, timeout=RECORDING_AT_STOP_SECONDS)
+            for task in unfinished:
+                task.cancel()
         for slot in self._slots:
             slot.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -98,8 +109,9 @@ class ImageRunner:
                 self._taking.discard(current)
             try:
                 await self._run(item)
-            except Exception:  # a bug, or a store that refused for good: log, keep the slot
+            except Exception:  # the store could not be read or written, or a bug: keep the slot
                 logger.exception("image work failed", extra={"job_id": item.job_id, "index": item.index})
+                self._queue.give_up(item)
 
     def _stop_job(self, job_id: str) -> None:
         for item, request in list(self._running.items()):
@@ -121,7 +133,9 @@ class ImageRunner:
             if job.images[item.index].status == "queued":
                 await self._recorder.record(job.id, lambda j: domain.started(j, item.index, request.dispatched_at))
             try:
-                outcome = await asyncio.wait_for(asyncio.shield(made), self._image_timeout)
+                # The image's time runs from its dispatch, whatever recording it took.
+                remaining = request.dispatched_at + self._image_timeout - time.monotonic()
+                outcome = await asyncio.wait_for(asyncio.shield(made), max(0.0, remaining))
             except TimeoutError:
                 # The thread ends when the provider notices; the image does not wait for it.
                 request.stop.cancel()
@@ -130,12 +144,8 @@ class ImageRunner:
                 if request.stop.cancels_at_provider:
                     await self._queue.done(item)  # canceled: the cancel recorded it
                 return  # interrupted: stays unfinished, for the next start or another worker
-            if not self._queue.still_held(item):
-                return  # taken over by another worker, whose outcome counts
-            await self._recorder.record(job.id, _finish(item.index, request.dispatched_at, outcome))
-            if item.hold is not None:
-                item.hold.published()
-            await self._queue.done(item)
+            # The thread is free: this slot takes its next image while the outcome is stored.
+            self._in_background(self._conclude(job.id, item, request.dispatched_at, outcome))
         finally:
             # The worker thread stays this slot's until its call ends, even after a timeout.
             with contextlib.suppress(Exception):
@@ -143,6 +153,27 @@ class ImageRunner:
             self._running.pop(item, None)
             if not self._running:
                 self._idle.set()
+
+    async def _conclude(self, job_id: str, item: WorkItem, started_at: float, outcome: ImageOutcome) -> None:
+        try:
+            await self._recorder.record(job_id, _finish(item.index, started_at, outcome))
+        except Exception:
+            self._queue.give_up(item)  # another attempt records it (a Replicate image re-attaches)
+            raise
+        finally:
+            if item.hold is not None:
+                item.hold.published()  # the job's other images need not wait for this one
+        await self._queue.done(item)
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: "asyncio.Task[Any]") -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("recording an image failed", exc_info=task.exception())
 
     def _request(self, job: Job, item: WorkItem) -> ImageRequest:
         index = item.index
@@ -167,13 +198,8 @@ class ImageRunner:
         loop = self._loop
         assert loop is not None, "ImageRunner.start() was not awaited"
 
-        def schedule() -> None:
-            task = loop.create_task(record)
-            self._reports.add(task)
-            task.add_done_callback(self._reports.discard)
-
         try:
-            loop.call_soon_threadsafe(schedule)
+            loop.call_soon_threadsafe(self._in_background, record)
         except RuntimeError:  # the loop is closed: this process is gone, the next start resumes
             record.close()
 

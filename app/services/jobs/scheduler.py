@@ -60,7 +60,6 @@ class FairScheduler(Generic[Task]):
     ) -> None:
         # Workers free for a task: `workers` unless given; each `release` brings one more.
         self._free = workers if free is None else free
-        self._workers = workers
         self._burst = BurstReserve(workers, clock)
         self._start = start
         self._defer = defer
@@ -70,10 +69,6 @@ class FairScheduler(Generic[Task]):
         self._unstarted: OrderedDict[str, deque[Task]] = OrderedDict()
         self._rotation: OrderedDict[str, deque[Task]] = OrderedDict()
         self._paused = False
-
-    @property
-    def busy(self) -> int:
-        return self._workers - self._free
 
     @property
     def waiting(self) -> int:
@@ -143,10 +138,6 @@ class FairScheduler(Generic[Task]):
 
     def pause(self) -> None:
         self._paused = True
-
-    def holds(self, job_id: str, task: Task) -> bool:
-        """Whether the task is waiting here."""
-        return task in self._unstarted.get(job_id, ()) or task in self._rotation.get(job_id, ())
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False

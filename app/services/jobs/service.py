@@ -7,11 +7,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-from redis.exceptions import RedisError
 
 from app.core.metrics import Metrics
 from app.db.faults import DatabaseUnavailableError, transient_fault
@@ -21,7 +19,7 @@ from app.services.errors import InvalidFieldError
 from app.services.jobs import domain
 from app.services.jobs.domain import Job, JobEvent
 from app.services.jobs.event_log import EventStreamInterrupted
-from app.services.jobs.interfaces import EventBus, JobStore, Transition, WorkQueue
+from app.services.jobs.interfaces import Applied, EventBus, JobStore, QueueUnavailableError, Transition, WorkQueue
 from app.services.jobs.recorder import JobRecorder
 from app.services.jobs.runner import ImageRunner
 from app.services.jobs.views import ImageLinks, decode_cursor, encode_cursor
@@ -29,7 +27,8 @@ from app.services.jobs.views import ImageLinks, decode_cursor, encode_cursor
 logger = logging.getLogger("myflix.jobs")
 
 ACTIVE_JOBS_RETRY_AFTER_SECONDS = 5
-# A sweep leaves alone jobs younger than this: their enqueue may be on its way.
+# A sweep leaves alone jobs younger than this past the write bound: their enqueue may be on
+# its way.
 SWEEP_GRACE_SECONDS = 5.0
 # At shutdown, how long what is still queued for the database may take to be stored.
 SHUTDOWN_FLUSH_SECONDS = 3.0
@@ -148,19 +147,24 @@ class JobService:
         was an earlier one."""
         if not self._accepting:
             raise ServiceUnavailableError
-        if self._queue.unavailable:
-            raise ServiceUnavailableError(f"{QUEUE_DOWN} ({self._queue.unavailable})")
         if not 1 <= num_images <= self._max_images_per_job:
             raise TooManyImagesError(self._max_images_per_job)
         job = domain.new_job(
             owner, prompt, num_images, seed, self._provider_name, self._provider_model, idempotency_key
         )
-        if idempotency_key is not None:
-            earlier = await self._store.find_idempotent(owner, idempotency_key)
-            if earlier is not None:
-                return _replayed(earlier, job), True
-        if await self._store.count_unfinished(owner) >= self._max_active_jobs_per_user:
-            raise TooManyActiveJobsError(self._max_active_jobs_per_user, ACTIVE_JOBS_RETRY_AFTER_SECONDS)
+        try:
+            # Reads count against the bound too: a database that answers nothing is unavailable.
+            async with asyncio.timeout(self._write_timeout):
+                if idempotency_key is not None:
+                    earlier = await self._store.find_idempotent(owner, idempotency_key)
+                    if earlier is not None:
+                        return _replayed(earlier, job), True
+                if self._queue.unavailable:
+                    raise ServiceUnavailableError(f"{QUEUE_DOWN} ({self._queue.unavailable})")
+                if await self._store.count_unfinished(owner) >= self._max_active_jobs_per_user:
+                    raise TooManyActiveJobsError(self._max_active_jobs_per_user, ACTIVE_JOBS_RETRY_AFTER_SECONDS)
+        except TimeoutError:
+            raise DatabaseUnavailableError(self._store.write_health.failure or "reads are slow") from None
         try:
             await self._admit(job)
         except ConflictingWriteError:
@@ -173,8 +177,7 @@ class JobService:
 
     async def _admit(self, job: Job) -> None:
         update = domain.accepted(job, self._queue.positions_for_new_job(job.num_images))
-        committed = self._store.create(job, update)
-        stored = asyncio.ensure_future(committed)
+        stored = asyncio.ensure_future(self._store.create(job, update))
         try:
             async with asyncio.timeout(self._write_timeout):
                 await self._queue.push(job, [image.index for image in job.images], asyncio.shield(stored))
@@ -182,19 +185,21 @@ class JobService:
         except ConflictingWriteError:
             await self._queue.cancel(job)
             raise
-        except (TimeoutError, DatabaseUnavailableError):
-            self._abandon(job)
+        except (TimeoutError, DatabaseUnavailableError, QueueUnavailableError) as exc:
+            self._abandon(job, stored)
+            if isinstance(exc, QueueUnavailableError) or (stored.done() and not self._store.write_health.failure):
+                raise ServiceUnavailableError(f"{QUEUE_DOWN} ({self._queue.unavailable or exc})") from None
             raise DatabaseUnavailableError(self._store.write_health.failure or "writes are slow") from None
-        except (RedisError, OSError):
-            # Stored, but not queued: it ends now with a reason rather than wait for a sweep.
-            self._spawn(self._record_quietly(job.id, lambda j: domain.failed(j, QUEUE_DOWN)))
-            raise ServiceUnavailableError(QUEUE_DOWN) from None
-        await self.recorder.published(job, update)
+        await self.recorder.publish(job, update)
 
-    def _abandon(self, job: Job) -> None:
-        """The job's creator is told it was not accepted: it must never run. If its insert was
-        committing as it was withdrawn, it is ended with a reason once stored."""
-        stored_after_all = self._store.withdraw(job.id)
+    def _abandon(self, job: Job, stored: "asyncio.Future[None]") -> None:
+        """The job's creator is told it was not accepted: it must never run. One that was stored
+        after all (its insert committed as the wait ran out, or it was not queued) is ended with
+        a reason; one still being inserted is withdrawn."""
+        if stored.done() and not stored.cancelled() and stored.exception() is None:
+            stored_after_all: Awaitable[bool] = asyncio.sleep(0, result=True)
+        else:
+            stored_after_all = self._store.withdraw(job.id)
 
         async def conclude() -> None:
             with contextlib.suppress(Exception):
@@ -211,19 +216,34 @@ class JobService:
             _check_cancelable(job)  # again, as stored: a worker may have just finished it
             return domain.canceled(job, time.monotonic())
 
-        applied = await self.recorder.record(job_id, cancel, timeout=self._write_timeout)
+        recording = asyncio.ensure_future(self.recorder.record(job_id, cancel))
+        try:
+            applied = await asyncio.wait_for(asyncio.shield(recording), self._write_timeout)
+        except TimeoutError:
+            # The cancel stays on its way: once stored, it is sent and its images stopped.
+            self._spawn(self._stop_when_recorded(recording))
+            raise DatabaseUnavailableError(self._store.write_health.failure or "writes are slow") from None
         if applied is None:
             raise JobNotFoundError(job_id)
-        try:
-            await self._queue.cancel(applied.job)
-        except (RedisError, OSError):
-            pass  # workers find the images canceled when they record them
+        await self._stop_images(applied.job)
         return applied.job
+
+    async def _stop_when_recorded(self, recording: "asyncio.Future[Applied | None]") -> None:
+        applied = await recording
+        if applied is not None:
+            await self._stop_images(applied.job)
+
+    async def _stop_images(self, job: Job) -> None:
+        try:
+            await self._queue.cancel(job)
+        except QueueUnavailableError:
+            pass  # workers find the images canceled when they record them
 
     # Queries -------------------------------------------------------------------------------
 
     async def get_job(self, job_id: str, owner: str) -> Job:
-        job = await self._store.get(job_id)
+        # Not one of ours (a NUL byte, say, which PostgreSQL would refuse): there is no such job.
+        job = await self._store.get(job_id) if domain.is_job_id(job_id) else None
         if job is None or job.owner != owner:
             raise JobNotFoundError(job_id)
         return job
@@ -260,10 +280,13 @@ class JobService:
         finally:
             self._metrics.open_streams.dec()
 
-    async def last_event_id(self, job: Job) -> int:
-        """The id of the job's last stored event."""
-        events = await self._store.events(job.id, 0)
-        return events[-1].id if events else 0
+    async def nothing_to_follow(self, job: Job, after_id: int) -> bool:
+        """Whether the job's end is stored and its client has every event already (a
+        browser's EventSource reconnects after the last one: it must be told to stop)."""
+        if not job.finished or after_id <= 0:
+            return False
+        stored = await self._store.events(job.id, 0)
+        return bool(stored) and stored[-1].terminal and after_id >= stored[-1].id
 
     # Recovery ------------------------------------------------------------------------------
 
@@ -285,7 +308,7 @@ class JobService:
                 if missing:
                     logger.info("queueing images no queue held", extra={"job_id": job.id, "images": len(missing)})
                     await self._queue.push(job, [index for _, index in missing])
-            except (RedisError, OSError, DatabaseUnavailableError):
+            except (QueueUnavailableError, DatabaseUnavailableError):
                 raise
             except Exception:
                 logger.exception("could not resume job", extra={"job_id": job.id})
@@ -296,7 +319,8 @@ class JobService:
             await asyncio.sleep(self._sweep_interval)
             try:
                 if await self._queue.lock("sweep", self._sweep_interval * 0.9):
-                    await self.sweep(SWEEP_GRACE_SECONDS)
+                    # A job younger than this may still be on its way into the queue.
+                    await self.sweep(self._write_timeout + SWEEP_GRACE_SECONDS)
             except Exception:  # the next sweep tries again
                 logger.exception("sweep failed")
 

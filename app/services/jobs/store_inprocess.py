@@ -2,7 +2,6 @@
 applied at once, and every change is written through the journal, which commits them in
 batches and never drops one. Finished jobs are read from the database."""
 
-import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable
@@ -11,7 +10,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.engine import probe_writes
-from app.db.faults import DatabaseUnavailableError, WriteHealth
+from app.db.faults import WriteHealth
 from app.db.journal import Journal
 from app.db.repository import Repository
 from app.services.jobs.domain import Job, JobEvent, Update
@@ -55,12 +54,13 @@ class InProcessJobStore:
             self._release(job)
         return committed
 
-    async def apply(self, job_id: str, transition: Transition, timeout: float | None = None) -> Applied | None:
+    async def apply(self, job_id: str, transition: Transition) -> Applied | None:
         job = self._live.get(job_id)
-        if job is None:
-            job = await self.get(job_id)  # finished, or none
-            if job is None:
+        if job is None:  # finished, withdrawn, or none: as stored, numbering after its events
+            stored = await self._repository.get_job(job_id)
+            if stored is None:
                 return None
+            job = job_from_rows(stored, await self.events(job_id))
         was_finished = job.finished
         update = transition(job) or Update()
         if not (update.events or update.images or update.job_changed):
@@ -70,13 +70,7 @@ class InProcessJobStore:
         committed = self._journal.write(changes_of(job, update), job_id)
         if update.closes:
             committed.add_done_callback(lambda _: self._forget(job))
-        if timeout is None:
-            await committed
-        else:
-            try:
-                await asyncio.wait_for(asyncio.shield(committed), timeout)
-            except TimeoutError:
-                raise DatabaseUnavailableError(self.write_health.failure or "writes are slow") from None
+        await committed
         return Applied(job, update)
 
     async def get(self, job_id: str) -> Job | None:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.engine import probe_writes
-from app.db.faults import DatabaseUnavailableError, WriteHealth, write_retrying
+from app.db.faults import WriteHealth, write_retrying
 from app.db.repository import Changes, ConflictingWriteError, Repository, StoredJob
 from app.db.tables import EventRow
 from app.services.jobs.domain import Job, JobEvent, Update
@@ -56,12 +56,15 @@ class ScaledJobStore:
 
     def create(self, job: Job, update: Update) -> Awaitable[None]:
         create = self._creates[job.id] = _Create()
-        return asyncio.ensure_future(self._create(job, update, create))
+        creating = asyncio.ensure_future(self._create(job, update, create))
+        # A creator that gave up (withdrew the job) no longer looks at how it ended.
+        creating.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return creating
 
     async def _create(self, job: Job, update: Update, create: _Create) -> None:
         changes = changes_of(job, update)
         try:
-            async for attempt in write_retrying(None, self._failed):
+            async for attempt in write_retrying(self._failed):
                 with attempt:
                     if create.withdrawn:
                         raise JobWithdrawnError(job.id)
@@ -86,7 +89,7 @@ class ScaledJobStore:
         create.withdrawn = True
         return create.stored
 
-    async def apply(self, job_id: str, transition: Transition, timeout: float | None = None) -> Applied | None:
+    async def apply(self, job_id: str, transition: Transition) -> Applied | None:
         """Transitions of one job that come while its transaction runs here (sixteen images
         finishing together) share the next transaction, in the order they came."""
         pending = _Pending(transition)
@@ -97,12 +100,7 @@ class ScaledJobStore:
             self._waiting[job_id] = [pending]
             # Whoever starts a job's batch runs it to the end, for every transition that joins.
             self._batches[job_id] = asyncio.ensure_future(self._apply_all(job_id))
-        if timeout is None:
-            return await pending.done
-        try:
-            return await asyncio.wait_for(asyncio.shield(pending.done), timeout)
-        except TimeoutError:
-            raise DatabaseUnavailableError(self.write_health.failure or "writes are slow") from None
+        return await pending.done
 
     async def _apply_all(self, job_id: str) -> None:
         waiting = self._waiting[job_id]
@@ -135,7 +133,7 @@ class ScaledJobStore:
             return (job, updates), changes_of(job, whole)
 
         try:
-            async for attempt in write_retrying(None, self._failed):
+            async for attempt in write_retrying(self._failed):
                 with attempt:
                     outcome = await self._repository.update_job(job_id, change)
         except Exception as exc:
@@ -172,5 +170,5 @@ class ScaledJobStore:
     async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]:
         return stored_events(await self._repository.events(job_id, after_id))
 
-    def _failed(self, exc: BaseException, attempt: int) -> None:
+    def _failed(self, exc: BaseException) -> None:
         self.write_health.failed(exc)

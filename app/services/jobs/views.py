@@ -6,14 +6,14 @@ import binascii
 import functools
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from app.core.security import ImageUrlSigner
 from app.db.repository import as_utc
 from app.models.generation import ImageResult, JobSnapshot
 from app.services.errors import InvalidFieldError
-from app.services.jobs.domain import Job, JobEvent, image_result
+from app.services.jobs.domain import Job, JobEvent, image_result, is_job_id
 
 KEEPALIVE_WIRE = b"event: keepalive\r\ndata: {}\r\n\r\n"
 # Sent before a stream ends because its events cannot be read right now: EventSource waits
@@ -22,6 +22,7 @@ RECONNECT_WIRE = b"retry: 2000\r\n: events are unavailable for a moment; reconne
 
 _LAST_EVENT_ID = re.compile(r"(\d{1,18})(-0)?", re.ASCII)
 _IMAGE_KEY = '"image_key":'
+CURSOR_YEARS = (1970, 9998)
 
 
 class InvalidCursorError(InvalidFieldError):
@@ -46,9 +47,13 @@ def encode_cursor(created_at: datetime, job_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created_at), str(job_id)
-    except (ValueError, TypeError, binascii.Error):
+        moment = as_utc(datetime.fromisoformat(created_at)).astimezone(UTC)
+    except (ValueError, TypeError, OverflowError, binascii.Error):
         raise InvalidCursorError from None
+    # Only what this service issues: a job id of its own, a time the databases can hold.
+    if not isinstance(job_id, str) or not is_job_id(job_id) or not CURSOR_YEARS[0] <= moment.year <= CURSOR_YEARS[1]:
+        raise InvalidCursorError
+    return moment, job_id
 
 
 class ImageLinks:
@@ -68,7 +73,7 @@ class ImageLinks:
         """The event as Server-Sent Events bytes, encoded once for every follower that gets
         the same links."""
         if _IMAGE_KEY not in event.data:
-            return _wire(event, event.data)
+            return _plain_wire(event)
         return _linked_wire(event, self._signer, self._base_url, self._expires)
 
     def snapshot(self, job: Job, positions: list[int | None]) -> JobSnapshot:
@@ -109,11 +114,17 @@ def _signed_url(signer: ImageUrlSigner, base_url: str, key: str, expires: int) -
     return f"{base_url}/api/images/{key}?{signer.query(key, expires)}"
 
 
+# Encoded once for every follower: a plain event for all, a linked one for each base URL and
+# expiry window (one window's worth of recent events is what followers ask for).
 @functools.lru_cache(maxsize=8192)
 def _linked_wire(event: JobEvent, signer: ImageUrlSigner, base_url: str, expires: int) -> bytes:
-    return _wire(event, ImageLinks(signer, base_url, expires).linked_data(event.data))
+    return _encoded(event, ImageLinks(signer, base_url, expires).linked_data(event.data))
 
 
 @functools.lru_cache(maxsize=8192)
-def _wire(event: JobEvent, data: str) -> bytes:
+def _plain_wire(event: JobEvent) -> bytes:
+    return _encoded(event, event.data)
+
+
+def _encoded(event: JobEvent, data: str) -> bytes:
     return f"id: {event.sse_id or event.id}\r\nevent: {event.name}\r\ndata: {data}\r\n\r\n".encode()
