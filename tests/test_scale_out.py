@@ -363,7 +363,15 @@ def test_redis_goes_away_and_comes_back(cluster, own_redis):
         whole = _read_to_the_end(on_a, job_id, token)
         seen = list(parse_sse(iter(lines)))
         assert [e.id for e in seen + rest] == [e.id for e in whole], "a gap or a duplicate across the outage"
-        after = create_job(on_b, token, prompt="after the outage", num_images=1)
+        # A client retries a 503 (it carries Retry-After): the link may still be settling.
+        deadline = time.monotonic() + 15
+        while (
+            posted := on_b.post("/api/generate/", json={"prompt": "after", "num_images": 1}, headers=_auth(token))
+        ).status_code == 503:
+            assert time.monotonic() < deadline, posted.text
+            wait_until(lambda: _ready(b), timeout=5, what="replica B to be ready again")
+        assert posted.status_code == 202, posted.text
+        after = posted.json()["job_id"]
         assert _read_to_the_end(on_a, after, token)[-1].data["status"] == "succeeded"
 
 
