@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.metrics = components.metrics
         app.state.health_service = HealthService(
             components.engine,
-            engine_failures=service.readiness,
+            write_failure=lambda: service.write_failure,
             image_store_dir=settings.image_store_dir,
             provider=components.image_maker.provider,
             redis=components.redis,

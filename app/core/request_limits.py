@@ -1,20 +1,11 @@
 """What a request may be before any route sees it: a path without control characters, and a
 body no larger than the largest valid one. Both answer with the API's JSON errors."""
 
-import json
-
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.text import has_control_character
-
-
-async def send_json_error(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class RequestLimitsMiddleware:
@@ -31,11 +22,14 @@ class RequestLimitsMiddleware:
             await self.app(scope, receive, send)
             return
         if has_control_character(scope["path"]):
-            await send_json_error(send, 404, "Not Found")
+            await JSONResponse({"detail": "Not Found"}, status_code=404)(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await send_json_error(send, 413 if declared.isdigit() else 400, self._too_large(declared))
+            refusal = JSONResponse(
+                {"detail": self._too_large(declared)}, status_code=413 if declared.isdigit() else 400
+            )
+            await refusal(scope, receive, send)
             return
         received = 0
 

@@ -25,13 +25,13 @@ class HealthService:
     def __init__(
         self,
         engine: AsyncEngine,
-        engine_failures: Callable[[], dict[str, str | None]],
+        write_failure: Callable[[], str | None],
         image_store_dir: Path,
         provider: ImageProvider,
         redis: RedisLink | None = None,
     ) -> None:
         self._engine = engine
-        self._engine_failures = engine_failures
+        self._write_failure = write_failure
         self._image_store_dir = image_store_dir
         self._provider = provider
         self._redis = redis
@@ -48,7 +48,7 @@ class HealthService:
         return checks
 
     async def _database(self) -> Check:
-        write_failure = self._engine_failures()["database"]
+        write_failure = self._write_failure()
         if write_failure is not None:
             return Check(False, f"writes fail and are being retried: {write_failure}")
         try:

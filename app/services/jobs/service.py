@@ -19,7 +19,7 @@ from app.services.errors import InvalidFieldError
 from app.services.jobs import domain
 from app.services.jobs.domain import Job, JobEvent
 from app.services.jobs.event_log import EventStreamInterrupted
-from app.services.jobs.interfaces import Applied, EventBus, JobStore, QueueUnavailableError, Transition, WorkQueue
+from app.services.jobs.interfaces import Applied, EventBus, JobStore, QueueUnavailableError, WorkQueue
 from app.services.jobs.recorder import JobRecorder
 from app.services.jobs.runner import ImageRunner
 from app.services.jobs.views import ImageLinks, decode_cursor, encode_cursor
@@ -89,7 +89,7 @@ class JobService:
         self._metrics = metrics
         self._runner = runner
         self._provider_name, self._provider_model = provider  # (name, model): stored with each job
-        self.recorder = recorder
+        self._recorder = recorder
         self._max_images_per_job = max_images_per_job
         self._max_active_jobs_per_user = max_active_jobs_per_user
         self._write_timeout = write_timeout_seconds
@@ -130,13 +130,10 @@ class JobService:
         """Images this process is making now."""
         return 0 if self._runner is None else self._runner.busy
 
-    def readiness(self) -> dict[str, str | None]:
-        """What stops this service from working now, by part; None where nothing does."""
-        return {
-            "database": self._store.write_health.failure,
-            "events": self._events.unavailable,
-            "queue": self._queue.unavailable,
-        }
+    @property
+    def write_failure(self) -> str | None:
+        """Why the database takes no writes now; None while it does."""
+        return self._store.write_health.failure
 
     # Commands ------------------------------------------------------------------------------
 
@@ -190,7 +187,7 @@ class JobService:
             if isinstance(exc, QueueUnavailableError) or (stored.done() and not self._store.write_health.failure):
                 raise ServiceUnavailableError(f"{QUEUE_DOWN} ({self._queue.unavailable or exc})") from None
             raise DatabaseUnavailableError(self._store.write_health.failure or "writes are slow") from None
-        await self.recorder.publish(job, update)
+        await self._recorder.publish(job, update)
 
     def _abandon(self, job: Job, stored: "asyncio.Future[None]") -> None:
         """The job's creator is told it was not accepted: it must never run. One that was stored
@@ -205,7 +202,7 @@ class JobService:
             with contextlib.suppress(Exception):
                 await self._queue.cancel(job)
             if await stored_after_all:
-                await self.recorder.record(job.id, lambda j: None if j.finished else domain.failed(j, NOT_ACCEPTED))
+                await self._recorder.record(job.id, lambda j: None if j.finished else domain.failed(j, NOT_ACCEPTED))
 
         self._spawn(conclude())
 
@@ -216,7 +213,7 @@ class JobService:
             _check_cancelable(job)  # again, as stored: a worker may have just finished it
             return domain.canceled(job, time.monotonic())
 
-        recording = asyncio.ensure_future(self.recorder.record(job_id, cancel))
+        recording = asyncio.ensure_future(self._recorder.record(job_id, cancel))
         try:
             applied = await asyncio.wait_for(asyncio.shield(recording), self._write_timeout)
         except TimeoutError:
@@ -301,7 +298,7 @@ class JobService:
                 continue
             try:
                 if job.cancel_requested or not job.unfinished_images():
-                    await self.recorder.record(job.id, lambda j: domain.concluded(j, now))
+                    await self._recorder.record(job.id, lambda j: domain.concluded(j, now))
                     continue
                 unfinished = [(job.id, image.index) for image in job.unfinished_images()]
                 missing = await self._queue.untracked(unfinished)
@@ -312,7 +309,7 @@ class JobService:
                 raise
             except Exception:
                 logger.exception("could not resume job", extra={"job_id": job.id})
-                await self.recorder.record(job.id, lambda j: domain.failed(j, "The job could not be resumed."))
+                await self._recorder.record(job.id, lambda j: domain.failed(j, "The job could not be resumed."))
 
     async def _sweep_periodically(self) -> None:
         while True:
@@ -330,12 +327,6 @@ class JobService:
         if failure is not None:
             # Nothing new can be stored, so nothing new can be sent: followers come back later.
             self._events.interrupt_all()
-
-    async def _record_quietly(self, job_id: str, transition: Transition) -> None:
-        try:
-            await self.recorder.record(job_id, transition)
-        except Exception:
-            logger.exception("could not record", extra={"job_id": job_id})
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

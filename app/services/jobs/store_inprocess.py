@@ -33,8 +33,7 @@ class InProcessJobStore:
     async def start(self) -> None:
         self._journal.start()
         for stored in await self._repository.unfinished_jobs():
-            events = stored_events(await self._repository.events(stored.job.id))
-            self._hold(job_from_rows(stored, events))
+            self._hold(job_from_rows(stored, await self.events(stored.job.id)))
 
     async def close(self, timeout: float) -> None:
         await self._journal.close(timeout)
