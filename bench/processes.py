@@ -165,6 +165,9 @@ class ScaledDeployment:
             "REDIS_KEY_PREFIX": self.prefix,
             "IMAGE_STORE_DIR": str(data_dir / "images"),
             "RUN_WORK_IN_API": "false",
+            # Every process signs and checks tokens with one key (each has a data directory
+            # of its own, so none may make its own).
+            "JWT_SECRET_KEY": f"bench-{uuid.uuid4().hex}{uuid.uuid4().hex}",
         }
         self.replicas: list[ServerProcess] = []
         self.workers: list[ServerProcess] = []

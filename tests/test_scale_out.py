@@ -403,13 +403,16 @@ def test_with_run_work_in_api_false_only_workers_make_images(cluster):
     assert f"image running job_id={job_id}" in deployment.workers[0].log_path.read_text()
 
 
-def test_scaling_out_needs_postgresql_and_the_worker_needs_redis(tmp_path):
+def test_scaling_out_needs_postgresql_and_a_shared_key_and_the_worker_needs_redis(tmp_path):
     from pydantic import ValidationError
 
     from app.core.config import Settings
 
     with pytest.raises(ValidationError, match="DATABASE_URL to PostgreSQL"):
         Settings(REDIS_URL="redis://127.0.0.1:6379/0", DATABASE_URL="sqlite:///x.db", DATA_DIR=tmp_path)
+    # Replicas with data directories of their own cannot each make a key: they must share one.
+    with pytest.raises(ValidationError, match="set JWT_SECRET_KEY"):
+        Settings(REDIS_URL="redis://127.0.0.1:6379/0", DATABASE_URL="postgresql://db/x", DATA_DIR=tmp_path)
     worker = subprocess.run(
         [sys.executable, "-m", "app.worker"],
         check=False,

@@ -150,6 +150,9 @@ class Settings(BaseSettings):
             raise ValueError(f"JWT_SECRET_KEY must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production")
         if self.REDIS_URL is not None and self.database_url.startswith("sqlite"):
             raise ValueError("REDIS_URL runs several processes on one database: set DATABASE_URL to PostgreSQL")
+        if self.REDIS_URL is not None and self.uses_placeholder_secret:
+            # A key made for one data directory would not be another process's.
+            raise ValueError("REDIS_URL runs several processes that share tokens: set JWT_SECRET_KEY")
         return self
 
     @property
