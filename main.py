@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.bootstrap import job_service, jwt_secret, open_components
+from app.bootstrap import freeze_startup_objects, job_service, jwt_secret, open_components
 from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
 from app.core.request_limits import RequestLimitsMiddleware
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.job_service = service
         loop_lag_probe = asyncio.create_task(components.metrics.probe_loop_lag(), name="loop-lag-probe")
+        freeze_startup_objects()
         try:
             yield
         finally:

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from app.bootstrap import job_service, open_components
+from app.bootstrap import freeze_startup_objects, job_service, open_components
 from app.core.config import Settings, settings_or_exit
 from app.core.logging import configure_logging
 
@@ -26,6 +26,7 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
+    freeze_startup_objects()
     logger.info(
         "worker ready: %d at a time, provider %s",
         settings.GENERATION_MAX_WORKERS,

@@ -89,6 +89,9 @@ class LocalProvider:
     def __init__(self, latency_ms: int, jitter_ms: int) -> None:
         self._latency_ms = latency_ms
         self._jitter_ms = jitter_ms
+        # The first picture imports PIL's image plugins and loads its font, holding the GIL
+        # for a while: here, at startup, rather than in the first request's images.
+        render_image("", None, 0)
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         jitter = random.uniform(-self._jitter_ms, self._jitter_ms) if self._jitter_ms else 0.0

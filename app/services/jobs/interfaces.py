@@ -32,33 +32,43 @@ class FirstImageHold(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class WorkItem:
-    """One image to make. `hold`: the job's FirstImageHold, where the queue has one."""
+    """One image to make. `hold`: the job's FirstImageHold, where the queue has one; `job`:
+    the job as this process holds it, where the queue has it (the worker need not read it)."""
 
     job_id: str
     index: int
     hold: FirstImageHold | None = None
+    job: Job | None = None
+
+
+# Called with an item the moment it is handed to a worker, on the event loop, before `take`
+# returns: the worker may start it there, without waiting for the loop's next turn (which a
+# burst of requests can make long).
+OnTaken = Callable[[WorkItem], None]
 
 
 class Takers:
     """Workers of this process waiting for work, each with the future its item goes into."""
 
     def __init__(self) -> None:
-        self._waiting: deque[asyncio.Future[WorkItem]] = deque()
+        self._waiting: deque[tuple[asyncio.Future[WorkItem], OnTaken | None]] = deque()
 
     def __len__(self) -> int:
-        self._waiting = deque(taker for taker in self._waiting if not taker.done())
+        self._waiting = deque(waiting for waiting in self._waiting if not waiting[0].done())
         return len(self._waiting)
 
-    def wait(self) -> "asyncio.Future[WorkItem]":
+    def wait(self, on_taken: OnTaken | None = None) -> "asyncio.Future[WorkItem]":
         taker: asyncio.Future[WorkItem] = asyncio.get_running_loop().create_future()
-        self._waiting.append(taker)
+        self._waiting.append((taker, on_taken))
         return taker
 
     def hand(self, item: WorkItem) -> bool:
         """Give the item to the worker that has waited longest; False when none waits."""
         while self._waiting:
-            taker = self._waiting.popleft()
+            taker, on_taken = self._waiting.popleft()
             if not taker.done():
+                if on_taken is not None:
+                    on_taken(item)
                 taker.set_result(item)
                 return True
         return False
@@ -165,8 +175,9 @@ class WorkQueue(Protocol):
         start before it. Raises QueueUnavailableError."""
         ...
 
-    async def take(self) -> WorkItem:
-        """The next image this process should make; waits for one."""
+    async def take(self, on_taken: OnTaken | None = None) -> WorkItem:
+        """The next image this process should make; waits for one. `on_taken` is called with
+        it as it is handed over."""
         ...
 
     async def done(self, item: WorkItem) -> None:

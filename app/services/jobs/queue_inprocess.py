@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable
 
 from app.services.jobs.domain import Job
-from app.services.jobs.interfaces import Takers, WorkItem
+from app.services.jobs.interfaces import OnTaken, Takers, WorkItem
 from app.services.jobs.scheduler import FairScheduler
 
 # How long a job's other images wait for its first one to be published, at most: enough for a
@@ -88,15 +88,15 @@ class InProcessWorkQueue:
             await stored  # a racing request with the same key may refuse it
         hold = FirstImage()
         held = set(self._waiting) | self._taken
-        items = [WorkItem(job.id, index, hold) for index in indexes if (job.id, index) not in held]
+        items = [WorkItem(job.id, index, hold, job) for index in indexes if (job.id, index) not in held]
         for item in items:
             self._waiting[(item.job_id, item.index)] = item
         # Work that had started (before a restart) goes first: it may only need re-attaching.
         self._scheduler.push(job.id, [item for item in items if job.images[item.index].status == "running"], front=True)
         self._scheduler.push(job.id, [item for item in items if job.images[item.index].status != "running"])
 
-    async def take(self) -> WorkItem:
-        taker = self._takers.wait()
+    async def take(self, on_taken: OnTaken | None = None) -> WorkItem:
+        taker = self._takers.wait(on_taken)
         self._scheduler.release()
         return await taker
 

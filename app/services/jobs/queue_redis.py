@@ -26,7 +26,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from app.core.redis_link import BLOCK_MS, RedisLink
 from app.services.jobs.domain import Job
-from app.services.jobs.interfaces import QueueUnavailableError, Takers, WorkItem
+from app.services.jobs.interfaces import OnTaken, QueueUnavailableError, Takers, WorkItem
 from app.services.jobs.scheduler import BurstReserve
 
 logger = logging.getLogger("myflix.redis")
@@ -113,10 +113,13 @@ class RedisWorkQueue:
             newly = await pipe.execute()
         return [index for index, new in zip(indexes, newly, strict=True) if new]
 
-    async def take(self) -> WorkItem:
+    async def take(self, on_taken: OnTaken | None = None) -> WorkItem:
         if self._ready:
-            return self._ready.pop(0)
-        taker = self._takers.wait()
+            item = self._ready.pop(0)
+            if on_taken is not None:
+                on_taken(item)
+            return item
+        taker = self._takers.wait(on_taken)
         self._wanted.set()
         return await taker
 

@@ -4,6 +4,7 @@ API process (in-process, or scaled out with RUN_WORK_IN_API) and in `python -m a
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -49,6 +50,8 @@ class ImageRunner:
         self._grace = shutdown_grace_seconds
         self._executor = maker.new_executor(max_workers)
         self._running: dict[WorkItem, ImageRequest] = {}
+        # Started as they were handed over, not yet followed by their slot.
+        self._started: dict[WorkItem, tuple[ImageRequest, asyncio.Future[ImageOutcome | None]]] = {}
         self._slots: list[asyncio.Task[None]] = []
         self._taking: set[asyncio.Task[None]] = set()  # slots waiting for work, not making an image
         # Outcomes being stored, and what worker threads reported: recorded off the slots.
@@ -101,10 +104,11 @@ class ImageRunner:
     async def _slot(self) -> None:
         current = asyncio.current_task()
         assert current is not None
+        on_taken = functools.partial(self._start_at_hand_over, current)
         while not self._stopping:
             self._taking.add(current)
             try:
-                item = await self._queue.take()
+                item = await self._queue.take(on_taken)
             finally:
                 self._taking.discard(current)
             try:
@@ -113,22 +117,33 @@ class ImageRunner:
                 logger.exception("image work failed", extra={"job_id": item.job_id, "index": item.index})
                 self._queue.give_up(item)
 
+    def _start_at_hand_over(self, slot: "asyncio.Task[None]", item: WorkItem) -> None:
+        """Where the queue hands the job over with its item, the image starts at once: in a
+        burst of requests, the slot's own turn of the loop comes only after all of them."""
+        self._taking.discard(slot)  # it has work now: a stop lets it finish
+        if item.job is not None and _wanted(item.job, item):
+            self._started[item] = self._dispatch(item.job, item)
+
     def _stop_job(self, job_id: str) -> None:
         for item, request in list(self._running.items()):
             if item.job_id == job_id:
                 request.stop.cancel()
 
-    async def _run(self, item: WorkItem) -> None:
-        job = await self._store.get(item.job_id)
-        if job is None or job.images[item.index].finished or job.cancel_requested:
-            await self._queue.done(item)  # recorded already (delivered twice), or canceled
-            return
+    def _dispatch(self, job: Job, item: WorkItem) -> "tuple[ImageRequest, asyncio.Future[ImageOutcome | None]]":
         request = self._request(job, item)
         self._running[item] = request
         self._idle.clear()
-        loop = asyncio.get_running_loop()
+        made = asyncio.get_running_loop().run_in_executor(self._executor, self._maker.make, request, item.hold)
+        return request, made
+
+    async def _run(self, item: WorkItem) -> None:
+        job = item.job if item.job is not None else await self._store.get(item.job_id)
+        if job is None or (item not in self._started and not _wanted(job, item)):
+            await self._queue.done(item)  # recorded already (delivered twice), or canceled
+            return
         # The image first, the bookkeeping after: its time is running already.
-        made = loop.run_in_executor(self._executor, self._maker.make, request, item.hold)
+        started = self._started.pop(item, None)
+        request, made = started if started is not None else self._dispatch(job, item)
         try:
             if job.images[item.index].status == "queued":
                 await self._recorder.record(job.id, lambda j: domain.started(j, item.index, request.dispatched_at))
@@ -202,6 +217,10 @@ class ImageRunner:
             loop.call_soon_threadsafe(self._in_background, record)
         except RuntimeError:  # the loop is closed: this process is gone, the next start resumes
             record.close()
+
+
+def _wanted(job: Job, item: WorkItem) -> bool:
+    return not (job.images[item.index].finished or job.cancel_requested)
 
 
 def _finish(index: int, started_at: float, outcome: ImageOutcome) -> Callable[[Job], Update | None]:
