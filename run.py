@@ -6,6 +6,7 @@ import uvicorn
 
 from app.bootstrap import KEPT_JWT_SECRET_FILE
 from app.core.config import settings_or_exit
+from app.core.http_server import server_config
 from app.providers import create_provider
 from app.services.auth_service import DEMO_USERS
 
@@ -28,7 +29,7 @@ def main() -> int:
         print(f"  token key:      made for this data directory ({settings.DATA_DIR / KEPT_JWT_SECRET_FILE})")
     print(f"  API docs:       http://{settings.HOST}:{settings.PORT}/docs", flush=True)
 
-    uvicorn.run("main:app", host=settings.HOST, port=settings.PORT, log_level=settings.LOG_LEVEL.lower())
+    uvicorn.Server(server_config("main:app", settings)).run()
     return 0
 
 

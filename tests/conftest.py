@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sse_starlette.sse import AppStatus
 
 from app.core.config import PROJECT_ROOT, Settings, async_database_url
+from app.core.http_server import server_config
 from app.core.security import create_access_token
 from main import create_app
 from tests.fake_replicate import FakeReplicate
@@ -72,7 +73,7 @@ class LiveServer:
         self._socket.bind(("127.0.0.1", 0))
         self.port = self._socket.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_config=None, lifespan="on", timeout_graceful_shutdown=5)
+        config = server_config(self.app, settings, log_config=None, lifespan="on", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 

@@ -6,6 +6,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -15,6 +16,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Used when JWT_SECRET_KEY is unset, so the service starts with no setup; production refuses it.
 PLACEHOLDER_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"
 MIN_PRODUCTION_SECRET_BYTES = 32
+REPLICATE_DELIVERY_HOST = "replicate.delivery"
 _MODEL_REF = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
 
 
@@ -41,8 +43,21 @@ class Settings(BaseSettings):
 
     JWT_SECRET_KEY: SecretStr = SecretStr(PLACEHOLDER_JWT_SECRET)
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(60, ge=1)
+    # Failed logins per account and client, and per account from all clients, in the window.
     LOGIN_MAX_FAILURES: int = Field(5, ge=1)
+    LOGIN_MAX_FAILURES_PER_ACCOUNT: int = Field(50, ge=1)
     LOGIN_FAILURE_WINDOW_SECONDS: float = Field(300, gt=0)
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks,
+    # comma-separated, or *); empty: none, the peer's address is the client's.
+    FORWARDED_ALLOW_IPS: Annotated[list[str], NoDecode] = []
+
+    # The HTTP edge: a request's headers must all arrive within HTTP_HEADER_TIMEOUT_SECONDS of
+    # its first byte, and a declared body within HTTP_BODY_TIMEOUT_SECONDS; a process serves
+    # HTTP_MAX_CONNECTIONS connections at most; a user holds MAX_STREAMS_PER_USER streams.
+    HTTP_HEADER_TIMEOUT_SECONDS: float = Field(10.0, gt=0)
+    HTTP_BODY_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
+    HTTP_MAX_CONNECTIONS: int = Field(1000, ge=1)
+    MAX_STREAMS_PER_USER: int = Field(20, ge=1)
 
     DATA_DIR: Path = Path("data")
     # SQLAlchemy async URL; empty: a SQLite file under DATA_DIR.
@@ -83,6 +98,9 @@ class Settings(BaseSettings):
     REPLICATE_INPUT: Annotated[dict[str, Any], NoDecode] = {}
     REPLICATE_MAX_RETRIES: int = Field(3, ge=0, le=10)
     REPLICATE_POLL_INTERVAL: float = Field(0.5, gt=0)
+    # Hosts a provider's output may be downloaded from (`host` or `host:port`, comma-separated;
+    # a host matches its subdomains too). Empty: replicate.delivery, and REPLICATE_BASE_URL's.
+    PROVIDER_OUTPUT_HOSTS: Annotated[list[str], NoDecode] = []
     # A provider call that has not finished by then is abandoned (and canceled at Replicate).
     IMAGE_TIMEOUT_SECONDS: float = Field(120.0, gt=0)
 
@@ -114,9 +132,9 @@ class Settings(BaseSettings):
             raise ValueError("REPLICATE_MODEL must be owner/name or owner/name:version")
         return value
 
-    @field_validator("CORS_ORIGINS", mode="before")
+    @field_validator("CORS_ORIGINS", "FORWARDED_ALLOW_IPS", "PROVIDER_OUTPUT_HOSTS", mode="before")
     @classmethod
-    def _split_origins(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
         return value
@@ -153,6 +171,8 @@ class Settings(BaseSettings):
         if self.REDIS_URL is not None and self.uses_placeholder_secret:
             # A key made for one data directory would not be another process's.
             raise ValueError("REDIS_URL runs several processes that share tokens: set JWT_SECRET_KEY")
+        for entry in self.PROVIDER_OUTPUT_HOSTS:
+            _host_and_port(entry)  # one that is not a host fails at startup, not at a download
         return self
 
     @property
@@ -160,6 +180,18 @@ class Settings(BaseSettings):
         if self.IMAGE_PROVIDER is not None:
             return self.IMAGE_PROVIDER.strip().lower()
         return "replicate" if self.REPLICATE_API_TOKEN is not None else "local"
+
+    @property
+    def provider_output_hosts(self) -> list[tuple[str, int | None]]:
+        """(host, port or None for any port): where provider outputs may come from."""
+        if self.PROVIDER_OUTPUT_HOSTS:
+            return [_host_and_port(entry) for entry in self.PROVIDER_OUTPUT_HOSTS]
+        hosts: list[tuple[str, int | None]] = [(REPLICATE_DELIVERY_HOST, None)]
+        if self.REPLICATE_BASE_URL:
+            base = urlsplit(self.REPLICATE_BASE_URL)
+            if base.hostname:
+                hosts.append((base.hostname, base.port or (443 if base.scheme == "https" else 80)))
+        return hosts
 
     @property
     def uses_placeholder_secret(self) -> bool:
@@ -174,6 +206,17 @@ class Settings(BaseSettings):
         if self.IMAGE_STORE_DIR is None:
             return self.DATA_DIR / "images"
         return self.IMAGE_STORE_DIR if self.IMAGE_STORE_DIR.is_absolute() else PROJECT_ROOT / self.IMAGE_STORE_DIR
+
+
+def _host_and_port(entry: str) -> tuple[str, int | None]:
+    parsed = urlsplit(f"//{entry.strip()}")
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise ValueError(f"PROVIDER_OUTPUT_HOSTS: {entry!r} has an invalid port") from exc
+    if not parsed.hostname or parsed.path or parsed.query or parsed.username:
+        raise ValueError(f"PROVIDER_OUTPUT_HOSTS: {entry!r} is not a host or host:port")
+    return parsed.hostname, port
 
 
 def async_database_url(url: str) -> str:
