@@ -6,6 +6,8 @@ import binascii
 import functools
 import json
 import re
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,26 +59,28 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 class ImageLinks:
-    """Links to images, signed now for one base URL."""
+    """Links to images for one base URL, each signed as it is made: a stream open for longer
+    than a link's lifetime still sends links that work."""
 
-    def __init__(self, signer: ImageUrlSigner, base_url: str, expires: int | None = None) -> None:
+    def __init__(self, signer: ImageUrlSigner, base_url: str, clock: Callable[[], float] = time.time) -> None:
         self._signer = signer
         self._base_url = base_url.rstrip("/")
-        self._expires = signer.expires() if expires is None else expires
+        self._clock = clock
 
     def url(self, key: str | None) -> str | None:
         if key is None:
             return None
-        return _signed_url(self._signer, self._base_url, key, self._expires)
+        return _signed_url(self._signer, self._base_url, key, self._expires())
 
     def wire(self, event: JobEvent) -> bytes:
         """The event as Server-Sent Events bytes, encoded once for every follower that gets
         the same links."""
         if _IMAGE_KEY not in event.data:
             return _plain_wire(event)
-        return _linked_wire(event, self._signer, self._base_url, self._expires)
+        return _linked_wire(event, self._signer, self._base_url, self._expires())
 
     def snapshot(self, job: Job, positions: list[int | None]) -> JobSnapshot:
+        expires = self._expires()
         return JobSnapshot(
             job_id=job.id,
             status=job.status,  # type: ignore[arg-type]
@@ -85,28 +89,27 @@ class ImageLinks:
             seed=job.seed,
             created_at=job.created_at.isoformat(),
             images=[
-                ImageResult(**self._linked(image_result(image, position)))
+                ImageResult(**_linked(self._signer, self._base_url, expires, image_result(image, position)))
                 for image, position in zip(job.images, positions, strict=True)
             ],
             ttfi_ms=job.ttfi_ms,
             total_ms=job.total_ms,
         )
 
-    def _linked(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """`fields` with its image key (if any) as a signed `url` in its place."""
-        if "image_key" not in fields:
-            return fields
-        return {
-            ("url" if name == "image_key" else name): (self.url(value) if name == "image_key" else value)
-            for name, value in fields.items()
-        }
+    def _expires(self) -> int:
+        return self._signer.expires(self._clock())
 
-    def linked_data(self, data: str) -> str:
-        fields = json.loads(data)
-        fields = self._linked(fields)
-        if isinstance(fields.get("images"), list):
-            fields["images"] = [self._linked(image) for image in fields["images"]]
-        return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+
+def _linked(signer: ImageUrlSigner, base_url: str, expires: int, fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with its image key (if any) as a signed `url` in its place."""
+    if "image_key" not in fields:
+        return fields
+    return {
+        ("url" if name == "image_key" else name): (
+            _signed_url(signer, base_url, value, expires) if name == "image_key" and value is not None else value
+        )
+        for name, value in fields.items()
+    }
 
 
 @functools.lru_cache(maxsize=65536)
@@ -118,7 +121,10 @@ def _signed_url(signer: ImageUrlSigner, base_url: str, key: str, expires: int) -
 # expiry window (one window's worth of recent events is what followers ask for).
 @functools.lru_cache(maxsize=8192)
 def _linked_wire(event: JobEvent, signer: ImageUrlSigner, base_url: str, expires: int) -> bytes:
-    return _encoded(event, ImageLinks(signer, base_url, expires).linked_data(event.data))
+    fields = _linked(signer, base_url, expires, json.loads(event.data))
+    if isinstance(fields.get("images"), list):
+        fields["images"] = [_linked(signer, base_url, expires, image) for image in fields["images"]]
+    return _encoded(event, json.dumps(fields, separators=(",", ":"), ensure_ascii=False))
 
 
 @functools.lru_cache(maxsize=8192)

@@ -1,6 +1,7 @@
 """A job's transitions on their own: state in, events and changes out."""
 
 import json
+import re
 
 from app.core.security import ImageUrlSigner
 from app.services.jobs import domain
@@ -84,10 +85,26 @@ def test_events_hold_keys_and_links_are_signed_when_sent_the_same_for_a_while():
     assert "image_key" in update.events[0].data and "http" not in update.events[0].data
     signer = ImageUrlSigner(b"secret", 86400)
     now = 1_800_000_000
-    wire = ImageLinks(signer, "http://one.example/", signer.expires(now)).wire(update.events[0]).decode()
-    later = ImageLinks(signer, "http://one.example/", signer.expires(now + 5)).wire(update.events[0]).decode()
+    wire = ImageLinks(signer, "http://one.example/", lambda: now).wire(update.events[0]).decode()
+    later = ImageLinks(signer, "http://one.example/", lambda: now + 5).wire(update.events[0]).decode()
     assert wire == later
     assert "http://one.example/api/images/job-0.png?expires=" in wire and "image_key" not in wire
-    other_host = ImageLinks(signer, "http://two.example", signer.expires(now)).wire(update.events[-1]).decode()
+    other_host = ImageLinks(signer, "http://two.example", lambda: now).wire(update.events[-1]).decode()
     assert "http://two.example/api/images/job-0.png" in other_host
     assert signer.verify("job-0.png", signer.expires(now), signer.query("job-0.png", signer.expires(now))[-64:], now)
+
+
+def test_links_of_a_long_stream_are_signed_as_each_is_sent():
+    job = _job(1)
+    update = domain.image_changed(job, 0, "succeeded", job.accepted_at + 0.5, key="job-0.png")
+    assert update is not None
+    signer = ImageUrlSigner(b"secret", 3600)
+    now = [1_800_000_000.0]
+    links = ImageLinks(signer, "http://one.example", lambda: now[0])  # one stream's, opened now
+    first = links.wire(update.events[0]).decode()
+    now[0] += 2 * 3600  # the stream is still open two link lifetimes later
+    late = links.wire(update.events[0]).decode()
+    expires = int(re.search(r"expires=(\d+)", late)[1])
+    assert late != first and expires > now[0]
+    signature = re.search(r"signature=([0-9a-f]+)", late)[1]
+    assert signer.verify("job-0.png", expires, signature, now[0]) > 0
