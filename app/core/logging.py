@@ -46,20 +46,47 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """One line per record: what came from outside (a path, a prompt, a provider's error) has
-    its control characters escaped, so that nobody can write a line of their own."""
+    """One line per record: what came from outside (a path, a prompt, a provider's error, an
+    exception's message) has its control characters and line breaks escaped, in the message
+    and in every extra field, so that nobody can write a line of their own.
+
+    A traceback keeps its lines, for people to read, but each is indented and escaped: a line
+    that starts in the first column is always the start of a record."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         escaped = copy.copy(record)
-        escaped.msg, escaped.args = escape_control_characters(record.getMessage()), None
+        escaped.msg, escaped.args = escape_for_one_line(record.getMessage()), None
+        # The traceback and stack are added below, indented; another handler may have cached
+        # the traceback's text on the record already, so that is left out here too.
+        escaped.exc_info, escaped.exc_text, escaped.stack_info = None, None, None
         line = super().format(escaped)
         fields = " ".join(
-            f"{k}={escape_control_characters(str(v))}" for k, v in _extra_fields(record).items() if v is not None
+            f"{k}={escape_for_one_line(str(v))}" for k, v in _extra_fields(record).items() if v is not None
         )
-        return f"{line} {fields}" if fields else line
+        lines = [f"{line} {fields}" if fields else line]
+        if record.exc_info:
+            lines += _indented(self.formatException(record.exc_info))
+        elif record.exc_text:
+            lines += _indented(record.exc_text)
+        if record.stack_info:
+            lines += _indented(self.formatStack(record.stack_info))
+        return "\n".join(lines)
+
+
+# Line breaks that are not control characters, which some viewers break lines at all the same.
+_UNICODE_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029"})
+TRACEBACK_INDENT = "    "
+
+
+def escape_for_one_line(text: str) -> str:
+    return escape_control_characters(text).translate(_UNICODE_LINE_BREAKS)
+
+
+def _indented(text: str) -> list[str]:
+    return [TRACEBACK_INDENT + escape_for_one_line(part) for part in text.splitlines()]
 
 
 def configure_logging(level: str, fmt: str) -> None:
