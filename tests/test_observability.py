@@ -1,11 +1,16 @@
 """Health, readiness, Prometheus metrics during a job, retries as events, and the OpenAPI docs."""
 
+import asyncio
+import logging
 import shutil
 import threading
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.exc import OperationalError
 
+from app.providers.local import LocalProvider
+from app.services.health_service import HealthService
 from tests.conftest import create_job, login, read_stream, wait_until
 from tests.fake_replicate import Fault
 
@@ -21,22 +26,63 @@ def _samples(client) -> dict[tuple, float]:
     }
 
 
-def test_health_and_readiness(live_server, tmp_path):
+def test_health_and_readiness(live_server, tmp_path, caplog):
     with live_server() as server, server.client() as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 200
         body = ready.json()
         assert body["status"] == "ready"
-        assert set(body["checks"]) == {"database", "image_store", "provider"}
+        assert set(body["checks"]) == {"database", "writes", "image_store", "provider"}
+        assert all(check["ok"] is True for check in body["checks"].values())
         assert body["checks"]["database"] == {"ok": True, "detail": "sqlite"}
         assert body["checks"]["provider"]["detail"].startswith("local")
 
-        shutil.rmtree(server.settings.image_store_dir)
-        not_ready = client.get("/readyz")
+        store = server.settings.image_store_dir
+        shutil.rmtree(store)
+        with caplog.at_level(logging.WARNING, logger="myflix.health"):
+            not_ready = client.get("/readyz")
+            client.get("/readyz")
         assert not_ready.status_code == 503
-        assert not_ready.json()["checks"]["image_store"]["ok"] is False
+        assert not_ready.headers["content-type"] == "application/json"
+        assert not_ready.json()["status"] == "not ready"
+        assert not_ready.json()["checks"]["image_store"] == {"ok": False, "detail": "not a writable directory"}
+        assert str(store) not in not_ready.text and str(tmp_path) not in not_ready.text
+        # The path is in the log instead, once while the check keeps failing.
+        assert [r.getMessage() for r in caplog.records if str(store) in r.getMessage()] == [
+            f"not ready: {store} is not a writable directory"
+        ]
         assert client.get("/healthz").status_code == 200  # up, just not ready
+
+
+class _RefusingEngine:
+    """An engine whose connections fail as a database that went away fails them."""
+
+    class dialect:
+        name = "postgresql"
+
+    def connect(self):
+        raise OperationalError("SELECT 1", {}, OSError("connection to /run/postgresql/.s.PGSQL.5432 refused"))
+
+
+def test_readiness_names_a_failing_database_and_writes_without_their_errors(tmp_path, caplog):
+    health = HealthService(
+        _RefusingEngine(),
+        write_failure=lambda: "disk I/O error at /srv/myflix/data/myflix.db",
+        image_store_dir=tmp_path,
+        provider=LocalProvider(latency_ms=0, jitter_ms=0),
+    )
+    with caplog.at_level(logging.WARNING, logger="myflix.health"):
+        checks = asyncio.run(health.readiness())
+    assert {name: check.ok for name, check in checks.items()} == {
+        "database": False,
+        "writes": False,
+        "image_store": True,
+        "provider": True,
+    }
+    assert checks["database"].detail == "unreachable"
+    assert "/" not in " ".join(check.detail for check in checks.values() if not check.ok)
+    assert any("/run/postgresql/.s.PGSQL.5432 refused" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow

@@ -16,7 +16,9 @@ async def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadinessResponse, responses={503: {"model": ReadinessResponse}})
 async def readyz(health: HealthServiceDep) -> JSONResponse:
-    """Database, image store and provider configuration; 503 when any is not ready."""
+    """Each check by name, and whether it passes: the database answers, writes go through,
+    the image store is writable, the provider is configured, and scaled out, Redis answers.
+    503 when any fails; why is in the service's log, never here."""
     checks = await health.readiness()
     ready = all(check.ok for check in checks.values())
     body = ReadinessResponse(

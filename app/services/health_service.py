@@ -1,6 +1,11 @@
-"""Readiness: can this process do its work right now?"""
+"""Readiness: can this process do its work right now?
+
+Each check says whether it passes, in words of our own: /readyz answers anyone, so it never
+carries a file path or an exception's text. Those go to the log, when a check starts failing.
+"""
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.redis_link import RedisLink
 from app.providers.base import ImageProvider
+
+logger = logging.getLogger("myflix.health")
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -35,32 +42,52 @@ class HealthService:
         self._image_store_dir = image_store_dir
         self._provider = provider
         self._redis = redis
+        self._failing: set[str] = set()  # checks whose failure has been logged
 
     async def readiness(self) -> dict[str, Check]:
         checks = {
             "database": await self._database(),
+            "writes": self._writes(),
             "image_store": self._image_store(),
             "provider": Check(True, f"{self._provider.name} ({self._provider.model})"),
         }
         if self._redis is not None:
-            # Pinged every second by the link itself; a check here would only repeat it.
-            checks["redis"] = Check(self._redis.available, self._redis.detail)
+            # Pinged every second by the link itself, which logs why when Redis goes away.
+            checks["redis"] = Check(True, "ok") if self._redis.available else Check(False, "does not answer")
         return checks
 
     async def _database(self) -> Check:
-        write_failure = self._write_failure()
-        if write_failure is not None:
-            return Check(False, f"writes fail and are being retried: {write_failure}")
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
                 async with self._engine.connect() as connection:
                     await connection.execute(text("SELECT 1"))
-        except Exception as exc:  # any failure means not ready; say which
-            return Check(False, f"{type(exc).__name__}: {exc}"[:300])
-        return Check(True, self._engine.dialect.name)
+        except TimeoutError:
+            late = f"no answer within {CHECK_TIMEOUT_SECONDS:g} s"
+            return self._failed("database", late, f"the database gave {late}")
+        except Exception as exc:  # any failure means not ready; the log says which
+            return self._failed("database", "unreachable", f"the database is unreachable: {type(exc).__name__}: {exc}")
+        return self._passed("database", self._engine.dialect.name)
+
+    def _writes(self) -> Check:
+        # WriteHealth logs the failure, with its cause, when writes start failing.
+        if self._write_failure() is not None:
+            return Check(False, "failing; retried until they go through")
+        return Check(True, "ok")
 
     def _image_store(self) -> Check:
         directory = self._image_store_dir
         if directory.is_dir() and os.access(directory, os.W_OK):
-            return Check(True, str(directory))
-        return Check(False, f"{directory} is not a writable directory")
+            return self._passed("image_store", "writable")
+        return self._failed("image_store", "not a writable directory", f"{directory} is not a writable directory")
+
+    def _failed(self, name: str, detail: str, logged: str) -> Check:
+        if name not in self._failing:
+            self._failing.add(name)
+            logger.warning("not ready: %s", logged, extra={"check": name})
+        return Check(False, detail)
+
+    def _passed(self, name: str, detail: str) -> Check:
+        if name in self._failing:
+            self._failing.discard(name)
+            logger.info("ready again: %s", name, extra={"check": name})
+        return Check(True, detail)
