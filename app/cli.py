@@ -1,6 +1,6 @@
 """Command-line client of the service: sign in, generate images with live progress, list jobs.
 
-    python -m app.cli [--base-url URL] login --email E [--password P]
+    python -m app.cli [--base-url URL] login --email E [--password P | --password-stdin]
     python -m app.cli [--base-url URL] generate "prompt" [-n 4] [--seed S] [--out DIR]
     python -m app.cli [--base-url URL] jobs [--limit N]
 
@@ -8,7 +8,8 @@
 $MYFLIX_TOKEN_FILE, else $XDG_CONFIG_HOME/myflix/token.json (~/.config/myflix/token.json).
 
 Exit codes: 0 success; 1 the job did not fully succeed, or the service refused a request;
-2 a usage or sign-in problem; 3 the service is unreachable (after retries, while following
+2 a usage or sign-in problem (a wrong password, too many failed sign-ins, no session or an
+expired one); 3 the service is unreachable (after retries, while following
 a job); 130 interrupted.
 """
 
@@ -330,12 +331,28 @@ def report(end: ServerSentEvent, saved: dict[int, Path]) -> int:
 # Commands -------------------------------------------------------------------------------
 
 
+def read_password(args: argparse.Namespace) -> str:
+    if args.password is not None:
+        return str(args.password)
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise CliError("no password on stdin", EXIT_USAGE)
+        return line.removesuffix("\n").removesuffix("\r")
+    return getpass.getpass("Password: ")
+
+
 def cmd_login(args: argparse.Namespace) -> int:
-    password = args.password if args.password is not None else getpass.getpass("Password: ")
+    password = read_password(args)
     with open_client(args.base_url) as client:
         response = call(client, "POST", "/api/auth/login", json={"email": args.email, "password": password})
+        # A sign-in problem, like a missing or expired session: exit code 2.
         if response.status_code == 401:
-            raise CliError("login failed: incorrect email or password", EXIT_FAILED)
+            raise CliError("login failed: incorrect email or password", EXIT_USAGE)
+        if response.status_code == 429:
+            retry_after = response.headers.get("retry-after")
+            wait = f"; try again in {retry_after} s" if retry_after else ""
+            raise CliError(f"login failed: 429 Too Many Requests: {error_detail(response)}{wait}", EXIT_USAGE)
         issued = ensure_ok(response).json()
         client.headers["Authorization"] = f"Bearer {issued['access_token']}"
         user = ensure_ok(call(client, "GET", "/api/auth/me")).json()
@@ -430,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     login = commands.add_parser("login", parents=[common], help="sign in and keep the token")
     login.add_argument("--email", required=True)
-    login.add_argument("--password", help="asked for when omitted")
+    password = login.add_mutually_exclusive_group()
+    password.add_argument("--password", help="asked for when neither this nor --password-stdin is given")
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from the first line of stdin"
+    )
     login.set_defaults(command=cmd_login)
 
     generate = commands.add_parser("generate", parents=[common], help="generate images and save them")

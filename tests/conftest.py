@@ -239,6 +239,21 @@ def query_database(url: str, sql: str) -> list[tuple]:
 # A service in its own process, to stop with SIGTERM or SIGKILL and start again ------------
 
 
+# A shell starts a background job with SIGINT ignored, and children inherit that: a suite
+# started with `... &` would start children that Ctrl-C (or a test's SIGINT) cannot stop. The
+# command is started through this, which sets SIGINT back to its default and execs it (in the
+# same process, so its pid is the command's); a `preexec_fn` would do it between fork and exec,
+# which is not safe in a process with threads, as the tests' is.
+_DEFAULT_SIGINT_THEN_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+def with_default_sigint(command: list[str]) -> list[str]:
+    """`command`, to run with SIGINT at its default whatever the tests' own disposition."""
+    return [sys.executable, "-c", _DEFAULT_SIGINT_THEN_EXEC, *command]
+
+
 class ServiceProcess:
     """The API under uvicorn; with `worker=True`, a `python -m app.worker` process instead."""
 
@@ -271,7 +286,7 @@ class ServiceProcess:
         )
         with open(self.log_path, "ab") as log:  # a file, not a pipe nobody drains
             self.process = subprocess.Popen(
-                [sys.executable, *command],
+                with_default_sigint([sys.executable, *command]),
                 cwd=PROJECT_ROOT,
                 env=self.env,
                 stdout=log,

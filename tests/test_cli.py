@@ -1,6 +1,7 @@
 """The command-line client run as a user runs it, `python -m app.cli ...` in a subprocess,
 against a real server: sign in, generate, list jobs, failures, a dropped stream, Ctrl-C."""
 
+import json
 import os
 import queue
 import re
@@ -17,7 +18,7 @@ import pytest
 
 from app import cli
 from app.core.config import PROJECT_ROOT
-from tests.conftest import ALICE, login, read_stream
+from tests.conftest import ALICE, login, read_stream, with_default_sigint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 APPLIED = re.compile(r"\[(\d+)\] image (\d+): (.*)")
@@ -30,12 +31,15 @@ def cli_env(tmp_path) -> dict[str, str]:
     return env
 
 
-def run_cli(env: dict[str, str], *args: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+def run_cli(
+    env: dict[str, str], *args: str, cwd: Path = PROJECT_ROOT, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        with_default_sigint([sys.executable, "-m", "app.cli", *args]),
         check=False,
         cwd=cwd,
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,
@@ -60,8 +64,9 @@ class BackgroundCli:
     """The CLI in the background; a thread reads its output so a test can wait for a line."""
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
+        # Ctrl-C stops it even when the tests run with SIGINT ignored.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args],
+            with_default_sigint([sys.executable, "-m", "app.cli", *args]),
             cwd=PROJECT_ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -98,9 +103,6 @@ class BackgroundCli:
 def test_login_generate_save_images_and_list_jobs(live_server, cli_env, tmp_path):
     with live_server(LOCAL_LATENCY_MS=50, LOCAL_LATENCY_JITTER_MS=0) as server:
         url = server.base_url
-        wrong = run_cli(cli_env, "--base-url", url, "login", "--email", ALICE[0], "--password", "not-hers")
-        assert wrong.returncode == 1
-        assert "incorrect email or password" in wrong.stderr
         assert "Signed in to" in sign_in(cli_env, url).stdout
 
         out = tmp_path / "images"
@@ -157,6 +159,48 @@ def test_generate_and_jobs_need_a_login(cli_env):
         result = run_cli(cli_env, "--base-url", "http://127.0.0.1:9", *command)
         assert result.returncode == 2
         assert "not signed in: run `python -m app.cli login`" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_wrong_password_and_a_throttled_sign_in_exit_2(live_server, cli_env):
+    with live_server(LOGIN_MAX_FAILURES=1) as server:
+        signing_in = ("--base-url", server.base_url, "login", "--email", ALICE[0])
+        wrong = run_cli(cli_env, *signing_in, "--password", "not-hers")
+        assert wrong.returncode == 2, wrong.stderr
+        assert "login failed: incorrect email or password" in wrong.stderr
+        throttled = run_cli(cli_env, *signing_in, "--password", ALICE[1])
+    assert throttled.returncode == 2, throttled.stderr
+    assert "login failed: 429 Too Many Requests: " in throttled.stderr
+    assert "Traceback" not in wrong.stderr + throttled.stderr
+    assert not Path(cli_env["MYFLIX_TOKEN_FILE"]).exists()
+
+
+@pytest.mark.slow
+def test_password_stdin_reads_one_line(live_server, cli_env):
+    with live_server() as server:
+        signing_in = ("--base-url", server.base_url, "login", "--email", ALICE[0], "--password-stdin")
+        signed_in = run_cli(cli_env, *signing_in, stdin=f"{ALICE[1]}\nthe next line is not the password\n")
+        assert signed_in.returncode == 0, signed_in.stderr
+        assert "Signed in to" in signed_in.stdout
+        assert "Password:" not in signed_in.stdout + signed_in.stderr, "no prompt when the password is piped"
+        crlf = run_cli(cli_env, *signing_in, stdin=f"{ALICE[1]}\r\n")
+        assert crlf.returncode == 0, crlf.stderr
+        empty = run_cli(cli_env, *signing_in, stdin="")
+        assert empty.returncode == 2
+        assert "no password on stdin" in empty.stderr
+        both = run_cli(cli_env, *signing_in, "--password", ALICE[1], stdin=ALICE[1])
+        assert both.returncode == 2
+        assert "not allowed with argument" in both.stderr
+
+
+def test_an_expired_session_exits_2(cli_env):
+    cli_env_path = Path(cli_env["MYFLIX_TOKEN_FILE"])
+    cli_env_path.parent.mkdir(parents=True)
+    expired = {"base_url": "http://127.0.0.1:9", "access_token": "t", "expires_at": "2026-01-01T00:00:00+00:00"}
+    cli_env_path.write_text(json.dumps(expired))
+    result = run_cli(cli_env, "--base-url", "http://127.0.0.1:9", "jobs")
+    assert result.returncode == 2
+    assert "the session has expired: run `python -m app.cli login`" in result.stderr
 
 
 @pytest.mark.slow
