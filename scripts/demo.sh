@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Log in, create a job, follow it to the end: scripts/demo.sh ["prompt"] [num_images]
+# Each step says why on stderr and stops the demo with a non-zero exit code if it fails.
 set -euo pipefail
 here="$(dirname "$0")"
 TOKEN="$("$here/login.sh")"
