@@ -92,6 +92,8 @@ class Rule:
     output_http_status: int | None = None  # file URL answers this status
     output_body: bytes | None = None  # file URL serves these bytes (text/plain)
     starting: float | None = None  # extension: seconds spent in ``starting`` (default latency/2)
+    output_trickle: float | None = None  # file URL sends its bytes one at a time, this many seconds apart
+    output_redirect: str | None = None  # file URL answers 302 to this Location
 
 
 @dataclass
@@ -422,19 +424,39 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # pragma: no cover - not used by the client
         self._send(405, {"Content-Type": "application/problem+json"}, b"")
 
-    def _send(self, status: int, headers: dict[str, str], payload: bytes) -> None:
+    def _send(self, status: int, headers: dict[str, str], payload: bytes | _Trickle) -> None:
+        data = payload.data if isinstance(payload, _Trickle) else payload
         try:
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Content-Length", str(len(data)))
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(payload)
+            if self.command == "HEAD":
+                return
+            if isinstance(payload, _Trickle):
+                self._trickle(payload)
+            else:
+                self.wfile.write(data)
         except OSError:
             self.close_connection = True
+
+    def _trickle(self, payload: _Trickle) -> None:
+        """A byte at a time, until the fake stops or the client hangs up (OSError)."""
+        self.close_connection = True
+        fake = self.server.fake
+        for offset in range(len(payload.data)):
+            try:
+                self.wfile.write(payload.data[offset : offset + 1])
+                self.wfile.flush()
+            except OSError:
+                fake.trickles_cut += 1
+                raise
+            fake.trickled += 1
+            if fake._stopped.wait(payload.interval):
+                return
 
     def _reset(self) -> None:
         self.close_connection = True
@@ -457,7 +479,13 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------
 
 
-_Response = tuple[int, dict[str, str], bytes]
+@dataclass(frozen=True)
+class _Trickle:
+    data: bytes
+    interval: float
+
+
+_Response = tuple[int, dict[str, str], bytes | _Trickle]
 
 
 class FakeReplicate:
@@ -483,6 +511,8 @@ class FakeReplicate:
         self.base_url = ""
         self.requests: list[RecordedRequest] = []
         self.errors: list[BaseException] = []  # exceptions raised by the fake's own handlers (should stay empty)
+        self.trickled = 0  # bytes sent by `Rule.output_trickle` downloads
+        self.trickles_cut = 0  # of those downloads, the ones the client hung up on
         self.webhook_secret = "whsec_" + base64.b64encode(hashlib.sha256(token.encode()).digest()[:24]).decode()
 
         self._cond = threading.Condition(threading.RLock())
@@ -969,7 +999,11 @@ class FakeReplicate:
                 return st, {"Content-Type": "text/plain; charset=utf-8"}, phrase.encode()
             if rule and rule.output_body is not None:
                 return 200, {"Content-Type": "text/plain; charset=utf-8"}, rule.output_body
+            if rule and rule.output_redirect is not None:
+                return 302, {"Location": rule.output_redirect}, b""
             data = self._png(pid, idx)
+        if rule and rule.output_trickle is not None:
+            return 200, {"Content-Type": "image/png"}, _Trickle(data, rule.output_trickle)
         return 200, {"Content-Type": "image/png", "Cache-Control": "public, max-age=3600"}, data
 
     @staticmethod
