@@ -351,7 +351,7 @@ def cmd_login(args: argparse.Namespace) -> int:
             raise CliError("login failed: incorrect email or password", EXIT_USAGE)
         if response.status_code == 429:
             retry_after = response.headers.get("retry-after")
-            wait = f"; try again in {retry_after} s" if retry_after else ""
+            wait = f" (Retry-After: {retry_after} s)" if retry_after else ""
             raise CliError(f"login failed: 429 Too Many Requests: {error_detail(response)}{wait}", EXIT_USAGE)
         issued = ensure_ok(response).json()
         client.headers["Authorization"] = f"Bearer {issued['access_token']}"
