@@ -60,7 +60,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             find_user=stored_users(components.repository),
             jwt_secret=jwt_secret(settings),
             token_lifetime=timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES),
-            throttle=LoginThrottle(settings.LOGIN_MAX_FAILURES, settings.LOGIN_FAILURE_WINDOW_SECONDS),
+            throttle=LoginThrottle(
+                max_failures=settings.LOGIN_MAX_FAILURES,
+                max_failures_per_account=settings.LOGIN_MAX_FAILURES_PER_ACCOUNT,
+                window_seconds=settings.LOGIN_FAILURE_WINDOW_SECONDS,
+            ),
         )
         app.state.job_service = service
         loop_lag_probe = asyncio.create_task(components.metrics.probe_loop_lag(), name="loop-lag-probe")

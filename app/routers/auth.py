@@ -12,7 +12,10 @@ router = APIRouter(prefix="/api/auth", tags=["auth"])
 
 _LOGIN_ERRORS = {
     **BODY_ERRORS,
-    **error_responses(_401="Incorrect email or password", _429="Too many failed sign-ins; see Retry-After"),
+    **error_responses(
+        _401="Incorrect email or password",
+        _429="Too many failed sign-ins, or too many at once from this client; see Retry-After",
+    ),
 }
 
 

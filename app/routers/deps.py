@@ -1,6 +1,7 @@
 """Dependencies shared by the routers, as `Annotated` aliases. All are `async def`: FastAPI
 runs a plain `def` dependency on its thread pool, a thread hop per request for nothing."""
 
+import ipaddress
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -93,8 +94,19 @@ async def get_image_links(request: Request, settings: SettingsDep, signer: Image
 
 
 async def get_client_address(request: Request) -> str:
-    """The caller's address (behind a proxy, run uvicorn with --proxy-headers)."""
-    return request.client.host if request.client else "unknown"
+    """The caller's address, as the server saw it: X-Forwarded-For counts only when the peer is
+    one of FORWARDED_ALLOW_IPS (uvicorn's proxy headers, configured in app/core/http_server.py).
+    An IPv6 client is its /64 network, since one host commonly holds a whole /64."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # not an address (a test client's name, a proxy's odd header)
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 Links = Annotated[ImageLinks, Depends(get_image_links)]

@@ -21,7 +21,8 @@ from app.core.text import has_control_character
 from app.db.repository import Repository
 from app.db.tables import UserRow
 from app.services.errors import InvalidFieldError
-from app.services.login_throttle import LoginThrottle
+from app.services.fair_turns import FairTurns, QueueFullError
+from app.services.login_throttle import LoginThrottle, LoginThrottledError
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class IssuedToken:
 
 class InvalidCredentialsError(Exception):
     """Unknown email or wrong password; deliberately the same error for both."""
+
+
+class TooManySignInsAtOnceError(LoginThrottledError):
+    message = "Too many sign-ins from this client at once; try again shortly."
 
 
 class PasswordTooLongError(InvalidFieldError):
@@ -118,6 +123,11 @@ def _yield_to_the_event_loop() -> None:
         pass
 
 
+# A client's sign-ins waiting for bcrypt, at most; more are refused at once (429): the last of
+# them would wait seconds already.
+SIGN_INS_QUEUED_PER_CLIENT = 16
+
+
 class AuthService:
     def __init__(
         self, find_user: UserLookup, jwt_secret: str, token_lifetime: timedelta, throttle: LoginThrottle
@@ -126,28 +136,54 @@ class AuthService:
         self._throttle = throttle
         self._jwt_secret = jwt_secret
         self._token_lifetime = token_lifetime
-        # More threads than cores would only queue for them.
+        # One thread more than cores, and one client holds a core less than there are (one at
+        # least): a client's flood (unknown emails, each checked against the dummy hash) leaves
+        # the others a core, and however many clients flood, the next client's check starts at
+        # once on the spare thread instead of waiting for theirs to end. Known and unknown emails
+        # take the same turns, so their timing stays the same.
+        cores = os.cpu_count() or 1
         self._hashing = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="bcrypt", initializer=_yield_to_the_event_loop
+            max_workers=cores + 1, thread_name_prefix="bcrypt", initializer=_yield_to_the_event_loop
+        )
+        self._hashing_turns = FairTurns(
+            slots=cores + 1, per_key=max(1, cores - 1), queue_per_key=SIGN_INS_QUEUED_PER_CLIENT
         )
 
     async def login(self, email: str, password: str, client: str) -> IssuedToken:
-        """`client` identifies the caller (its address) for throttling failed attempts."""
+        """`client` identifies the caller (its address) for throttling and for fair turns at bcrypt."""
         if len(password.encode("utf-8", "surrogatepass")) > BCRYPT_MAX_PASSWORD_BYTES:
             raise PasswordTooLongError
         account = normalize_email(email)
-        self._throttle.check(account, client)
-        # No account has a control character (PostgreSQL would refuse a NUL): an unknown email.
-        record = None if has_control_character(account) else await self._find_user(account)
-        password_hash = record.password_hash if record else _DUMMY_HASH
-        # bcrypt takes a fifth of a second of CPU: keep it off the event loop.
-        matches = await asyncio.get_running_loop().run_in_executor(
-            self._hashing, verify_password, password, password_hash
-        )
+        # Counted as failed before anything is awaited: concurrent guesses cannot all pass.
+        attempt = self._throttle.begin(account, client)
+        try:
+            # The turn comes before the user's lookup too: a flood's lookups would queue ahead
+            # of everyone's at the database.
+            await self._hashing_turns.acquire(client)
+        except QueueFullError:
+            attempt.withdraw()
+            raise TooManySignInsAtOnceError(retry_after=1) from None
+        except BaseException:
+            attempt.withdraw()
+            raise
+        try:
+            # No account has a control character (PostgreSQL would refuse a NUL): an unknown email.
+            record = None if has_control_character(account) else await self._find_user(account)
+            password_hash = record.password_hash if record else _DUMMY_HASH
+            # bcrypt takes a fifth of a second of CPU: keep it off the event loop.
+            checking = asyncio.get_running_loop().run_in_executor(
+                self._hashing, verify_password, password, password_hash
+            )
+        except BaseException:
+            self._hashing_turns.release(client)
+            attempt.withdraw()
+            raise
+        # The turn is held until the check ends, even if this request is canceled meanwhile.
+        checking.add_done_callback(lambda _: self._hashing_turns.release(client))
+        matches = await asyncio.shield(checking)
         if record is None or not matches:
-            self._throttle.failed(account, client)
             raise InvalidCredentialsError
-        self._throttle.succeeded(account, client)
+        attempt.succeeded()
         token = create_access_token(record.user.email, self._jwt_secret, self._token_lifetime)
         return IssuedToken(token, int(self._token_lifetime.total_seconds()))
 
