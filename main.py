@@ -17,7 +17,7 @@ from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
 from app.core.request_limits import RequestLimitsMiddleware
 from app.core.security_headers import SecurityHeadersMiddleware
-from app.models.generation import STREAM_EVENT_MODELS
+from app.models.openapi import declare_settings_limits, stream_event_schemas
 from app.routers import auth, generation, health, images
 from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
@@ -111,10 +111,8 @@ def _openapi_with_stream_events(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in STREAM_EVENT_MODELS.values():
-            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(model_schema.pop("$defs", {}))
-            components[model.__name__] = model_schema
+        components.update(stream_event_schemas())
+        declare_settings_limits(components, app.state.settings.MAX_IMAGES_PER_JOB)
         app.openapi_schema = schema
     return app.openapi_schema
 

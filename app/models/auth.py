@@ -1,8 +1,27 @@
 """Request and response schemas of the auth endpoints."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.core.security import BCRYPT_MAX_PASSWORD_BYTES
+
+# bcrypt's limit is in UTF-8 bytes, which JSON Schema cannot count: maxLength (characters)
+# is the bound a schema can state, and every longer password is over the limit in bytes
+# too. The service checks the bytes (a 422) before bcrypt runs.
+_PASSWORD_DESCRIPTION = (
+    f"At most {BCRYPT_MAX_PASSWORD_BYTES} bytes in UTF-8 (bcrypt's limit). maxLength counts characters: "
+    f"a shorter password with multi-byte characters can still be over {BCRYPT_MAX_PASSWORD_BYTES} bytes (422)."
+)
+Password = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description=_PASSWORD_DESCRIPTION,
+        json_schema_extra={"maxLength": BCRYPT_MAX_PASSWORD_BYTES, "format": "password"},
+    ),
+]
+Email = Annotated[str, Field(min_length=3, max_length=254)]
 
 
 class LoginRequest(BaseModel):
@@ -10,11 +29,23 @@ class LoginRequest(BaseModel):
         json_schema_extra={"examples": [{"email": "alice@myflix.dev", "password": "alice-wonderland"}]}
     )
 
-    email: str = Field(min_length=3, max_length=254)
-    password: str = Field(min_length=1, max_length=1024)
+    email: Email
+    password: Password
+
+
+class TokenForm(BaseModel):
+    """The OAuth2 password grant's form (RFC 6749, 4.3.2); the username is the email."""
+
+    grant_type: Literal["password"] | None = None
+    username: Email
+    password: Password
+    scope: str = Field(default="", max_length=1000, description="Ignored: tokens have no scopes.")
 
 
 class TokenResponse(BaseModel):
+    # Every field is sent, token_type too.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
     access_token: str
     token_type: Literal["bearer"] = "bearer"
     expires_in: int = Field(description="Seconds until the token expires.")

@@ -1,8 +1,9 @@
 """Request, response and event schemas of the generation endpoints."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from app.core.text import is_control_character
 
@@ -20,7 +21,8 @@ class GenerateRequest(BaseModel):
     )
 
     prompt: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
-    num_images: StrictInt = Field(ge=1, description="1 to MAX_IMAGES_PER_JOB (default 8).")
+    # The schema's maximum is each app's MAX_IMAGES_PER_JOB (see `declare_settings_limits`).
+    num_images: StrictInt = Field(ge=1, description="1 to MAX_IMAGES_PER_JOB (the schema's maximum).")
     seed: StrictInt | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Random when absent."
     )
@@ -40,6 +42,9 @@ class GenerateResponse(BaseModel):
 
 
 class ImageResult(BaseModel):
+    # Every field is sent, null when it has no value.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
     index: int
     status: ImageStatus
     url: str | None = None
@@ -69,22 +74,32 @@ class JobPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last.")
 
 
+def _left_out_without_value(schema: dict[str, Any]) -> None:
+    # The server leaves such a field out rather than sending null: in the schema it is
+    # optional with no default (a default would make generated clients call it required).
+    schema.pop("default", None)
+
+
+def _sent_only_with_value(description: str) -> Any:
+    return Field(default=None, description=description, json_schema_extra=_left_out_without_value)
+
+
 class ProgressEvent(BaseModel):
-    """One per state change of one image, and one per retry."""
+    """One per state change of one image, and one per retry. Fields without a value are left out."""
 
     job_id: str
     index: int
     status: ImageStatus | Literal["retrying"]
-    url: str | None = None
-    error: str | None = None
+    url: str | SkipJsonSchema[None] = _sent_only_with_value("On `succeeded`: the image's signed link.")
+    error: str | SkipJsonSchema[None] = _sent_only_with_value("On `failed`, and on `retrying` its reason.")
     elapsed_ms: float = Field(description="Since the job was accepted.")
     completed: int = Field(description="Images finished (succeeded, failed or canceled) so far.")
     total: int
-    queue_position: int | None = Field(
-        default=None, description="On `queued`: 1-based place among all images waiting for a worker."
+    queue_position: int | SkipJsonSchema[None] = _sent_only_with_value(
+        "On `queued`: 1-based place among all images waiting for a worker."
     )
-    attempt: int | None = Field(default=None, description="On `retrying`: the retry's number, from 1.")
-    delay_ms: float | None = Field(default=None, description="On `retrying`: the wait before it.")
+    attempt: int | SkipJsonSchema[None] = _sent_only_with_value("On `retrying`: the retry's number, from 1.")
+    delay_ms: float | SkipJsonSchema[None] = _sent_only_with_value("On `retrying`: the wait before it.")
 
 
 class DoneEvent(BaseModel):

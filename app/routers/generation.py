@@ -4,7 +4,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from sse_starlette import EventSourceResponse
 
-from app.models.errors import BODY_ERRORS, error_responses
+from app.models.errors import BODY_ERRORS, STORE_UNAVAILABLE, UNAUTHORIZED, error_responses
 from app.models.generation import (
     STREAM_EVENT_MODELS,
     GenerateRequest,
@@ -19,13 +19,14 @@ from app.services.jobs.views import KEEPALIVE_WIRE, RECONNECT_WIRE, ImageLinks, 
 
 router = APIRouter(prefix="/api/generate", tags=["generation"])
 
-_UNAUTHORIZED = error_responses(_401="Missing or invalid token")
+_UNAUTHORIZED = {**UNAUTHORIZED, **STORE_UNAVAILABLE}
 _NOT_FOUND = {**_UNAUTHORIZED, **error_responses(_404="No such job for this user")}
 _CANCEL_RESPONSES = {**_NOT_FOUND, **error_responses(_409="The job has already finished")}
 
 
 @router.post(
     "/",
+    operation_id="createJob",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=GenerateResponse,
     responses={
@@ -34,7 +35,10 @@ _CANCEL_RESPONSES = {**_NOT_FOUND, **error_responses(_409="The job has already f
         **error_responses(
             _409="Idempotency-Key reused with a different body",
             _429="Too many jobs in progress; see Retry-After",
-            _503="The service is shutting down, or (scaled out) Redis is unreachable",
+            _503=(
+                "The service is shutting down, the database takes no writes (for DB_WRITE_TIMEOUT_SECONDS), "
+                "or (scaled out) Redis is unreachable; see Retry-After"
+            ),
         ),
     },
 )
@@ -62,7 +66,7 @@ async def create_job(
     return GenerateResponse(job_id=job.id)
 
 
-@router.get("/", response_model=JobPage, responses=_UNAUTHORIZED)
+@router.get("/", operation_id="listJobs", response_model=JobPage, responses=_UNAUTHORIZED)
 async def list_jobs(
     user: CurrentUser,
     service: JobServiceDep,
@@ -74,7 +78,7 @@ async def list_jobs(
     return await service.list_jobs(user.email, limit, cursor, links)
 
 
-@router.get("/{job_id}", response_model=JobSnapshot, responses=_NOT_FOUND)
+@router.get("/{job_id}", operation_id="getJob", response_model=JobSnapshot, responses=_NOT_FOUND)
 async def get_job(job_id: str, user: CurrentUser, service: JobServiceDep, links: Links) -> JobSnapshot:
     """The job's current state: each image's status, url, error and latency, and its metrics.
     Image URLs are freshly signed on every call."""
@@ -83,6 +87,7 @@ async def get_job(job_id: str, user: CurrentUser, service: JobServiceDep, links:
 
 @router.post(
     "/{job_id}/cancel",
+    operation_id="cancelJob",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobSnapshot,
     responses=_CANCEL_RESPONSES,
@@ -94,6 +99,7 @@ async def cancel_job(job_id: str, user: CurrentUser, service: JobServiceDep, lin
 
 @router.delete(
     "/{job_id}",
+    operation_id="deleteJob",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobSnapshot,
     responses=_CANCEL_RESPONSES,
@@ -122,8 +128,10 @@ _STREAM_DESCRIPTION = "\n".join(
 
 @router.get(
     "/{job_id}/stream",
+    operation_id="streamJob",
     responses={
         **_NOT_FOUND,
+        **error_responses(_429="Too many open streams for this user (MAX_STREAMS_PER_USER)"),
         204: {"description": "The job has ended and `Last-Event-ID` was its last event: nothing more will come."},
         200: {
             "description": _STREAM_DESCRIPTION,

@@ -8,13 +8,18 @@ from app.routers.deps import HealthServiceDep
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=HealthResponse)
+@router.get("/healthz", operation_id="getHealth", response_model=HealthResponse)
 async def healthz() -> HealthResponse:
     """The process is up and serving."""
     return HealthResponse(status="ok")
 
 
-@router.get("/readyz", response_model=ReadinessResponse, responses={503: {"model": ReadinessResponse}})
+@router.get(
+    "/readyz",
+    operation_id="getReadiness",
+    response_model=ReadinessResponse,
+    responses={503: {"model": ReadinessResponse}},
+)
 async def readyz(health: HealthServiceDep) -> JSONResponse:
     """Each check by name, and whether it passes: the database answers, writes go through,
     the image store is writable, the provider is configured, and scaled out, Redis answers.
@@ -28,7 +33,12 @@ async def readyz(health: HealthServiceDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    operation_id="getMetrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics: TTFI, batch and image latency histograms; job, image, retry and
     error counters; open streams, busy workers and queued images."""

@@ -5,15 +5,23 @@ from fastapi.responses import FileResponse
 
 from app.models.errors import error_responses
 from app.routers.deps import ImageStoreDep, ImageUrlSignerDep
-from app.services.image_store import check_image_key, media_type_of
+from app.services.image_store import MEDIA_TYPES, check_image_key, media_type_of
 
 router = APIRouter(prefix="/api/images", tags=["images"])
 
 
 @router.get(
     "/{key}",
+    operation_id="getImage",
     response_class=FileResponse,
     responses={
+        200: {
+            "description": "The image",
+            "content": {
+                media_type: {"schema": {"type": "string", "format": "binary"}}
+                for media_type in sorted(MEDIA_TYPES.values())
+            },
+        },
         304: {"description": "Not modified: the If-None-Match ETag still holds"},
         **error_responses(_403="Link expired or tampered with", _404="No such image"),
     },
