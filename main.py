@@ -18,7 +18,7 @@ from app.core.logging import RequestLogMiddleware, configure_logging
 from app.core.request_limits import RequestLimitsMiddleware
 from app.core.security_headers import SecurityHeadersMiddleware
 from app.models.openapi import declare_settings_limits, stream_event_schemas
-from app.routers import auth, generation, health, images
+from app.routers import auth, docs, generation, health, images
 from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
 from app.services.health_service import HealthService
@@ -81,6 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="JWT login and AI image generation with live progress over Server-Sent Events.",
         version="0.2.0",
         lifespan=lifespan,
+        # Served by app/routers/docs.py, with every asset from this service.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.add_middleware(
@@ -94,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=MAX_REQUEST_BODY_BYTES)
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.ENVIRONMENT == "production")
     app.add_middleware(RequestLogMiddleware)
-    routers = [auth.router, generation.router, images.router, health.router]
+    routers = [auth.router, generation.router, images.router, health.router, docs.router]
     register_error_handlers(app, routers)
     for router in routers:
         app.include_router(router)
@@ -104,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    docs.mount_assets(app)
     return app
 
 
