@@ -33,10 +33,18 @@ def rss_mib(pid: int) -> float:
 
 
 class ServerProcess:
-    """`python -m uvicorn <app>` on a free port, with settings given as environment variables
-    (which beat any .env.local), stopped with SIGTERM."""
+    """`<app>` on a free port under the service's own server configuration (`python -m
+    bench.serve`), with settings given as environment variables (which beat any .env.local),
+    stopped with SIGTERM. `open_file_limit`: the process's RLIMIT_NOFILE, soft and hard."""
 
-    def __init__(self, app: str, env: dict[str, str], data_dir: Path, worker: bool = False) -> None:
+    def __init__(
+        self,
+        app: str,
+        env: dict[str, str],
+        data_dir: Path,
+        worker: bool = False,
+        open_file_limit: int | None = None,
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -48,23 +56,12 @@ class ServerProcess:
             "PUBLIC_BASE_URL": "",
             "LOG_LEVEL": "WARNING",
             **env,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
         }
-        command = (
-            ["-m", "app.worker"]
-            if worker
-            else [
-                "-m",
-                "uvicorn",
-                app,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ]
-        )
+        command = ["-m", "app.worker"] if worker else ["-m", "bench.serve", app, "--no-access-log"]
+        if open_file_limit is not None and not worker:
+            command += ["--open-file-limit", str(open_file_limit)]
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir / "process.log"
         with open(self.log_path, "wb") as log:

@@ -2,6 +2,7 @@
 runs a plain `def` dependency on its thread pool, a thread hop per request for nothing."""
 
 import ipaddress
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -14,6 +15,7 @@ from app.services.health_service import HealthService
 from app.services.image_store import ImageStore
 from app.services.jobs.service import JobService
 from app.services.jobs.views import ImageLinks
+from app.services.stream_slots import StreamSlot, StreamSlots
 
 TOKEN_URL = "/api/auth/token"
 
@@ -113,3 +115,18 @@ Links = Annotated[ImageLinks, Depends(get_image_links)]
 ClientAddress = Annotated[str, Depends(get_client_address)]
 CurrentUser = Annotated[User, Depends(get_current_user)]
 StreamUser = Annotated[User, Depends(get_stream_user)]
+
+
+async def get_stream_slot(request: Request, user: StreamUser) -> AsyncIterator[StreamSlot]:
+    """The caller's place among their open streams, given back when the response ends,
+    however it ends (done, error, the client gone, the server stopping): FastAPI leaves a
+    dependency's `yield` only after the response has been sent."""
+    slots: StreamSlots = request.app.state.stream_slots
+    slot = slots.slot(user.email)
+    try:
+        yield slot
+    finally:
+        slot.release()
+
+
+StreamSlotDep = Annotated[StreamSlot, Depends(get_stream_slot)]
