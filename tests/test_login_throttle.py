@@ -366,3 +366,34 @@ def test_a_flood_of_unknown_emails_does_not_hold_up_another_clients_login(servic
     # Served ahead of the flood's queued checks, not behind them (the figure itself depends on
     # what else the machine runs).
     assert flood_after_login > 0
+
+
+@pytest.mark.slow
+def test_a_flood_from_many_addresses_holds_up_another_clients_login_by_one_check_at_most(service_process):
+    async def flood_then_login(server) -> tuple[float, float]:
+        async with _async_client(server) as proxy:
+            flood = [
+                asyncio.ensure_future(
+                    proxy.post(
+                        "/api/auth/login",
+                        json=_credentials(f"nobody-{n}@example.com", "x"),
+                        headers={"X-Forwarded-For": f"203.0.113.{n % 8}"},
+                    )
+                )
+                for n in range(48)
+            ]
+            answered: list[float] = []
+            for request in flood:
+                request.add_done_callback(lambda _: answered.append(time.perf_counter()))
+            # Every thread is busy with the flood once its first check is answered.
+            await asyncio.wait(flood, return_when=asyncio.FIRST_COMPLETED)
+            login_seconds, signed_in = await asyncio.to_thread(_signs_in, server, ALICE, "127.0.0.2")
+            statuses = {answer.status_code for answer in await asyncio.gather(*flood)}
+            assert statuses == {401}, statuses
+            return login_seconds, sum(at > signed_in for at in answered) / len(flood)
+
+    server = service_process(IMAGE_PROVIDER="local", FORWARDED_ALLOW_IPS="127.0.0.1")
+    login_seconds, flood_left = asyncio.run(flood_then_login(server))
+    print(f"a login during a flood from 8 addresses: {login_seconds:.3f} s, with {flood_left:.0%} of it still to go")
+    # She took her turn ahead of the queued flood: most of it was answered after her.
+    assert flood_left > 0.5
