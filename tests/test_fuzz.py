@@ -6,6 +6,8 @@ type, headers), 405 for a method the path does not have, and `Allow` naming its 
 The random inputs never hit a real job or a validly signed image link, so the answers for
 those are checked the same way on a job made for the purpose."""
 
+import base64
+import json
 import tempfile
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -124,3 +126,30 @@ def test_a_real_job_and_its_image_answer_as_documented(fuzzed_server):
     for signature in ("é", "0" * 64, ""):
         tampered = {"expires": query["expires"], "signature": signature}
         assert _validate(fuzzed_server, "/api/images/{key}", "GET", **image, query=tampered) in (403, 422)
+
+
+def _cursor(created_at: str, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode().rstrip("=")
+
+
+def test_the_inputs_that_once_gave_500_answer_as_documented(fuzzed_server):
+    """Issue 14's list, on each database: the fuzzer reaches some only now and then."""
+    auth = {"Authorization": f"Bearer {fuzzed_server.token}"}
+    nul_login = {"email": "alice\x00@myflix.dev", "password": "alice-wonderland"}
+    assert _validate(fuzzed_server, "/api/auth/login", "POST", body=nul_login, media_type="application/json") < 500
+    for path, method in [
+        ("/api/generate/{job_id}", "GET"),
+        ("/api/generate/{job_id}", "DELETE"),
+        ("/api/generate/{job_id}/cancel", "POST"),
+        ("/api/generate/{job_id}/stream", "GET"),
+    ]:
+        assert _validate(fuzzed_server, path, method, path_parameters={"job_id": "job_\x00"}, headers=auth) < 500
+    job_id = "job_0123456789abcdef01234567"
+    for cursor in ("a\x00", _cursor("0001-01-01T00:00:00+00:00", job_id), _cursor("9999-12-31T23:59:59+00:00", job_id)):
+        assert _validate(fuzzed_server, "/api/generate/", "GET", query={"cursor": cursor}, headers=auth) < 500
+    long_host = {**auth, "Host": "h" * 600}
+    body = {"prompt": "a long host", "num_images": 1}
+    assert (
+        _validate(fuzzed_server, "/api/generate/", "POST", body=body, media_type="application/json", headers=long_host)
+        < 500
+    )
