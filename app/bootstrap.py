@@ -17,6 +17,7 @@ from app.db.engine import PostgresLimits, create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
 from app.db.repository import Repository
 from app.providers import create_provider
+from app.providers.downloads import ImageFetcher
 from app.services.image_store import LocalImageStore
 from app.services.jobs.events_inprocess import InProcessEventBus
 from app.services.jobs.events_redis import RedisEventBus
@@ -98,7 +99,7 @@ async def open_components(settings: Settings) -> Components:
         image_store=image_store,
         signer=ImageUrlSigner(image_url_secret(settings), settings.IMAGE_URL_TTL_SECONDS),
         metrics=Metrics(),
-        image_maker=ImageMaker(create_provider(settings), image_store),
+        image_maker=ImageMaker(create_provider(settings), image_store, ImageFetcher(settings.provider_output_hosts)),
         redis=RedisLink(settings.REDIS_URL, settings.REDIS_KEY_PREFIX) if settings.REDIS_URL else None,
     )
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,9 +23,14 @@ from app.providers import downloads
 from app.providers.downloads import ImageFetcher, ImageFetchError, require_image
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+# The test servers' hosts, on any port (tests/test_provider_edges.py is about which hosts).
+LOOPBACK = (("127.0.0.1", None), ("localhost", None))
 
 
-class _Origin(BaseHTTPRequestHandler):
+class Origin(BaseHTTPRequestHandler):
+    """A file server with a path for each way a download can go (tests/test_provider_edges.py
+    adds its own)."""
+
     protocol_version = "HTTP/1.1"  # keep-alive, as a CDN does
 
     def do_GET(self) -> None:
@@ -89,7 +93,7 @@ class _Origin(BaseHTTPRequestHandler):
         pass
 
 
-class _ForwardProxy(_Origin):
+class _ForwardProxy(Origin):
     """A plain HTTP proxy: takes absolute URLs and fetches them itself, and tunnels CONNECTs."""
 
     def do_GET(self) -> None:
@@ -120,7 +124,7 @@ class _ForwardProxy(_Origin):
 
 
 @contextmanager
-def _serving(handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None) -> Iterator[ThreadingHTTPServer]:
+def serving(handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None) -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
@@ -141,13 +145,13 @@ def origin(monkeypatch):
     for scheme in ("HTTP", "HTTPS", "ALL", "NO"):
         monkeypatch.delenv(f"{scheme}_PROXY", raising=False)
         monkeypatch.delenv(f"{scheme.lower()}_proxy", raising=False)
-    with _serving(_Origin) as server:
+    with serving(Origin) as server:
         yield f"http://127.0.0.1:{server.server_address[1]}", server
 
 
 def test_downloads_follow_redirects_on_the_threads_kept_alive_connection(origin):
     base, server = origin
-    fetcher = ImageFetcher()
+    fetcher = ImageFetcher(LOOPBACK)
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
     assert fetcher.fetch(f"{base}/moved?from=cdn") == (PNG, "image/png")
     assert [path for path, _ in server.requests] == ["/image.png", "/moved?from=cdn", "/image.png"]
@@ -157,7 +161,7 @@ def test_downloads_follow_redirects_on_the_threads_kept_alive_connection(origin)
 
 def test_a_connection_the_server_closed_while_idle_is_replaced(origin):
     base, server = origin
-    fetcher = ImageFetcher()
+    fetcher = ImageFetcher(LOOPBACK)
     fetcher.fetch(f"{base}/image-then-hang-up.png")
     assert server.hung_up.wait(5)
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
@@ -180,13 +184,13 @@ def test_what_is_not_an_image_to_keep_fails_with_a_reason(origin, monkeypatch, p
     if path == "/chunked-and-long":
         monkeypatch.setattr(downloads, "MAX_IMAGE_BYTES", len(PNG) * 2)
     with pytest.raises(ImageFetchError) as failure:
-        ImageFetcher(timeout=httpx.Timeout(2.0)).fetch(f"{base}{path}")
+        ImageFetcher(LOOPBACK, timeout=2.0).fetch(f"{base}{path}")
     assert str(failure.value) == message
 
 
 def test_a_download_cut_short_fails_and_the_next_one_succeeds(origin):
     base, _ = origin
-    fetcher = ImageFetcher()
+    fetcher = ImageFetcher(LOOPBACK)
     with pytest.raises(ImageFetchError, match=r"^Could not download the image: .*\(received 72 bytes, expected 1000\)"):
         fetcher.fetch(f"{base}/cut-short")
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
@@ -196,7 +200,7 @@ def test_a_server_that_stops_sending_times_out(origin):
     base, _ = origin
     started = time.monotonic()
     with pytest.raises(ImageFetchError, match=r"^Could not download the image: it timed out\.$"):
-        ImageFetcher(timeout=httpx.Timeout(0.3)).fetch(f"{base}/headers-then-silence")
+        ImageFetcher(LOOPBACK, timeout=0.3).fetch(f"{base}/headers-then-silence")
     assert time.monotonic() - started < 1.5
 
 
@@ -205,32 +209,32 @@ def test_an_unreachable_host_fails_with_a_reason(origin):
     server.shutdown()
     server.server_close()
     with pytest.raises(ImageFetchError, match=r"^Could not download the image: .*Connection refused"):
-        ImageFetcher().fetch(f"{base}/image.png")
+        ImageFetcher(LOOPBACK).fetch(f"{base}/image.png")
 
 
 def test_a_url_that_is_not_http_fails_with_a_reason():
     with pytest.raises(ImageFetchError, match=r"^Could not download the image: its URL is not an http"):
-        ImageFetcher().fetch("ftp://files.example/image.png")
+        ImageFetcher(LOOPBACK).fetch("ftp://files.example/image.png")
 
 
 def test_a_redirect_with_a_long_body_is_followed(origin):
     base, _ = origin
-    assert ImageFetcher().fetch(f"{base}/moved-with-a-long-body") == (PNG, "image/png")
+    assert ImageFetcher(LOOPBACK).fetch(f"{base}/moved-with-a-long-body") == (PNG, "image/png")
 
 
 def test_a_redirect_to_a_name_with_spaces_and_accents_is_followed_encoded(origin):
     base, server = origin
-    assert ImageFetcher().fetch(f"{base}/moved-to-a-name-with-spaces") == (PNG, "image/png")
+    assert ImageFetcher(LOOPBACK).fetch(f"{base}/moved-to-a-name-with-spaces") == (PNG, "image/png")
     assert server.requests[-1][0] == "/a%20b/%C3%A9t%C3%A9.png?x=%C3%A9"
 
 
 def test_data_urls_are_decoded_and_checked():
     encoded = base64.b64encode(PNG).decode()
-    assert ImageFetcher().fetch(f"data:image/png;base64,{encoded}") == (PNG, "image/png")
+    assert ImageFetcher(LOOPBACK).fetch(f"data:image/png;base64,{encoded}") == (PNG, "image/png")
     with pytest.raises(ImageFetchError, match="malformed data URL"):
-        ImageFetcher().fetch(f"data:image/png;base64,{encoded[:-3]}")
+        ImageFetcher(LOOPBACK).fetch(f"data:image/png;base64,{encoded[:-3]}")
     with pytest.raises(ImageFetchError, match="not a PNG, JPEG or WebP"):
-        ImageFetcher().fetch("data:text/plain,hello")
+        ImageFetcher(LOOPBACK).fetch("data:text/plain,hello")
 
 
 def test_require_image_knows_png_jpeg_and_webp():
@@ -243,21 +247,21 @@ def test_require_image_knows_png_jpeg_and_webp():
 
 def test_downloads_go_through_the_http_proxy_of_the_environment(origin, monkeypatch):
     base, server = origin
-    with _serving(_ForwardProxy) as proxy:
+    with serving(_ForwardProxy) as proxy:
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
-        assert ImageFetcher().fetch(f"{base}/image.png") == (PNG, "image/png")
+        assert ImageFetcher(LOOPBACK).fetch(f"{base}/image.png") == (PNG, "image/png")
         assert [path for path, _ in proxy.requests] == [f"{base}/image.png"]
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        assert ImageFetcher().fetch(f"{base}/image.png") == (PNG, "image/png")
+        assert ImageFetcher(LOOPBACK).fetch(f"{base}/image.png") == (PNG, "image/png")
         assert len(proxy.requests) == 1
     assert len(server.requests) == 2
 
 
 def test_the_proxy_may_lack_a_scheme_and_carry_credentials(origin, monkeypatch):
     base, _ = origin
-    with _serving(_ForwardProxy) as proxy:
+    with serving(_ForwardProxy) as proxy:
         monkeypatch.setenv("ALL_PROXY", f"user:p%40ss@127.0.0.1:{proxy.server_address[1]}")
-        assert ImageFetcher().fetch(f"{base}/image.png") == (PNG, "image/png")
+        assert ImageFetcher(LOOPBACK).fetch(f"{base}/image.png") == (PNG, "image/png")
         assert proxy.headers[0]["Proxy-Authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
 
 
@@ -289,27 +293,27 @@ def tls_origin(origin, monkeypatch, tmp_path):
     server_context.load_cert_chain(cert_path, key_path)
     client_context = ssl.create_default_context(cadata=pem.decode())
     monkeypatch.setattr(downloads, "shared_ssl_context", lambda: client_context)
-    with _serving(_Origin, tls=server_context) as server:
+    with serving(Origin, tls=server_context) as server:
         yield f"https://localhost:{server.server_address[1]}", server
 
 
 def test_https_downloads_check_the_certificate_and_reuse_the_connection(tls_origin, monkeypatch):
     base, server = tls_origin
-    fetcher = ImageFetcher()
+    fetcher = ImageFetcher(LOOPBACK)
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
     assert fetcher.fetch(f"{base}/image.png") == (PNG, "image/png")
     assert len({port for _, port in server.requests}) == 1
     fetcher.close()
     monkeypatch.setattr(downloads, "shared_ssl_context", ssl.create_default_context)  # the CA unknown
     with pytest.raises(ImageFetchError, match="CERTIFICATE_VERIFY_FAILED"):
-        ImageFetcher().fetch(f"{base}/image.png")
+        ImageFetcher(LOOPBACK).fetch(f"{base}/image.png")
 
 
 def test_https_downloads_tunnel_through_the_proxy_with_its_credentials(tls_origin, monkeypatch):
     base, server = tls_origin
-    with _serving(_ForwardProxy) as proxy:
+    with serving(_ForwardProxy) as proxy:
         monkeypatch.setenv("HTTPS_PROXY", f"http://user:secret@127.0.0.1:{proxy.server_address[1]}")
-        assert ImageFetcher().fetch(f"{base}/image.png") == (PNG, "image/png")
+        assert ImageFetcher(LOOPBACK).fetch(f"{base}/image.png") == (PNG, "image/png")
         assert proxy.requests[0][0] == f"CONNECT {base.removeprefix('https://')}"
         assert proxy.headers[0]["Proxy-Authorization"] == "Basic " + base64.b64encode(b"user:secret").decode()
     assert [path for path, _ in server.requests] == ["/image.png"]

@@ -52,7 +52,7 @@ def test_success_returns_the_output_url_of_one_sync_prediction(fake_replicate):
     image = _provider(fake_replicate).generate(_request(seed=42))
     [create] = _creates(fake_replicate)
     assert create.headers["authorization"] == f"Bearer {fake_replicate.token}"
-    assert create.headers["prefer"] == "wait"
+    assert create.headers["prefer"] == "wait=1"  # a held create cannot be cut short
     assert create.json == {
         "input": {
             "aspect_ratio": "16:9",
@@ -177,11 +177,22 @@ def test_retries_are_bounded(fake_replicate):
     assert len(_creates(fake_replicate)) == 3
 
 
-def test_401_is_not_retried_and_says_why(fake_replicate):
-    with pytest.raises(ProviderError, match="401") as caught:
-        _provider(fake_replicate, api_token="r8_wrong").generate(_request())
-    assert "authentication token" in str(caught.value)
-    assert len(_creates(fake_replicate)) == 1
+@pytest.mark.parametrize(
+    ("status", "logged"),
+    [(401, "401 Unauthenticated: You did not pass a valid authentication token"), (402, "402 Insufficient credit")],
+)
+def test_the_accounts_own_problems_are_logged_whole_and_not_shown_to_users(fake_replicate, caplog, status, logged):
+    if status == 402:
+        fake_replicate.push_create_fault(Fault(status=402))
+    token = "r8_wrong" if status == 401 else fake_replicate.token
+    with pytest.raises(ProviderError) as caught:
+        _provider(fake_replicate, api_token=token).generate(_request())
+    assert str(caught.value) == "The image service is unavailable; try again later."
+    [record] = [r for r in caplog.records if r.name == "myflix.provider.replicate"]
+    assert record.levelname == "ERROR" and logged in record.getMessage()
+    if status == 402:
+        assert "purchase credit" in record.getMessage()  # the detail, whole
+    assert len(_creates(fake_replicate)) == 1  # not retried
 
 
 def test_422_input_validation_is_not_retried(fake_replicate):

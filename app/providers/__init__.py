@@ -7,7 +7,7 @@ import pkgutil
 from app.core.config import Settings
 from app.providers.base import ImageProvider
 
-_NOT_PROVIDERS = {"base", "downloads"}
+_NOT_PROVIDERS = {"base", "downloads", "http_abort"}
 
 
 def available_providers() -> list[str]:

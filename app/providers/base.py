@@ -1,5 +1,7 @@
 """The one small protocol every image provider implements."""
 
+import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -16,14 +18,39 @@ class StopSignal:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason: Literal["canceled", "interrupted"] | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
 
     def cancel(self) -> None:
         self.reason = "canceled"
-        self._event.set()
+        self._set()
 
     def interrupt(self) -> None:
         self.reason = self.reason or "interrupted"
-        self._event.set()
+        self._set()
+
+    def on_stop(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback()` once when the signal is set, on the thread that sets it (at once if
+        it is set already): how a call blocked in I/O is cut short. Returns what unregisters it."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return functools.partial(self._forget, callback)
+        callback()
+        return lambda: None
+
+    def _forget(self, callback: Callable[[], None]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+    def _set(self) -> None:
+        with self._lock:
+            already = self._event.is_set()
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        if not already:
+            for callback in callbacks:
+                callback()
 
     @property
     def cancels_at_provider(self) -> bool:
@@ -46,6 +73,9 @@ class ImageRequest:
     stop: StopSignal = field(default_factory=StopSignal)
     # time.monotonic() when the image was handed to a worker: the start of its latency.
     dispatched_at: float = field(default_factory=time.monotonic)
+    # time.monotonic() by which the image must be made (None: no bound of its own): its worker
+    # stops it then (a call in progress is cut short) and fails it with a timeout.
+    deadline: float | None = None
     # Work the provider started before a restart, to follow instead of starting anew.
     resume_prediction_id: str | None = None
     # Called (on the worker thread) with the id of provider-side work as soon as it exists.

@@ -4,10 +4,13 @@ The client raises the same `ReplicateError` for every status, and wraps the tran
 given in a `RetryTransport` of its own that retries GETs on 429/503/504 up to 10 times,
 sleeping any `Retry-After` unbounded and deaf to a cancel. This module adds what a service
 needs on top: one retry policy (tenacity) for transient failures, bounded, with backoff that
-honours `Retry-After` and a cancel cuts short; a poll that a cancel interrupts; and one
-readable message for everything that is not an image.
+honours `Retry-After` and a cancel cuts short; a create that holds a worker for a second at
+most and a poll that a stop cuts short, even mid-request (so that a timed-out or canceled
+image frees its worker at once); and one readable message for everything that is not an
+image, but for the account's own problems, which are for the operator.
 """
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -24,10 +27,19 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from app.core.config import Settings
 from app.core.per_thread import THREAD_CLIENT_LIMITS, PerThread, shared_ssl_context
 from app.providers.base import GeneratedImage, ImageRequest, ImageStopped, ProviderError, StopSignal
+from app.providers.http_abort import ThreadConnections
 
 logger = logging.getLogger("myflix.provider.replicate")  # for what the service never sees
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+# How long a create may wait for its image (`Prefer: wait=N`; Replicate holds up to 60 s). A
+# held create cannot be cut short without losing the prediction's id (and the means to cancel
+# it), so it is kept short: a stopped image's worker is free within it. Longer predictions
+# are polled, and a poll can be cut short.
+CREATE_WAIT_SECONDS = 1
+# Answers about the service's own account (invalid token, no credit): the operator's to fix.
+_ACCOUNT_STATUSES = frozenset({401, 402})
+SERVICE_UNAVAILABLE = "The image service is unavailable; try again later."
 # Failures before the request left this machine: retrying them cannot duplicate anything.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 BACKOFF_BASE_SECONDS = 0.5
@@ -71,10 +83,13 @@ class TransientFailureTransport(httpx.BaseTransport):
     RetryTransport retries only the responses it gets back, so it makes one attempt and this
     module does all the retrying."""
 
-    def __init__(self, wrapped: httpx.BaseTransport) -> None:
+    def __init__(self, wrapped: httpx.BaseTransport, connections: ThreadConnections | None = None) -> None:
         self._wrapped = wrapped
+        self._connections = connections
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self._connections is not None:
+            self._connections.watch(request)
         response = self._wrapped.handle_request(request)
         if response.status_code == 429 or response.status_code >= 500:
             response.read()
@@ -121,6 +136,10 @@ def _report_retry(request: ImageRequest, retry_state: RetryCallState) -> None:
 
 
 def _client_error_message(exc: ReplicateError) -> str:
+    if exc.status in _ACCOUNT_STATUSES:
+        # Whole, for the operator; the user is told nothing of the account's token or billing.
+        logger.error("Replicate refused the service's account: %s %s: %s", exc.status, exc.title, exc.detail)
+        return SERVICE_UNAVAILABLE
     reason = exc.detail or exc.title or "request rejected"
     return f"Replicate rejected the request ({exc.status}): {reason}"
 
@@ -141,6 +160,7 @@ class _ThreadClient:
 
     client: ReplicateClient
     transport: httpx.BaseTransport
+    connections: ThreadConnections
 
 
 class ReplicateProvider:
@@ -165,11 +185,12 @@ class ReplicateProvider:
         self._clients = PerThread(self._new_client, lambda client: client.transport.close())
 
     def _new_client(self) -> _ThreadClient:
+        connections = ThreadConnections()
         transport = TransientFailureTransport(
-            httpx.HTTPTransport(verify=shared_ssl_context(), limits=THREAD_CLIENT_LIMITS)
+            httpx.HTTPTransport(verify=shared_ssl_context(), limits=THREAD_CLIENT_LIMITS), connections
         )
         client = ReplicateClient(api_token=self._api_token, base_url=self._base_url, transport=transport)
-        return _ThreadClient(client, transport)
+        return _ThreadClient(client, transport, connections)
 
     @property
     def _client(self) -> ReplicateClient:
@@ -177,7 +198,7 @@ class ReplicateProvider:
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         if resume_id := request.resume_prediction_id:
-            prediction = self._with_retries(request, lambda: self._client.predictions.get(resume_id))
+            prediction = self._cut_short_by_stop(request, lambda: self._client.predictions.get(resume_id), resume_id)
         else:
             model_input = {**self._extra_input, "prompt": request.prompt, "num_outputs": 1}
             if request.seed is not None:
@@ -201,10 +222,10 @@ class ReplicateProvider:
     def _create(self, model_input: dict[str, Any]) -> Prediction:
         owner_name, _, version = self.model.partition(":")
         # `Prefer: wait` makes Replicate answer as soon as the image exists, so no poll
-        # stands between the model and the user for predictions within a minute.
+        # stands between the model and the user for predictions within the wait.
         if version:
-            return self._client.predictions.create(version=version, input=model_input, wait=True)
-        return self._client.models.predictions.create(model=owner_name, input=model_input, wait=True)
+            return self._client.predictions.create(version=version, input=model_input, wait=CREATE_WAIT_SECONDS)
+        return self._client.models.predictions.create(model=owner_name, input=model_input, wait=CREATE_WAIT_SECONDS)
 
     def _follow(self, request: ImageRequest, prediction: Prediction) -> Prediction:
         """Poll until the prediction ends. A cancel also cancels it at Replicate; an
@@ -217,7 +238,19 @@ class ReplicateProvider:
             if self._is_finished(prediction):
                 return prediction
             if not request.stop.wait(self._poll_interval):
-                self._with_retries(request, prediction.reload)
+                with contextlib.suppress(ImageStopped):  # canceled at the provider above, if it is to be
+                    self._cut_short_by_stop(request, prediction.reload)
+
+    def _cut_short_by_stop(self, request: ImageRequest, call: Callable[[], T], prediction_id: str | None = None) -> T:
+        """`call` with retries, cut short, even mid-request, by a stop; a cancel cancels
+        `prediction_id` at Replicate."""
+        try:
+            with self._clients.get().connections.cut_by(request.stop):
+                return self._with_retries(request, call)
+        except ImageStopped:
+            if prediction_id is not None and request.stop.cancels_at_provider:
+                self._cancel(prediction_id)
+            raise
 
     def _cancel(self, prediction_id: str) -> None:
         try:

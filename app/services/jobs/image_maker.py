@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from app.providers.base import ImageProvider, ImageRequest, ImageStopped, ProviderError
-from app.providers.downloads import ImageFetcher, ImageFetchError, require_image
+from app.providers.downloads import REPLICATE_OUTPUT_HOSTS, ImageFetcher, ImageFetchError, require_image
 from app.services.image_store import ImageStore, ImageStoreError, image_key
-from app.services.jobs.interfaces import FirstImageHold
+from app.services.jobs.interfaces import Admission, FirstImageHold
 
 logger = logging.getLogger("myflix.jobs")
 
@@ -23,25 +23,35 @@ class ImageOutcome:
 
 
 class ImageMaker:
-    def __init__(self, provider: ImageProvider, image_store: ImageStore) -> None:
+    def __init__(self, provider: ImageProvider, image_store: ImageStore, fetcher: ImageFetcher | None = None) -> None:
         self.provider = provider
         self._image_store = image_store
-        self._fetcher = ImageFetcher()
+        self._fetcher = fetcher if fetcher is not None else ImageFetcher(REPLICATE_OUTPUT_HOSTS)
 
-    def make(self, request: ImageRequest, hold: FirstImageHold | None = None) -> ImageOutcome | None:
+    def make(
+        self, request: ImageRequest, hold: FirstImageHold | None = None, admission: Admission | None = None
+    ) -> ImageOutcome | None:
         """The outcome; None when the request was stopped (a cancel is recorded by whoever
         canceled, an interrupted image is taken up again later). `hold`: the job's, shared by
-        its images, where the queue gives one."""
+        its images, where the queue gives one. `admission`: the job's insert, where the image
+        was handed over while it commits: the provider is called only once it has."""
         try:
+            if admission is not None and not admission.wait(request.stop):
+                request.stop.cancel()  # the job was withdrawn: nothing of it is to be made
+                return None
+            if request.stop.is_set():
+                return None
             generated = self.provider.generate(request)
             if hold is not None:
                 hold.wait_turn()
             if generated.content is not None:
                 content, media_type = generated.content, require_image(generated.content)
             elif generated.url:
-                content, media_type = self._fetcher.fetch(generated.url)
+                content, media_type = self._fetcher.fetch(generated.url, request.stop)
             else:
                 raise ProviderError("The provider returned no image.")
+            if request.stop.is_set():
+                return None  # timed out or canceled meanwhile: its outcome is recorded already
             key = image_key(f"{request.job_id}-{request.index}", media_type)
             self._image_store.save(key, content)
             return ImageOutcome("succeeded", time.monotonic(), key)

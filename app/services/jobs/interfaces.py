@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from app.db.faults import WriteHealth
+from app.providers.base import StopSignal
 from app.services.jobs.domain import Job, JobEvent, Update
 
 Transition = Callable[[Job], Update | None]
@@ -30,15 +31,27 @@ class FirstImageHold(Protocol):
     def published(self) -> None: ...
 
 
+class Admission(Protocol):
+    """The job's insert, as an image handed over while it commits sees it."""
+
+    def wait(self, stop: StopSignal) -> bool:
+        """On a worker thread: True once the insert has committed, False if the job was
+        withdrawn (or the image stopped) first."""
+        ...
+
+
 @dataclass(frozen=True, eq=False)
 class WorkItem:
     """One image to make. `hold`: the job's FirstImageHold, where the queue has one; `job`:
-    the job as this process holds it, where the queue has it (the worker need not read it)."""
+    the job as this process holds it, where the queue has it (the worker need not read it);
+    `admission`: where the item is handed over before its job is stored, what the provider
+    call waits for."""
 
     job_id: str
     index: int
     hold: FirstImageHold | None = None
     job: Job | None = None
+    admission: Admission | None = None
 
 
 # Called with an item the moment it is handed to a worker, on the event loop, before `take`

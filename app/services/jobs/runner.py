@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from app.providers.base import ImageRequest
@@ -24,10 +25,21 @@ logger = logging.getLogger("myflix.jobs")
 # At a stop, how long the outcomes of finished images may take to be stored (what is left is
 # redone from what was stored at the next start, or by another worker).
 RECORDING_AT_STOP_SECONDS = 1.0
+# Worker threads per slot. A slot whose image timed out or was canceled takes its next image at
+# once, while the abandoned call winds down on its thread (cut short within a moment: see
+# app/providers/http_abort.py); the spare threads are what the next image starts on meanwhile.
+THREADS_PER_SLOT = 2
 
 
 def timeout_message(seconds: float) -> str:
     return f"The provider did not finish the image within {seconds:g} s."
+
+
+@dataclass(frozen=True)
+class _Dispatched:
+    request: ImageRequest
+    made: "asyncio.Future[ImageOutcome | None]"
+    stopped: "asyncio.Future[None]"  # resolved once the request is stopped (canceled, interrupted)
 
 
 class ImageRunner:
@@ -48,10 +60,10 @@ class ImageRunner:
         self._workers = max_workers
         self._image_timeout = image_timeout_seconds
         self._grace = shutdown_grace_seconds
-        self._executor = maker.new_executor(max_workers)
+        self._executor = maker.new_executor(max_workers * THREADS_PER_SLOT)
         self._running: dict[WorkItem, ImageRequest] = {}
         # Started as they were handed over, not yet followed by their slot.
-        self._started: dict[WorkItem, tuple[ImageRequest, asyncio.Future[ImageOutcome | None]]] = {}
+        self._started: dict[WorkItem, _Dispatched] = {}
         self._slots: list[asyncio.Task[None]] = []
         self._taking: set[asyncio.Task[None]] = set()  # slots waiting for work, not making an image
         # Outcomes being stored, and what worker threads reported: recorded off the slots.
@@ -67,15 +79,15 @@ class ImageRunner:
         return len(self._running)
 
     async def start(self) -> None:
-        """Start every worker thread (the pool makes them on demand, and a first burst of images
-        would pay for that), then take work."""
+        """Start a worker thread for each slot (the pool makes them on demand, and a first burst
+        of images would pay for that), then take work."""
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._start_threads)
         self._slots = [asyncio.create_task(self._slot(), name=f"image-slot-{n}") for n in range(self._workers)]
 
     def _start_threads(self) -> None:
         everyone_started = threading.Barrier(self._workers + 1)
-        for _ in range(self._workers):
+        for _ in range(self._workers):  # the spares start when an abandoned call holds a thread
             self._executor.submit(everyone_started.wait)
         everyone_started.wait()
 
@@ -129,12 +141,22 @@ class ImageRunner:
             if item.job_id == job_id:
                 request.stop.cancel()
 
-    def _dispatch(self, job: Job, item: WorkItem) -> "tuple[ImageRequest, asyncio.Future[ImageOutcome | None]]":
+    def _dispatch(self, job: Job, item: WorkItem) -> _Dispatched:
         request = self._request(job, item)
         self._running[item] = request
         self._idle.clear()
-        made = asyncio.get_running_loop().run_in_executor(self._executor, self._maker.make, request, item.hold)
-        return request, made
+        loop = asyncio.get_running_loop()
+        made = loop.run_in_executor(self._executor, self._maker.make, request, item.hold, item.admission)
+        made.add_done_callback(_retrieve)  # an abandoned call's end is awaited by no one
+        stopped: asyncio.Future[None] = loop.create_future()
+        request.stop.on_stop(functools.partial(self._resolve_soon, stopped))
+        return _Dispatched(request, made, stopped)
+
+    def _resolve_soon(self, stopped: "asyncio.Future[None]") -> None:
+        """From whichever thread stopped the request."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(_resolve, stopped)
 
     async def _run(self, item: WorkItem) -> None:
         job = item.job if item.job is not None else await self._store.get(item.job_id)
@@ -143,31 +165,45 @@ class ImageRunner:
             return
         # The image first, the bookkeeping after: its time is running already.
         started = self._started.pop(item, None)
-        request, made = started if started is not None else self._dispatch(job, item)
+        dispatched = started if started is not None else self._dispatch(job, item)
+        request = dispatched.request
         try:
             if job.images[item.index].status == "queued":
                 await self._recorder.record(job.id, lambda j: domain.started(j, item.index, request.dispatched_at))
-            try:
-                # The image's time runs from its dispatch, whatever recording it took.
-                remaining = request.dispatched_at + self._image_timeout - time.monotonic()
-                outcome = await asyncio.wait_for(asyncio.shield(made), max(0.0, remaining))
-            except TimeoutError:
-                # The thread ends when the provider notices; the image does not wait for it.
-                request.stop.cancel()
-                outcome = ImageOutcome("failed", time.monotonic(), error=timeout_message(self._image_timeout))
+            outcome = await self._outcome(dispatched)
             if outcome is None:
                 if request.stop.cancels_at_provider:
                     await self._queue.done(item)  # canceled: the cancel recorded it
                 return  # interrupted: stays unfinished, for the next start or another worker
-            # The thread is free: this slot takes its next image while the outcome is stored.
+            # This slot takes its next image while the outcome is stored.
             self._in_background(self._conclude(job.id, item, request.dispatched_at, outcome))
+        except BaseException:
+            # Given up (or this process stops): the provider's work is left to be re-attached.
+            request.stop.interrupt()
+            raise
         finally:
-            # The worker thread stays this slot's until its call ends, even after a timeout.
-            with contextlib.suppress(Exception):
-                await made
+            # The slot does not wait for the thread of an image it stopped: that call is cut
+            # short on its thread, and the slot takes its next image meanwhile.
             self._running.pop(item, None)
             if not self._running:
                 self._idle.set()
+
+    async def _outcome(self, dispatched: _Dispatched) -> ImageOutcome | None:
+        """What the thread made; None once the request was stopped; a failure at the deadline
+        (which runs from the dispatch, whatever recording it took)."""
+        request = dispatched.request
+        assert request.deadline is not None
+        await asyncio.wait(
+            (dispatched.made, dispatched.stopped),
+            timeout=max(0.0, request.deadline - time.monotonic()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if dispatched.made.done():
+            return dispatched.made.result()
+        if dispatched.stopped.done():
+            return None
+        request.stop.cancel()
+        return ImageOutcome("failed", time.monotonic(), error=timeout_message(self._image_timeout))
 
     async def _conclude(self, job_id: str, item: WorkItem, started_at: float, outcome: ImageOutcome) -> None:
         try:
@@ -192,11 +228,14 @@ class ImageRunner:
 
     def _request(self, job: Job, item: WorkItem) -> ImageRequest:
         index = item.index
+        dispatched_at = time.monotonic()
         return ImageRequest(
             job_id=job.id,
             index=index,
             prompt=job.prompt,
             seed=job.seed_of(index),
+            dispatched_at=dispatched_at,
+            deadline=dispatched_at + self._image_timeout,
             resume_prediction_id=job.images[index].prediction_id,
             on_prediction=lambda prediction_id: self._report(
                 self._recorder.record(job.id, lambda j: domain.prediction_created(j, index, prediction_id))
@@ -217,6 +256,16 @@ class ImageRunner:
             loop.call_soon_threadsafe(self._in_background, record)
         except RuntimeError:  # the loop is closed: this process is gone, the next start resumes
             record.close()
+
+
+def _resolve(stopped: "asyncio.Future[None]") -> None:
+    if not stopped.done():
+        stopped.set_result(None)
+
+
+def _retrieve(made: "asyncio.Future[ImageOutcome | None]") -> None:
+    if not made.cancelled():
+        made.exception()  # ImageMaker.make logs its own failures
 
 
 def _wanted(job: Job, item: WorkItem) -> bool:
