@@ -327,9 +327,19 @@ def _signs_in(server, user: tuple[str, str], address: str) -> tuple[float, float
     return signed_in - started, signed_in
 
 
+async def _abandon(flood: list[asyncio.Task]) -> list[int]:
+    """The statuses of the flood's answered requests; the rest are abandoned (the service goes
+    on checking them until the test stops it)."""
+    answered = [request.result().status_code for request in flood if request.done()]
+    for request in flood:
+        request.cancel()
+    await asyncio.gather(*flood, return_exceptions=True)
+    return answered
+
+
 @pytest.mark.slow
 def test_a_flood_of_unknown_emails_does_not_hold_up_another_clients_login(service_process):
-    async def flood_then_login(server) -> tuple[float, float, list[int]]:
+    async def flood_then_login(server) -> tuple[float, list[int]]:
         async with _async_client(server) as flooder:
             flood = [
                 asyncio.ensure_future(
@@ -337,40 +347,34 @@ def test_a_flood_of_unknown_emails_does_not_hold_up_another_clients_login(servic
                 )
                 for n in range(200)
             ]
-            last_flood_check = 0.0
-
-            def answered(request: asyncio.Future) -> None:
-                nonlocal last_flood_check
-                if not request.exception() and request.result().status_code == 401:
-                    last_flood_check = time.perf_counter()
-
-            for request in flood:
-                request.add_done_callback(answered)
             # Once the flood is refused, it holds its share of bcrypt and a full queue.
             for finished in asyncio.as_completed(flood):
                 if (await finished).status_code == 429:
                     break
-            login_seconds, signed_in = await asyncio.to_thread(_signs_in, server, ALICE, "127.0.0.2")
-            statuses = [answer.status_code for answer in await asyncio.gather(*flood)]
-            return login_seconds, last_flood_check - signed_in, statuses
+            login_seconds, _ = await asyncio.to_thread(_signs_in, server, ALICE, "127.0.0.2")
+            return login_seconds, await _abandon(flood)
 
     # The service in a process of its own: the flood's client does not share its GIL.
     server = service_process(IMAGE_PROVIDER="local")
     alone_seconds, _ = _signs_in(server, BOB, "127.0.0.3")
-    login_seconds, flood_after_login, statuses = asyncio.run(flood_then_login(server))
+    login_seconds, answered = asyncio.run(flood_then_login(server))
+    unanswered = 200 - len(answered)
     print(
         f"a login alone: {alone_seconds:.3f} s; during the flood: {login_seconds:.3f} s, "
-        f"and the flood's checks went on {flood_after_login:.3f} s after"
+        f"with {unanswered} of the flood's requests still waiting for their check"
     )
-    assert set(statuses) == {401, 429}
-    # Served ahead of the flood's queued checks, not behind them (the figure itself depends on
+    assert set(answered) <= {401, 429} and 429 in answered
+    # Served ahead of the flood's queued checks, not behind them (the time itself depends on
     # what else the machine runs).
-    assert flood_after_login > 0
+    assert unanswered > 0
 
 
 @pytest.mark.slow
-def test_a_flood_from_many_addresses_holds_up_another_clients_login_by_one_check_at_most(service_process):
-    async def flood_then_login(server) -> tuple[float, float]:
+def test_a_flood_from_many_addresses_takes_turns_by_address_not_by_request(service_process):
+    """Eight addresses flood: a new client waits for one check of each at most (they are clients
+    as much as she is), not for everything they queued."""
+
+    async def flood_then_login(server) -> tuple[float, list[int]]:
         async with _async_client(server) as proxy:
             flood = [
                 asyncio.ensure_future(
@@ -382,18 +386,14 @@ def test_a_flood_from_many_addresses_holds_up_another_clients_login_by_one_check
                 )
                 for n in range(48)
             ]
-            answered: list[float] = []
-            for request in flood:
-                request.add_done_callback(lambda _: answered.append(time.perf_counter()))
             # Every thread is busy with the flood once its first check is answered.
             await asyncio.wait(flood, return_when=asyncio.FIRST_COMPLETED)
-            login_seconds, signed_in = await asyncio.to_thread(_signs_in, server, ALICE, "127.0.0.2")
-            statuses = {answer.status_code for answer in await asyncio.gather(*flood)}
-            assert statuses == {401}, statuses
-            return login_seconds, sum(at > signed_in for at in answered) / len(flood)
+            login_seconds, _ = await asyncio.to_thread(_signs_in, server, ALICE, "127.0.0.2")
+            return login_seconds, await _abandon(flood)
 
     server = service_process(IMAGE_PROVIDER="local", FORWARDED_ALLOW_IPS="127.0.0.1")
-    login_seconds, flood_left = asyncio.run(flood_then_login(server))
-    print(f"a login during a flood from 8 addresses: {login_seconds:.3f} s, with {flood_left:.0%} of it still to go")
-    # She took her turn ahead of the queued flood: most of it was answered after her.
-    assert flood_left > 0.5
+    login_seconds, answered = asyncio.run(flood_then_login(server))
+    print(f"a login during a flood from 8 addresses: {login_seconds:.3f} s, {len(answered)} of its 48 checks answered")
+    assert set(answered) == {401}
+    # Her turn came within the first round of the eight: most of the flood was still waiting.
+    assert len(answered) < 24

@@ -123,9 +123,9 @@ def _yield_to_the_event_loop() -> None:
         pass
 
 
-# A client's sign-ins waiting for bcrypt, at most; more are refused at once (429): the last of
-# them would wait seconds already.
-SIGN_INS_QUEUED_PER_CLIENT = 16
+# A client's sign-ins waiting for bcrypt, at most; more are refused at once (429) instead of
+# holding their connections, which others need, for seconds each.
+SIGN_INS_QUEUED_PER_CLIENT = 32
 
 
 class AuthService:
