@@ -95,12 +95,20 @@ class _Phase(enum.Enum):
     IDLE = "between requests"  # uvicorn's keep-alive timeout applies
 
 
+# After a refusal or a timeout is sent, what the client still sends is read and dropped for so
+# long before the connection is closed: closing with its bytes unread would reset the
+# connection, and the client could lose the answer.
+LINGER_SECONDS = 1.0
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines on receiving a request and a cap on the
     connections a server holds. When a connection comes over the cap, the connection that has
     waited longest without a request in the service (mid-headers, or idle) is closed to make
     room, so that a flood of slow connections cannot keep a well-formed request out; with
-    none to close, the new one is answered 503.
+    none to close, the new one is answered 503. A connection answered 503 or 408 lingers (see
+    LINGER_SECONDS), at most `max_lingering` of them at once (they too hold descriptors); beyond
+    that, connections are closed without an answer.
 
     `server_config` makes a subclass per server, with its limits and its own registry of
     connections. Every attribute here is this class's own (prefixed `_bounded_`); uvicorn's
@@ -109,11 +117,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     header_timeout: ClassVar[float]
     body_timeout: ClassVar[float]
     max_connections: ClassVar[int]
+    max_lingering: ClassVar[int]
     hsts: ClassVar[bool]
-    # Per server: every connection it holds, and those without a request in the service,
-    # longest waiting first (dicts keep insertion order).
+    # Per server: every connection it holds, those without a request in the service, longest
+    # waiting first (dicts keep insertion order), and those answered and closing.
     held: ClassVar[set["BoundedHttpProtocol"]]
     waiting: ClassVar[dict["BoundedHttpProtocol", None]]
+    lingering: ClassVar[set["BoundedHttpProtocol"]]
 
     def __init__(
         self,
@@ -132,6 +142,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._bounded_begun = False  # a byte of the current request has arrived
         self._bounded_requests = 0
         self._bounded_responses = 0
+        self._bounded_lingering = False
 
     # Connections
 
@@ -141,16 +152,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         cls = type(self)
         if len(cls.held) >= cls.max_connections and not cls._close_longest_waiting():
             logger.warning("Refused a connection: %d connections held, none idle", len(cls.held))
-            transport.write(
-                _json_answer(
-                    503,
-                    "Service Unavailable",
-                    "The server is at its connection limit; try again shortly",
-                    {"Retry-After": "1"},
-                    cls.hsts,
-                )
-            )
-            transport.close()
+            detail = "The server is at its connection limit; try again shortly"
+            self._answer_and_close(_json_answer(503, "Service Unavailable", detail, {"Retry-After": "1"}, cls.hsts))
             return
         cls.held.add(self)
         self._bounded_since = self._bounded_loop.time()
@@ -161,8 +164,27 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         cls = type(self)
         cls.held.discard(self)
         cls.waiting.pop(self, None)
+        cls.lingering.discard(self)
         self._cancel_deadline()
         super().connection_lost(exc)
+
+    def _answer_and_close(self, answer: bytes) -> None:
+        """Send `answer` (which says `Connection: close`) and close once the client has read
+        it (uvicorn's protocol closes at the client's end of input), or after LINGER_SECONDS."""
+        cls, transport = type(self), self._bounded_transport
+        assert transport is not None
+        cls.held.discard(self)
+        cls.waiting.pop(self, None)
+        self._cancel_deadline()
+        if len(cls.lingering) >= cls.max_lingering:
+            transport.abort()
+            return
+        cls.lingering.add(self)
+        self._bounded_lingering = True
+        transport.write(answer)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._bounded_loop.call_later(LINGER_SECONDS, transport.abort)
 
     @classmethod
     def _close_longest_waiting(cls) -> bool:
@@ -183,6 +205,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     # The request's parts, as they arrive
 
     def data_received(self, data: bytes) -> None:
+        if self._bounded_lingering:
+            return  # answered already: what comes now is dropped
         super().data_received(data)
         # Armed once per read, not per parser callback: a request that arrives whole starts
         # and cancels no timer.
@@ -260,8 +284,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             if self._bounded_begun:
                 # Nothing else is being sent on this connection: it can still be answered.
                 detail = f"The request's headers did not arrive within {self.header_timeout:g} s"
-                transport.write(_json_answer(408, "Request Timeout", detail, {}, self.hsts))
-                transport.close()
+                self._answer_and_close(_json_answer(408, "Request Timeout", detail, {}, self.hsts))
             else:
                 transport.abort()  # a connection that never sent a byte asked nothing
         elif phase in (_Phase.HEADERS, _Phase.BODY):
@@ -271,17 +294,20 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             transport.abort()
 
 
-def bounded_protocol(settings: Settings, max_connections: int) -> type[BoundedHttpProtocol]:
+def bounded_protocol(settings: Settings, budget: ConnectionBudget) -> type[BoundedHttpProtocol]:
     """A protocol class for one server, with its limits and a registry of its own."""
-    limit, production = max_connections, settings.ENVIRONMENT == "production"
+    production = settings.ENVIRONMENT == "production"
 
     class ServerProtocol(BoundedHttpProtocol):
         header_timeout = settings.HTTP_HEADER_TIMEOUT_SECONDS
         body_timeout = settings.HTTP_BODY_TIMEOUT_SECONDS
-        max_connections = limit
+        max_connections = budget.max_connections
+        # The descriptors set aside for a burst of accepted connections hold these too.
+        max_lingering = budget.backlog
         hsts = production
         held: ClassVar[set[BoundedHttpProtocol]] = set()
         waiting: ClassVar[dict[BoundedHttpProtocol, None]] = {}
+        lingering: ClassVar[set[BoundedHttpProtocol]] = set()
 
     return ServerProtocol
 
@@ -297,7 +323,7 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         # this host could then say it is anyone. Only the configured proxies are believed.
         "proxy_headers": bool(settings.FORWARDED_ALLOW_IPS),
         "forwarded_allow_ips": settings.FORWARDED_ALLOW_IPS or [],
-        "http": bounded_protocol(settings, budget.max_connections),
+        "http": bounded_protocol(settings, budget),
         # The protocol holds max_connections at most. uvicorn answers 503 (in text) once the
         # connections it counts reach its limit, the new one included, and counts one until
         # its connection_lost, a turn of the loop after the protocol closed it: a burst of up
