@@ -23,7 +23,7 @@ from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
 from app.services.health_service import HealthService
 from app.services.login_throttle import LoginThrottle
-from app.services.stream_slots import StreamSlots
+from app.services.stream_slots import stream_slots_for
 
 # The largest valid body (a 2000-character prompt) is a few KiB; refuse far more (413).
 MAX_REQUEST_BODY_BYTES = 64 * 1024
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         )
         app.state.job_service = service
-        app.state.stream_slots = StreamSlots(settings.MAX_STREAMS_PER_USER)
+        app.state.stream_slots = stream_slots = stream_slots_for(settings.MAX_STREAMS_PER_USER, components.redis)
         loop_lag_probe = asyncio.create_task(components.metrics.probe_loop_lag(), name="loop-lag-probe")
         freeze_startup_objects()
         try:
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             loop_lag_probe.cancel()
             await service.shutdown()
+            await stream_slots.close()
             await components.close()
 
     app = MyFlixAPI(

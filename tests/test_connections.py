@@ -2,18 +2,31 @@
 process holds a bounded number of connections (and keeps file descriptors for its own work),
 and a user holds a bounded number of streams. Over real sockets."""
 
+import asyncio
 import json
 import select
 import socket
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
 
 from app.core.http_server import UVICORN_BACKLOG, connection_budget
+from app.core.redis_link import RedisLink
+from app.services.stream_slots import RedisStreamSlots, StreamSlot, TooManyStreamsError
 from bench.processes import ServerProcess
-from tests.conftest import BOB, TEST_JWT_SECRET, create_job, login, make_settings, read_stream, wait_until
+from tests.conftest import (
+    BOB,
+    TEST_JWT_SECRET,
+    create_job,
+    login,
+    make_settings,
+    read_stream,
+    redis_url,
+    wait_until,
+)
 
 SECURITY_HEADERS = ("x-content-type-options", "referrer-policy", "x-frame-options")
 # The server's loop reads its clock once per turn (uvloop, in milliseconds): a deadline it
@@ -405,3 +418,95 @@ def test_the_benchmark_server_runs_the_same_server_configuration(tmp_path):
     log = (tmp_path / "data" / "process.log").read_text()
     assert "connections at most" in log
     assert '"GET /healthz' not in log  # no access log in the benchmark
+
+
+# Streams counted across replicas -------------------------------------------------------
+
+
+async def _two_replicas(lease_seconds: float, per_user: int = 2):
+    url = redis_url()
+    prefix = f"stream-slots-{uuid.uuid4().hex[:8]}"
+    links = [RedisLink(url, prefix), RedisLink(url, prefix)]
+    return links, [RedisStreamSlots(link, per_user, lease_seconds) for link in links]
+
+
+async def _clean(links: list[RedisLink], replicas: list[RedisStreamSlots]) -> None:
+    for replica in replicas:
+        await replica.close()
+    keys = [key async for key in links[0].client.scan_iter(f"{links[0].prefix}:*")]
+    if keys:
+        await links[0].client.delete(*keys)
+    for link in links:
+        await link.client.aclose()
+
+
+def _taken(replica: RedisStreamSlots, owner: str = "alice@myflix.dev"):
+    async def take() -> StreamSlot | None:
+        slot = replica.slot(owner)
+        try:
+            await slot.take()
+        except TooManyStreamsError:
+            return None
+        return slot
+
+    return take()
+
+
+def test_streams_are_counted_across_replicas_and_a_slot_given_back_on_one_is_free_on_the_other():
+    async def scenario() -> None:
+        links, (first, second) = await _two_replicas(lease_seconds=30)
+        try:
+            held = [await _taken(first), await _taken(second)]
+            assert all(held)
+            assert await _taken(first) is None and await _taken(second) is None
+            assert await _taken(second, owner="bob@myflix.dev") is not None  # another user's count
+            await held[1].release()
+            assert await _taken(first) is not None
+        finally:
+            await _clean(links, [first, second])
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_live_replica_keeps_its_slots_and_the_slots_of_one_that_died_lapse():
+    lease = 0.6
+
+    async def scenario() -> None:
+        links, (alive, doomed) = await _two_replicas(lease_seconds=lease)
+        try:
+            assert await _taken(alive) is not None
+            assert await _taken(doomed) is not None
+            # The live one renews: over several leases, no slot lapses.
+            until = time.monotonic() + 3 * lease
+            while time.monotonic() < until:
+                assert await _taken(alive) is None
+                await asyncio.sleep(0.05)
+            await doomed.close()  # it dies: it neither renews nor gives back
+            started = time.monotonic()
+            while await _taken(alive) is None:
+                assert time.monotonic() - started < 3 * lease, "the dead replica's slot never lapsed"
+                await asyncio.sleep(0.05)
+            assert await _taken(alive) is None  # one lapsed, not both
+        finally:
+            await _clean(links, [alive, doomed])
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_without_redis_a_replica_still_bounds_the_streams_it_serves():
+    async def scenario() -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            nobody_listens = probe.getsockname()[1]
+        link = RedisLink(f"redis://127.0.0.1:{nobody_listens}/0", "stream-slots-none")
+        replica = RedisStreamSlots(link, per_user=2)
+        try:
+            held = [await _taken(replica), await _taken(replica)]
+            assert all(held)
+            assert await _taken(replica) is None
+            await held[0].release()
+            assert await _taken(replica) is not None
+        finally:
+            await link.client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -126,7 +126,7 @@ async def get_stream_slot(request: Request, user: StreamUser) -> AsyncIterator[S
     try:
         yield slot
     finally:
-        slot.release()
+        await slot.release()
 
 
 StreamSlotDep = Annotated[StreamSlot, Depends(get_stream_slot)]

@@ -166,7 +166,7 @@ async def stream_job(
     if await service.nothing_to_follow(job, after_id):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     try:
-        stream_slot.take()
+        await stream_slot.take()
     except TooManyStreamsError as exc:
         headers = {"Retry-After": str(exc.retry_after)}
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(exc), headers=headers) from exc
