@@ -231,7 +231,7 @@ def test_limits_and_ownership_are_domain_errors(tmp_path):
     asyncio.run(scenario())
 
 
-def test_images_start_while_the_job_is_stored_unless_an_idempotency_key_could_refuse_it(tmp_path, monkeypatch):
+def test_images_are_handed_over_while_the_job_is_stored_but_reach_the_provider_once_it_is(tmp_path, monkeypatch):
     commits_may_finish = asyncio.Event()
     write = Journal._write
 
@@ -241,7 +241,7 @@ def test_images_start_while_the_job_is_stored_unless_an_idempotency_key_could_re
 
     monkeypatch.setattr(Journal, "_write", held_write)
 
-    async def started_before_stored(idempotency_key):
+    async def handed_over_before_stored(idempotency_key):
         provider = ScriptedProvider()
         commits_may_finish.clear()
         directory = tmp_path / (idempotency_key or "plain")
@@ -256,22 +256,24 @@ def test_images_start_while_the_job_is_stored_unless_an_idempotency_key_could_re
                     idempotency_key=idempotency_key,
                 )
             )
-            started = await _poll(lambda: bool(provider.calls), seconds=1)
+            # Unless an Idempotency-Key could refuse it, the image goes to a worker at once...
+            handed_over = await _poll(lambda: service.images_in_progress > 0, seconds=1)
+            assert not provider.calls  # ...which calls the provider only once the job is stored
             assert not creating.done()  # the POST is answered only once the job is stored
             commits_may_finish.set()
             await creating
             assert await _poll(lambda: bool(provider.calls), seconds=5)  # stored: it starts in any case
-            return started
+            return handed_over
 
     async def scenario():
-        assert await started_before_stored(None)
-        assert not await started_before_stored("key-1")
+        assert await handed_over_before_stored(None)
+        assert not await handed_over_before_stored("key-1")
 
     asyncio.run(scenario())
 
 
-def test_a_job_the_database_refuses_stops_the_images_it_started_and_frees_its_slot(tmp_path, monkeypatch):
-    gate = threading.Event()  # the image is still running when the refusal comes
+def test_a_job_the_database_refuses_never_reaches_the_provider_and_frees_its_slot(tmp_path, monkeypatch):
+    gate = threading.Event()
     provider = ScriptedProvider(gate=gate)
     write = Journal._write
     refusing = True
@@ -288,10 +290,9 @@ def test_a_job_the_database_refuses_stops_the_images_it_started_and_frees_its_sl
         async with running_service(tmp_path, provider, MAX_ACTIVE_JOBS_PER_USER=1) as service:
             with pytest.raises(ConflictingWriteError):
                 await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None)
-            assert await _poll(lambda: bool(provider.requests), seconds=5)
-            assert provider.requests[0].stop.cancels_at_provider
-            gate.set()  # the provider finishes it anyway: nothing of it may be recorded
             assert await _poll(lambda: service.images_in_progress == 0, seconds=5)
+            assert provider.requests == []  # its image was handed over, and dropped unmade
+            gate.set()
             refusing = False
             job, _ = await service.create_job(owner=OWNER, prompt="q", num_images=1, seed=None)
             events = await _followed(service, job)
