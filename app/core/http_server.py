@@ -333,6 +333,13 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         **overrides,
     }
     config = uvicorn.Config(app, **options)
+    if budget.open_files is not None and budget.open_files < budget.reserved + budget.backlog + budget.max_connections:
+        logger.warning(
+            "The open file limit (%d) is below what the service keeps for its own work (%d): "
+            "raise it (ulimit -n) or lower DB_POOL_SIZE and GENERATION_MAX_WORKERS",
+            budget.open_files,
+            budget.reserved,
+        )
     # After uvicorn.Config, which sets up uvicorn's logging.
     logger.info(
         "HTTP: connections at most %d (open file limit %s, %d kept for the service's own work); "
