@@ -255,7 +255,7 @@ def with_default_sigint(command: list[str]) -> list[str]:
 
 
 class ServiceProcess:
-    """The API under uvicorn; with `worker=True`, a `python -m app.worker` process instead."""
+    """The API as deployed, `python run.py`; with `worker=True`, `python -m app.worker`."""
 
     def __init__(self, env: dict[str, str], log_path: Path, worker: bool = False) -> None:
         self.log_path = log_path
@@ -273,17 +273,15 @@ class ServiceProcess:
             "PUBLIC_BASE_URL": "",
             "IMAGE_STORE_DIR": "",
             "LOG_LEVEL": "INFO",
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
             **env,
         }
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "ServiceProcess":
         self._starts_before = self.log_path.read_text().count("worker ready") if self.log_path.exists() else 0
-        command = (
-            ["-m", "app.worker"]
-            if self.worker
-            else ["-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
-        )
+        command = ["-m", "app.worker"] if self.worker else ["run.py"]
         with open(self.log_path, "ab") as log:  # a file, not a pipe nobody drains
             self.process = subprocess.Popen(
                 with_default_sigint([sys.executable, *command]),

@@ -26,6 +26,7 @@ from app.services.jobs.service import (
     TooManyActiveJobsError,
 )
 from app.services.login_throttle import LoginThrottledError
+from app.services.stream_slots import TooManyStreamsError
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
 
@@ -41,6 +42,7 @@ _ERROR_RESPONSES: dict[type[Exception], tuple[int, str | None, dict[str, str]]] 
     IdempotencyConflictError: (409, None, {}),
     TooManyActiveJobsError: (429, None, {}),
     LoginThrottledError: (429, None, {}),
+    TooManyStreamsError: (429, None, {}),
     ServiceUnavailableError: (503, None, {"Retry-After": "5"}),
     DatabaseUnavailableError: (503, None, {"Retry-After": "5"}),
 }

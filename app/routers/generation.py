@@ -1,7 +1,7 @@
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 from sse_starlette import EventSourceResponse
 
 from app.models.errors import BODY_ERRORS, STORE_UNAVAILABLE, UNAUTHORIZED, error_responses
@@ -16,7 +16,6 @@ from app.routers.deps import CurrentUser, JobServiceDep, Links, SettingsDep, Str
 from app.services.jobs.domain import JobEvent
 from app.services.jobs.event_log import EventStreamInterrupted
 from app.services.jobs.views import KEEPALIVE_WIRE, RECONNECT_WIRE, ImageLinks, parse_last_event_id
-from app.services.stream_slots import TooManyStreamsError
 
 router = APIRouter(prefix="/api/generate", tags=["generation"])
 
@@ -165,11 +164,7 @@ async def stream_job(
     after_id = parse_last_event_id(last_event_id)
     if await service.nothing_to_follow(job, after_id):
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    try:
-        await stream_slot.take()
-    except TooManyStreamsError as exc:
-        headers = {"Retry-After": str(exc.retry_after)}
-        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(exc), headers=headers) from exc
+    await stream_slot.take()
     events = service.follow(job, after_id, settings.SSE_KEEPALIVE_SECONDS)
     # Keepalives are our own `keepalive` events, sent only when the stream is quiet.
     return EventSourceResponse(_to_sse(events, links), ping=0, send_timeout=settings.SSE_SEND_TIMEOUT_SECONDS)
