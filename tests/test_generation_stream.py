@@ -184,7 +184,7 @@ def test_keepalive_is_sent_while_the_stream_is_quiet(live_server):
         ({"prompt": "ok", "num_images": "four"}, "valid integer"),
         ({"prompt": "ok", "num_images": "2"}, "valid integer"),
         ({"prompt": "ok", "num_images": True}, "valid integer"),
-        ({"prompt": "ok", "num_images": 2.0}, "valid integer"),
+        ({"prompt": "ok", "num_images": 2.5}, "valid integer"),
         ({"prompt": "ok", "num_images": 1, "seed": -1}, "greater than or equal to 0"),
         ({"prompt": "ok", "num_images": 1, "colour": "red"}, "Extra inputs are not permitted"),
         ({"num_images": 1}, "Field required"),
@@ -223,3 +223,15 @@ def test_unknown_image_and_path_traversal_are_refused(live_server):
         assert client.get("/api/images/job_nothing-0.png", params=signed).status_code == 403
         assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd", params=signed).status_code == 404
         assert client.get("/api/images/job_nothing-0.png").status_code == 422  # unsigned
+
+
+def test_a_whole_number_written_as_2_0_is_the_integer_2(live_server):
+    # JSON has one number type, and JSON Schema's `integer` takes 2.0: a client that sends it
+    # (Python's json.dumps of a float, say) asked for two images.
+    with live_server() as server, server.client() as client:
+        token = login(client)
+        body = {"prompt": "ok", "num_images": 2.0, "seed": 7.0}
+        response = client.post("/api/generate/", json=body, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 202
+        snapshot = client.get(response.headers["Location"], headers={"Authorization": f"Bearer {token}"}).json()
+        assert snapshot["num_images"] == 2 and snapshot["seed"] == 7

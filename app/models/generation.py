@@ -2,7 +2,7 @@
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from app.core.text import is_control_character
@@ -14,17 +14,39 @@ MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**31 - 1
 
 
+# What the validators below take, said in the schema: a character that is not whitespace, and
+# no control character but tab and line breaks.
+_PROMPT_CHAR = r"[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]"
+_PROMPT_VISIBLE = r"[^\s\u0000-\u001f\u007f-\u009f]"
+PROMPT_PATTERN = f"^{_PROMPT_CHAR}*{_PROMPT_VISIBLE}{_PROMPT_CHAR}*$"
+
+
+def _integral_number(value: object) -> object:
+    """JSON has one number type: 2.0 is the integer 2 (as JSON Schema's `integer` says), while
+    2.5, "2" and true are not integers at all."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema means it: no strings or booleans taken for numbers.
+JsonInt = Annotated[StrictInt, BeforeValidator(_integral_number)]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"prompt": "A beautiful sunset", "num_images": 4}]},
     )
 
-    prompt: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
+    prompt: Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS),
+        Field(json_schema_extra={"pattern": PROMPT_PATTERN}),
+    ]
     # The schema's maximum is each app's MAX_IMAGES_PER_JOB (see `declare_settings_limits`).
-    num_images: StrictInt = Field(ge=1, description="1 to MAX_IMAGES_PER_JOB (the schema's maximum).")
-    seed: StrictInt | None = Field(
-        default=None, ge=0, le=MAX_SEED, description="Image i uses seed + i. Random when absent."
+    num_images: JsonInt = Field(ge=1, description="1 to MAX_IMAGES_PER_JOB (the schema's maximum).")
+    # The bounds before the validator, so that the schema shows them (minimum and maximum).
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral_number)] | None = Field(
+        default=None, description="Image i uses seed + i. Random when absent."
     )
 
     @field_validator("prompt")
