@@ -98,6 +98,9 @@ def service_settings(provider: str, workers: int, fake: FakeReplicateProcess | N
         "MAX_ACTIVE_JOBS_PER_USER": "100000",
         "MAX_IMAGES_PER_JOB": "16",
         "LOGIN_MAX_FAILURES": "100000",
+        # One user opens every stream here (a thousand in c), over as many connections.
+        "MAX_STREAMS_PER_USER": "100000",
+        "HTTP_MAX_CONNECTIONS": "10000",
         **extra,
     }
     if fake is not None:

@@ -88,6 +88,7 @@ def _trickle_until_closed(sock: socket.socket, line: bytes, every: float, give_u
     return received, time.monotonic() - started, lines
 
 
+@pytest.mark.slow
 def test_headers_that_trickle_in_are_cut_off_at_the_deadline_with_a_json_408(live_server):
     with live_server(HTTP_HEADER_TIMEOUT_SECONDS=1) as server, _connect(server.port) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -97,6 +98,7 @@ def test_headers_that_trickle_in_are_cut_off_at_the_deadline_with_a_json_408(liv
     _is_json_error(received, 408)
 
 
+@pytest.mark.slow
 def test_a_connection_that_sends_nothing_is_closed_at_the_header_deadline(live_server):
     with live_server(HTTP_HEADER_TIMEOUT_SECONDS=1) as server, _connect(server.port) as sock:
         started = time.monotonic()
@@ -134,6 +136,7 @@ def _read_response(sock: socket.socket) -> bytes:
     return received
 
 
+@pytest.mark.slow
 def test_an_idle_keep_alive_connection_is_not_cut_by_the_header_deadline_and_its_next_request_has_its_own(
     live_server,
 ):
@@ -153,6 +156,7 @@ def test_an_idle_keep_alive_connection_is_not_cut_by_the_header_deadline_and_its
     _is_json_error(received, 408)
 
 
+@pytest.mark.slow
 def test_a_declared_body_that_never_completes_is_closed_at_its_bound(live_server):
     with live_server(HTTP_HEADER_TIMEOUT_SECONDS=5, HTTP_BODY_TIMEOUT_SECONDS=1) as server:
         with server.client() as client:
@@ -170,6 +174,7 @@ def test_a_declared_body_that_never_completes_is_closed_at_its_bound(live_server
     assert not received.startswith(b"HTTP/1.1 2")
 
 
+@pytest.mark.slow
 def test_a_body_that_arrives_in_parts_within_its_bound_is_served(live_server):
     # Longer than the header deadline in all, but the headers came at once: the body has its own bound.
     with live_server(HTTP_HEADER_TIMEOUT_SECONDS=0.5, HTTP_BODY_TIMEOUT_SECONDS=3) as server:
@@ -194,6 +199,7 @@ def test_a_body_that_arrives_in_parts_within_its_bound_is_served(live_server):
     assert code == 202, received
 
 
+@pytest.mark.slow
 def test_a_long_stream_is_not_cut_by_the_request_deadlines(live_server):
     settings = dict(HTTP_HEADER_TIMEOUT_SECONDS=0.5, HTTP_BODY_TIMEOUT_SECONDS=0.5, LOCAL_LATENCY_MS=1500)
     with live_server(**settings) as server, server.client() as client:
@@ -468,6 +474,7 @@ def test_streams_are_counted_across_replicas_and_a_slot_given_back_on_one_is_fre
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
+@pytest.mark.slow
 def test_a_live_replica_keeps_its_slots_and_the_slots_of_one_that_died_lapse():
     lease = 0.6
 

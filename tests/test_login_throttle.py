@@ -284,6 +284,7 @@ def test_x_forwarded_for_from_loopback_is_not_believed_by_default(live_server):
         assert _attempt(client, ALICE_EMAIL, ALICE_PASSWORD, "10.0.0.3") == 429
 
 
+@pytest.mark.slow
 def test_behind_a_trusted_proxy_the_forwarded_address_is_the_client(live_server):
     with (
         live_server(LOGIN_MAX_FAILURES=2, FORWARDED_ALLOW_IPS=["127.0.0.1"]) as server,
@@ -301,6 +302,7 @@ def test_behind_a_trusted_proxy_the_forwarded_address_is_the_client(live_server)
         assert _attempt(client, BOB[0], BOB[1], "2001:db8:1:3::1") == 200
 
 
+@pytest.mark.slow
 def test_the_account_bound_holds_across_clients(live_server):
     with (
         live_server(

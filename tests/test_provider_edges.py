@@ -148,6 +148,7 @@ def test_a_trickling_download_fails_at_its_deadline_not_at_a_read_timeout():
         assert time.monotonic() - started < 1.5  # every read came within 0.1 s
 
 
+@pytest.mark.slow
 def test_the_deadline_holds_within_a_read_too():
     # Each read is bounded by the time left when the request went out (2 s), so the read after
     # the last byte, 1.5 s in, would end 3.5 s in: the deadline cuts it at 2 s.

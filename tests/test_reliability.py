@@ -215,6 +215,7 @@ def test_a_reader_that_stops_reading_is_cut_off_without_stalling_anyone(live_ser
             stalled.close()
 
 
+@pytest.mark.slow
 def test_failed_logins_are_throttled_per_account_and_client(live_server):
     with live_server(LOGIN_MAX_FAILURES=3) as server, server.client() as client:
         for _ in range(3):
@@ -289,6 +290,7 @@ def test_prompts_any_language_yes_control_characters_no(live_server, prompt, sta
         assert "control characters" in response.text
 
 
+@pytest.mark.slow
 def test_no_secret_reaches_the_logs_or_an_error_body(live_server, fake_replicate, caplog):
     caplog.set_level(logging.DEBUG)
     replicate_token = "r8_this_is_the_replicate_secret"
