@@ -324,11 +324,10 @@ def server_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Con
         "proxy_headers": bool(settings.FORWARDED_ALLOW_IPS),
         "forwarded_allow_ips": settings.FORWARDED_ALLOW_IPS or [],
         "http": bounded_protocol(settings, budget),
-        # The protocol holds max_connections at most. uvicorn answers 503 (in text) once the
-        # connections it counts reach its limit, the new one included, and counts one until
-        # its connection_lost, a turn of the loop after the protocol closed it: a burst of up
-        # to `backlog` connections closed to make room may still be counted.
-        "limit_concurrency": budget.max_connections + budget.backlog + 1,
+        # No `limit_concurrency`: the protocol holds max_connections at most, and uvicorn runs
+        # one request of a connection at a time. uvicorn's own limit would count connections
+        # the protocol has closed (lingering, or closed to make room) until their
+        # connection_lost, and answer a well-formed newcomer 503 in text.
         "backlog": budget.backlog,
         **overrides,
     }
