@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.health_service = HealthService(
             components.engine,
             write_failure=lambda: service.write_failure,
-            image_store_dir=settings.image_store_dir,
+            image_store=components.image_store,
             provider=components.image_maker.provider,
             redis=components.redis,
         )

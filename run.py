@@ -5,7 +5,7 @@ import sys
 import uvicorn
 
 from app.bootstrap import KEPT_JWT_SECRET_FILE
-from app.core.config import settings_or_exit
+from app.core.config import S3Location, settings_or_exit
 from app.core.http_server import server_config
 from app.providers import create_provider
 from app.services.auth_service import DEMO_USERS
@@ -24,7 +24,8 @@ def main() -> int:
     print(f"  image provider: {provider.name}, model {provider.model}")
     print(f"  demo users:     {', '.join(r.user.email for r in DEMO_USERS)} (passwords in the README)")
     print(f"  database:       {settings.database_url.split('@')[-1]}")
-    print(f"  image store:    {settings.image_store_dir}")
+    store = settings.image_store_location
+    print(f"  image store:    {store.url if isinstance(store, S3Location) else store} (links: {settings.IMAGE_LINKS})")
     if settings.uses_placeholder_secret:
         print(f"  token key:      made for this data directory ({settings.DATA_DIR / KEPT_JWT_SECRET_FILE})")
     print(f"  API docs:       http://{settings.HOST}:{settings.PORT}/docs", flush=True)

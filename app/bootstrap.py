@@ -3,13 +3,14 @@ provider, and the job engine — its store, event bus and work queue in this pro
 shared with other processes over PostgreSQL and Redis when REDIS_URL is set."""
 
 import gc
+import logging
 import os
 import secrets
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.config import Settings
+from app.core.config import S3Location, Settings
 from app.core.metrics import Metrics
 from app.core.redis_link import RedisLink
 from app.core.security import ImageUrlSigner, derive_key
@@ -18,7 +19,8 @@ from app.db.migrate import upgrade_database
 from app.db.repository import Repository
 from app.providers import create_provider
 from app.providers.downloads import ImageFetcher
-from app.services.image_store import LocalImageStore
+from app.services.image_store import ImageStore, ImageStoreError, LocalImageStore
+from app.services.image_store_s3 import S3ImageStore
 from app.services.jobs.events_inprocess import InProcessEventBus
 from app.services.jobs.events_redis import RedisEventBus
 from app.services.jobs.image_maker import ImageMaker
@@ -36,7 +38,7 @@ from app.services.jobs.store_scaled import ScaledJobStore
 class Components:
     engine: AsyncEngine
     repository: Repository
-    image_store: LocalImageStore
+    image_store: ImageStore
     signer: ImageUrlSigner
     metrics: Metrics
     image_maker: ImageMaker
@@ -45,7 +47,49 @@ class Components:
     async def close(self) -> None:
         if self.redis is not None:
             await self.redis.close()
+        await self.image_store.close()
         await self.engine.dispose()
+
+
+logger = logging.getLogger("myflix")
+
+
+class ImageStoreUnusableError(Exception):
+    """The image store failed its probe at start."""
+
+
+def image_store_for(settings: Settings) -> ImageStore:
+    location = settings.image_store_location
+    if isinstance(location, S3Location):
+        secret = settings.AWS_SECRET_ACCESS_KEY
+        return S3ImageStore(
+            location,
+            endpoint_url=settings.AWS_ENDPOINT_URL,
+            access_key_id=settings.AWS_ACCESS_KEY_ID,
+            secret_access_key=secret.get_secret_value() if secret is not None else None,
+            region=settings.AWS_REGION,
+        )
+    return LocalImageStore(location)
+
+
+async def open_image_store(settings: Settings) -> ImageStore:
+    """The store, once it has taken a probe object and given it back: a store that cannot be
+    written is found before the process takes work, not at its first image."""
+    if settings.IMAGE_STORE_DIR is not None and settings.IMAGE_STORE_URL is None:
+        logger.warning("IMAGE_STORE_DIR is deprecated: set IMAGE_STORE_URL=file://<absolute path> instead")
+    store = image_store_for(settings)
+    try:
+        await store.probe()
+    except ImageStoreError as exc:
+        await store.close()
+        raise ImageStoreUnusableError(f"The image store {store.url} is {exc}") from exc
+    if not store.shared and settings.REDIS_URL is not None:
+        logger.warning(
+            "The image store is a local directory (%s) while REDIS_URL scales the service out: "
+            "replicas on other machines will not see its images; set IMAGE_STORE_URL=s3://...",
+            store.url,
+        )
+    return store
 
 
 # With no JWT_SECRET_KEY in development, the key made for this data directory (never the
@@ -94,7 +138,11 @@ async def open_components(settings: Settings) -> Components:
         ),
     )
     await upgrade_database(engine)
-    image_store = LocalImageStore(settings.image_store_dir)
+    try:
+        image_store = await open_image_store(settings)
+    except BaseException:
+        await engine.dispose()
+        raise
     return Components(
         engine=engine,
         repository=Repository(create_sessionmaker(engine)),
@@ -147,4 +195,6 @@ def job_service(settings: Settings, components: Components, makes_images: bool) 
         max_active_jobs_per_user=settings.MAX_ACTIVE_JOBS_PER_USER,
         write_timeout_seconds=settings.DB_WRITE_TIMEOUT_SECONDS,
         sweep_interval_seconds=settings.WORKER_CLAIM_TIMEOUT_SECONDS,
+        image_store=components.image_store,
+        retention_seconds=settings.job_retention_seconds,
     )

@@ -48,6 +48,11 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         JWT_SECRET_KEY=TEST_JWT_SECRET,
         DATABASE_URL=None,
         IMAGE_STORE_DIR=None,
+        IMAGE_STORE_URL=None,
+        IMAGE_LINKS="proxy",
+        AWS_ENDPOINT_URL=None,
+        AWS_ACCESS_KEY_ID=None,
+        AWS_SECRET_ACCESS_KEY=None,
     )
     values.update(overrides)
     # Init arguments win over the environment and the dotenv files.
@@ -272,6 +277,11 @@ class ServiceProcess:
             "REPLICATE_API_TOKEN": "",
             "PUBLIC_BASE_URL": "",
             "IMAGE_STORE_DIR": "",
+            "IMAGE_STORE_URL": "",
+            "IMAGE_LINKS": "",
+            "AWS_ENDPOINT_URL": "",
+            "AWS_ACCESS_KEY_ID": "",
+            "AWS_SECRET_ACCESS_KEY": "",
             "LOG_LEVEL": "INFO",
             "HOST": "127.0.0.1",
             "PORT": str(self.port),

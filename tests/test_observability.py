@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.providers.local import LocalProvider
 from app.services.health_service import HealthService
+from app.services.image_store import LocalImageStore
 from tests.conftest import create_job, login, read_stream, wait_until
 from tests.fake_replicate import Fault
 
@@ -38,20 +39,20 @@ def test_health_and_readiness(live_server, tmp_path, caplog):
         assert body["checks"]["database"] == {"ok": True, "detail": "sqlite"}
         assert body["checks"]["provider"]["detail"].startswith("local")
 
-        store = server.settings.image_store_dir
+        store = server.settings.image_store_location
         shutil.rmtree(store)
         with caplog.at_level(logging.WARNING, logger="myflix.health"):
+            # The store is probed once a second at most, however often /readyz is asked.
+            wait_until(lambda: client.get("/readyz").status_code == 503, timeout=5, what="/readyz to fail")
             not_ready = client.get("/readyz")
-            client.get("/readyz")
         assert not_ready.status_code == 503
         assert not_ready.headers["content-type"] == "application/json"
         assert not_ready.json()["status"] == "not ready"
-        assert not_ready.json()["checks"]["image_store"] == {"ok": False, "detail": "not a writable directory"}
+        assert not_ready.json()["checks"]["image_store"] == {"ok": False, "detail": "not writable (ENOENT)"}
         assert str(store) not in not_ready.text and str(tmp_path) not in not_ready.text
         # The path is in the log instead, once while the check keeps failing.
-        assert [r.getMessage() for r in caplog.records if str(store) in r.getMessage()] == [
-            f"not ready: {store} is not a writable directory"
-        ]
+        logged = [r.getMessage() for r in caplog.records if str(store) in r.getMessage()]
+        assert len(logged) == 1 and logged[0].startswith(f"not ready: the image store {store.as_uri()} is not writable")
         assert client.get("/healthz").status_code == 200  # up, just not ready
 
 
@@ -69,7 +70,7 @@ def test_readiness_names_a_failing_database_and_writes_without_their_errors(tmp_
     health = HealthService(
         _RefusingEngine(),
         write_failure=lambda: "disk I/O error at /srv/myflix/data/myflix.db",
-        image_store_dir=tmp_path,
+        image_store=LocalImageStore(tmp_path),
         provider=LocalProvider(latency_ms=0, jitter_ms=0),
     )
     with caplog.at_level(logging.WARNING, logger="myflix.health"):

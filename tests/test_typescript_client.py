@@ -97,7 +97,7 @@ def test_image_endpoint_declares_binary_images_and_every_4xx_is_documented(tmp_p
         "listJobs": {"401", "422", "503"},
         "getJob": {"401", "404", "422", "503"},
         "cancelJob": {"401", "404", "409", "422", "503"},
-        "deleteJob": {"401", "404", "409", "422", "503"},
+        "deleteJob": {"401", "404", "422", "503"},
         "streamJob": {"401", "404", "422", "429", "503"},
         "getReadiness": {"503"},
     }

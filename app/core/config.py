@@ -3,10 +3,11 @@
 import json
 import re
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -71,8 +72,22 @@ class Settings(BaseSettings):
     DB_LOCK_TIMEOUT_SECONDS: float = Field(5.0, gt=0)
     DB_STATEMENT_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
     DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS: float = Field(60.0, gt=0)
-    # Empty: under DATA_DIR/images.
+    # Where images are kept: `file:///path` (a local directory) or `s3://bucket/prefix` (any
+    # S3-compatible store, reached with the AWS_* settings). Empty: file:// DATA_DIR/images.
+    IMAGE_STORE_URL: str | None = None
+    # Deprecated alias of IMAGE_STORE_URL=file://<dir>, read only when IMAGE_STORE_URL is unset.
     IMAGE_STORE_DIR: Path | None = None
+    # How image links are answered: `proxy` (this service sends the bytes) or `presigned` (a
+    # 307 to a presigned URL of the S3 store, valid for the rest of the link's life).
+    IMAGE_LINKS: Literal["proxy", "presigned"] = "proxy"
+    # The S3 store's endpoint and credentials (the AWS SDKs' names); empty endpoint: AWS S3.
+    AWS_ENDPOINT_URL: str | None = None
+    AWS_ACCESS_KEY_ID: str | None = None
+    AWS_SECRET_ACCESS_KEY: SecretStr | None = None
+    AWS_REGION: str = "us-east-1"
+    # Finished jobs older than this are deleted with their images and events (fractions
+    # allowed); 0 keeps everything.
+    JOB_RETENTION_DAYS: float = Field(30.0, ge=0)
     # Where browsers reach this service, for image URLs; empty: taken from each request.
     PUBLIC_BASE_URL: str | None = None
 
@@ -173,6 +188,11 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_URL runs several processes that share tokens: set JWT_SECRET_KEY")
         for entry in self.PROVIDER_OUTPUT_HOSTS:
             _host_and_port(entry)  # one that is not a host fails at startup, not at a download
+        store = self.image_store_location  # an invalid IMAGE_STORE_URL fails here
+        if self.IMAGE_LINKS == "presigned" and not isinstance(store, S3Location):
+            raise ValueError("IMAGE_LINKS=presigned needs an s3:// IMAGE_STORE_URL: a local directory has no URLs")
+        if self.AWS_ENDPOINT_URL is not None and urlsplit(self.AWS_ENDPOINT_URL).scheme not in ("http", "https"):
+            raise ValueError("AWS_ENDPOINT_URL must be an http:// or https:// URL")
         return self
 
     @property
@@ -202,10 +222,45 @@ class Settings(BaseSettings):
         return async_database_url(self.DATABASE_URL or f"sqlite:///{self.DATA_DIR / 'myflix.db'}")
 
     @property
-    def image_store_dir(self) -> Path:
-        if self.IMAGE_STORE_DIR is None:
-            return self.DATA_DIR / "images"
-        return self.IMAGE_STORE_DIR if self.IMAGE_STORE_DIR.is_absolute() else PROJECT_ROOT / self.IMAGE_STORE_DIR
+    def image_store_location(self) -> "Path | S3Location":
+        """The local directory, or the S3 bucket and prefix, that IMAGE_STORE_URL names."""
+        if self.IMAGE_STORE_URL is not None:
+            return parse_image_store_url(self.IMAGE_STORE_URL)
+        if self.IMAGE_STORE_DIR is not None:
+            return self.IMAGE_STORE_DIR if self.IMAGE_STORE_DIR.is_absolute() else PROJECT_ROOT / self.IMAGE_STORE_DIR
+        return self.DATA_DIR / "images"
+
+    @property
+    def job_retention_seconds(self) -> float | None:
+        """None: jobs are kept for good."""
+        return self.JOB_RETENTION_DAYS * 86_400 if self.JOB_RETENTION_DAYS > 0 else None
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # without slashes at either end; may be empty
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def parse_image_store_url(url: str) -> "Path | S3Location":
+    parts = urlsplit(url.strip())
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise ValueError(f"IMAGE_STORE_URL: {url!r} is not a file:///absolute/path URL")
+        path = Path(unquote(parts.path))
+        return path if path.is_absolute() else PROJECT_ROOT / path
+    if parts.scheme == "s3":
+        if not _BUCKET_NAME.fullmatch(parts.netloc) or parts.query or parts.fragment:
+            raise ValueError(f"IMAGE_STORE_URL: {url!r} is not s3://bucket or s3://bucket/prefix")
+        return S3Location(parts.netloc, parts.path.strip("/"))
+    raise ValueError(f"IMAGE_STORE_URL: {url!r} must start with file:// or s3://")
 
 
 def _host_and_port(entry: str) -> tuple[str, int | None]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db.tables import EventRow, ImageRow, JobRow, UserRow
@@ -99,6 +99,18 @@ class Repository:
                 ).all()
             )
 
+    async def expired_jobs(self, finished_before: datetime, limit: int) -> list[StoredJob]:
+        query = (
+            select(JobRow)
+            .where(JobRow.finished_at < finished_before, JobRow.status.not_in(UNFINISHED_JOB_STATUSES))
+            .order_by(JobRow.finished_at)
+            .limit(limit)
+        )
+        async with self._sessionmaker() as session:
+            jobs = list((await session.scalars(query)).all())
+            images = await self._images_of(session, [job.id for job in jobs])
+        return [StoredJob(job, images[job.id]) for job in jobs]
+
     async def count_unfinished(self, owner_email: str) -> int:
         async with self._sessionmaker() as session:
             count = await session.scalar(
@@ -166,6 +178,11 @@ class Repository:
         ):
             if states:
                 connection.execute(_UPDATE_BY_KEY[table], [_keyed(table, state) for state in states])
+        deleted = [job_id for changes in batch for job_id in changes.deleted_jobs]
+        if deleted:
+            # Children first, as the foreign keys require.
+            for table, column in ((_EVENTS, _EVENTS.c.job_id), (_IMAGES, _IMAGES.c.job_id), (_JOBS, _JOBS.c.id)):
+                connection.execute(delete(table).where(column.in_(deleted)))
 
 
 @dataclass
@@ -177,6 +194,7 @@ class Changes:
     events: list[dict[str, Any]] = field(default_factory=list)
     image_states: list[dict[str, Any]] = field(default_factory=list)  # primary key + every state column
     job_states: list[dict[str, Any]] = field(default_factory=list)  # likewise
+    deleted_jobs: list[str] = field(default_factory=list)  # removed with their images and events, last
 
 
 # The primary key's values go in as `key_<column>`, so that they find the row and are not set.

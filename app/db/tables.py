@@ -35,6 +35,8 @@ class JobRow(Base):
         UniqueConstraint("owner_email", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_owner_created", "owner_email", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        # Retention finds the jobs that finished longest ago.
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

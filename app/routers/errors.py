@@ -17,7 +17,7 @@ from app.db.faults import DatabaseUnavailableError, transient_fault
 from app.routers.deps import MissingTokenError
 from app.services.auth_service import InvalidCredentialsError
 from app.services.errors import InvalidFieldError
-from app.services.image_store import ImageNotFoundError
+from app.services.image_store import ImageNotFoundError, ImageStoreError
 from app.services.jobs.service import (
     IdempotencyConflictError,
     JobAlreadyFinishedError,
@@ -45,6 +45,7 @@ _ERROR_RESPONSES: dict[type[Exception], tuple[int, str | None, dict[str, str]]] 
     TooManyStreamsError: (429, None, {}),
     ServiceUnavailableError: (503, None, {"Retry-After": "5"}),
     DatabaseUnavailableError: (503, None, {"Retry-After": "5"}),
+    ImageStoreError: (503, None, {"Retry-After": "5"}),
 }
 
 

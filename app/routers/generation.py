@@ -100,13 +100,18 @@ async def cancel_job(job_id: str, user: CurrentUser, service: JobServiceDep, lin
 @router.delete(
     "/{job_id}",
     operation_id="deleteJob",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobSnapshot,
-    responses=_CANCEL_RESPONSES,
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={
+        **_NOT_FOUND,
+        **error_responses(_503="The database or the image store is unreachable; see Retry-After"),
+    },
 )
-async def delete_job(job_id: str, user: CurrentUser, service: JobServiceDep, links: Links) -> JobSnapshot:
-    """The same as `POST /api/generate/{job_id}/cancel`."""
-    return await cancel_job(job_id, user, service, links)
+async def delete_job(job_id: str, user: CurrentUser, service: JobServiceDep) -> Response:
+    """Delete the job: cancel it if it is still running, then remove its images, its record
+    and its events. Afterwards the job, its stream and its image links answer 404."""
+    await service.delete_job(job_id, user.email)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 async def _to_sse(batches: AsyncIterator[list[JobEvent] | None], links: ImageLinks) -> AsyncIterator[bytes]:

@@ -6,20 +6,23 @@ carries a file path or an exception's text. Those go to the log, when a check st
 
 import asyncio
 import logging
-import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.core.redis_link import RedisLink
 from app.providers.base import ImageProvider
+from app.services.image_store import ImageStore, ImageStoreError
 
 logger = logging.getLogger("myflix.health")
 
 CHECK_TIMEOUT_SECONDS = 2.0
+# /readyz answers anyone: the image store is probed (an object written, read and removed) at
+# most once in this long, however often it is asked.
+STORE_PROBE_INTERVAL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,15 @@ class HealthService:
         self,
         engine: AsyncEngine,
         write_failure: Callable[[], str | None],
-        image_store_dir: Path,
+        image_store: ImageStore,
         provider: ImageProvider,
         redis: RedisLink | None = None,
     ) -> None:
         self._engine = engine
         self._write_failure = write_failure
-        self._image_store_dir = image_store_dir
+        self._image_store = image_store
+        self._store_probe: asyncio.Task[Check] | None = None
+        self._store_probed_at = float("-inf")
         self._provider = provider
         self._redis = redis
         self._failing: set[str] = set()  # checks whose failure has been logged
@@ -48,7 +53,7 @@ class HealthService:
         checks = {
             "database": await self._database(),
             "writes": self._writes(),
-            "image_store": self._image_store(),
+            "image_store": await self._image_store_check(),
             "provider": Check(True, f"{self._provider.name} ({self._provider.model})"),
         }
         if self._redis is not None:
@@ -74,11 +79,25 @@ class HealthService:
             return Check(False, "failing; retried until they go through")
         return Check(True, "ok")
 
-    def _image_store(self) -> Check:
-        directory = self._image_store_dir
-        if directory.is_dir() and os.access(directory, os.W_OK):
-            return self._passed("image_store", "writable")
-        return self._failed("image_store", "not a writable directory", f"{directory} is not a writable directory")
+    async def _image_store_check(self) -> Check:
+        probe = self._store_probe
+        if probe is None or (probe.done() and time.monotonic() - self._store_probed_at >= STORE_PROBE_INTERVAL_SECONDS):
+            self._store_probed_at = time.monotonic()
+            probe = self._store_probe = asyncio.ensure_future(self._probe_image_store())
+        # Shared by every request that comes while it runs; a request that gives up leaves it be.
+        return await asyncio.shield(probe)
+
+    async def _probe_image_store(self) -> Check:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+                await self._image_store.probe()
+        except TimeoutError:
+            late = f"no answer within {CHECK_TIMEOUT_SECONDS:g} s"
+            return self._failed("image_store", late, f"the image store {self._image_store.url} gave {late}")
+        except ImageStoreError as exc:
+            cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+            return self._failed("image_store", str(exc), f"the image store {self._image_store.url} is {exc}{cause}")
+        return self._passed("image_store", "writable")
 
     def _failed(self, name: str, detail: str, logged: str) -> Check:
         if name not in self._failing:

@@ -66,6 +66,10 @@ class InProcessEventBus:
         async for batch in log.follow(after_id, keepalive_seconds):
             yield batch
 
+    async def forget(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self._logs.pop(job_id, None)
+
     def interrupt_all(self) -> None:
         logs, self._logs = self._logs, {}
         for log in logs.values():

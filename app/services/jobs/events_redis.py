@@ -68,6 +68,12 @@ class RedisEventBus:
     def key(self, job_id: str) -> str:
         return self._link.key("events", job_id)
 
+    async def forget(self, job_ids: list[str]) -> None:
+        try:
+            await self._link.client.delete(*(self.key(job_id) for job_id in job_ids))
+        except RedisError:
+            pass  # the streams expire by themselves (REDIS_EVENTS_RETENTION_SECONDS)
+
     async def publish(self, job_id: str, events: list[JobEvent]) -> None:
         """Append committed events; a publication lost to a Redis failure is made good by the
         next one, or by followers, who look in the database when the stream is quiet."""

@@ -25,7 +25,7 @@ class ImageOutcome:
 class ImageMaker:
     def __init__(self, provider: ImageProvider, image_store: ImageStore, fetcher: ImageFetcher | None = None) -> None:
         self.provider = provider
-        self._image_store = image_store
+        self.image_store = image_store
         self._fetcher = fetcher if fetcher is not None else ImageFetcher(REPLICATE_OUTPUT_HOSTS)
 
     def make(
@@ -53,7 +53,7 @@ class ImageMaker:
             if request.stop.is_set():
                 return None  # timed out or canceled meanwhile: its outcome is recorded already
             key = image_key(f"{request.job_id}-{request.index}", media_type)
-            self._image_store.save(key, content)
+            self.image_store.save(key, content)
             return ImageOutcome("succeeded", time.monotonic(), key)
         except ImageStopped:
             return None

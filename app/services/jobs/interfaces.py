@@ -135,6 +135,15 @@ class JobStore(Protocol):
 
     async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]: ...
 
+    async def expired(self, finished_before: datetime, limit: int) -> list[Job]:
+        """Up to `limit` finished jobs that finished before then, the oldest first."""
+        ...
+
+    async def delete(self, job_ids: list[str]) -> None:
+        """Remove the finished jobs with their images' rows and their events, in one
+        transaction (retried until it goes through, like every write)."""
+        ...
+
 
 class EventBus(Protocol):
     async def start(self) -> None: ...
@@ -153,6 +162,10 @@ class EventBus(Protocol):
 
     def interrupt_all(self) -> None:
         """End every follower with EventStreamInterrupted."""
+        ...
+
+    async def forget(self, job_ids: list[str]) -> None:
+        """The jobs are deleted: drop what is kept of their events (best effort)."""
         ...
 
     @property

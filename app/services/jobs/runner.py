@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.providers.base import ImageRequest
+from app.services.image_store import ImageStoreError
 from app.services.jobs import domain
 from app.services.jobs.domain import Job, Update
 from app.services.jobs.image_maker import ImageMaker, ImageOutcome
@@ -207,7 +208,7 @@ class ImageRunner:
 
     async def _conclude(self, job_id: str, item: WorkItem, started_at: float, outcome: ImageOutcome) -> None:
         try:
-            await self._recorder.record(job_id, _finish(item.index, started_at, outcome))
+            applied = await self._recorder.record(job_id, _finish(item.index, started_at, outcome))
         except Exception:
             self._queue.give_up(item)  # another attempt records it (a Replicate image re-attaches)
             raise
@@ -215,6 +216,12 @@ class ImageRunner:
             if item.hold is not None:
                 item.hold.published()  # the job's other images need not wait for this one
         await self._queue.done(item)
+        if outcome.key is not None and (applied is None or applied.job.images[item.index].image_key != outcome.key):
+            # Saved, but the job was deleted or had ended meanwhile: no link will ever name it.
+            try:
+                await self._maker.image_store.delete([outcome.key])
+            except ImageStoreError:
+                logger.warning("an image of a deleted or ended job was left in the store", extra={"key": outcome.key})
 
     def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)

@@ -16,6 +16,7 @@ from app.db.faults import DatabaseUnavailableError, transient_fault
 from app.db.repository import ConflictingWriteError
 from app.models.generation import JobPage, JobSnapshot
 from app.services.errors import InvalidFieldError
+from app.services.image_store import ImageStore, possible_image_keys
 from app.services.jobs import domain
 from app.services.jobs.domain import Job, JobEvent
 from app.services.jobs.event_log import EventStreamInterrupted
@@ -32,6 +33,8 @@ ACTIVE_JOBS_RETRY_AFTER_SECONDS = 5
 SWEEP_GRACE_SECONDS = 5.0
 # At shutdown, how long what is still queued for the database may take to be stored.
 SHUTDOWN_FLUSH_SECONDS = 3.0
+# Retention deletes this many jobs per transaction, so that no lock is held for long.
+RETENTION_BATCH_SIZE = 100
 NOT_ACCEPTED = "The job was not accepted: the database did not store it in time."
 QUEUE_DOWN = "The job queue is unavailable; retry in a moment."
 
@@ -82,6 +85,8 @@ class JobService:
         max_active_jobs_per_user: int,
         write_timeout_seconds: float,
         sweep_interval_seconds: float,
+        image_store: ImageStore,
+        retention_seconds: float | None,
     ) -> None:
         self._store = store
         self._events = events
@@ -94,6 +99,8 @@ class JobService:
         self._max_active_jobs_per_user = max_active_jobs_per_user
         self._write_timeout = write_timeout_seconds
         self._sweep_interval = sweep_interval_seconds
+        self._image_store = image_store
+        self._retention = retention_seconds
         self._accepting = True
         self._background: set[asyncio.Task[None]] = set()
         metrics.watch_workers(lambda: self.images_in_progress, lambda: queue.waiting_count)
@@ -110,6 +117,8 @@ class JobService:
         if self._runner is not None:
             await self._runner.start()
         self._spawn(self._sweep_periodically())
+        if self._retention is not None:
+            self._spawn(self._expire_periodically(self._retention))
 
     async def shutdown(self) -> None:
         """Take no new jobs; let running images finish for the grace period; leave the rest
@@ -225,6 +234,27 @@ class JobService:
         await self._stop_images(applied.job)
         return applied.job
 
+    async def delete_job(self, job_id: str, owner: str) -> None:
+        """Cancel the job if it is still running, then remove its images, rows and events."""
+        job = await self.get_job(job_id, owner)
+        if not job.finished:
+            with contextlib.suppress(JobAlreadyFinishedError):  # it finished meanwhile
+                job = await self.cancel_job(job_id, owner)
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await self._remove([job])
+        except TimeoutError:
+            raise DatabaseUnavailableError(self._store.write_health.failure or "writes are slow") from None
+
+    async def _remove(self, jobs: list[Job]) -> None:
+        # The images first: a job left without its images is removed by the next try, an image
+        # left without its job would be kept for good.
+        await self._image_store.delete([key for job in jobs for key in possible_image_keys(job.id, job.num_images)])
+        job_ids = [job.id for job in jobs]
+        await self._store.delete(job_ids)
+        await self._events.forget(job_ids)
+        logger.info("jobs deleted", extra={"jobs": len(job_ids)})
+
     async def _stop_when_recorded(self, recording: "asyncio.Future[Applied | None]") -> None:
         applied = await recording
         if applied is not None:
@@ -321,6 +351,31 @@ class JobService:
             except Exception:  # the next sweep tries again
                 logger.exception("sweep failed")
 
+    # Retention -----------------------------------------------------------------------------
+
+    async def expire_jobs(self, retention_seconds: float) -> int:
+        """Delete the jobs that finished more than `retention_seconds` ago with their images,
+        a batch per transaction; how many were deleted."""
+        finished_before = datetime.now(UTC) - timedelta(seconds=retention_seconds)
+        deleted = 0
+        while True:
+            batch = await self._store.expired(finished_before, RETENTION_BATCH_SIZE)
+            if batch:
+                await self._remove(batch)
+                deleted += len(batch)
+            if len(batch) < RETENTION_BATCH_SIZE:
+                return deleted
+
+    async def _expire_periodically(self, retention_seconds: float) -> None:
+        interval = retention_interval(retention_seconds)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self._queue.lock("retention", interval * 0.9):
+                    await self.expire_jobs(retention_seconds)
+            except Exception:  # the next round tries again
+                logger.exception("retention failed")
+
     # Internals -----------------------------------------------------------------------------
 
     def _write_health_changed(self, failure: str | None) -> None:
@@ -332,6 +387,12 @@ class JobService:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def retention_interval(retention_seconds: float) -> float:
+    """How often retention runs: a tenth of the retention, between a second and an hour, so a
+    job outlives it by that tenth at most."""
+    return min(max(retention_seconds / 10, 1.0), 3600.0)
 
 
 def _replayed(earlier: Job, new: Job) -> Job:

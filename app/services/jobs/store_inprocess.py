@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db.engine import probe_writes
 from app.db.faults import WriteHealth
 from app.db.journal import Journal
-from app.db.repository import Repository
+from app.db.repository import Changes, Repository
 from app.services.jobs.domain import Job, JobEvent, Update
 from app.services.jobs.interfaces import Applied, Transition
 from app.services.jobs.rows import changes_of, job_from_rows, stored_events
@@ -100,6 +100,16 @@ class InProcessJobStore:
 
     async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]:
         return stored_events(await self._repository.events(job_id, after_id))
+
+    async def expired(self, finished_before: datetime, limit: int) -> list[Job]:
+        return [job_from_rows(stored) for stored in await self._repository.expired_jobs(finished_before, limit)]
+
+    async def delete(self, job_ids: list[str]) -> None:
+        await self._journal.write(Changes(deleted_jobs=job_ids))
+        for job_id in job_ids:
+            job = self._live.get(job_id)
+            if job is not None:
+                self._forget(job)
 
     def _hold(self, job: Job) -> None:
         self._live[job.id] = job

@@ -170,5 +170,14 @@ class ScaledJobStore:
     async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]:
         return stored_events(await self._repository.events(job_id, after_id))
 
+    async def expired(self, finished_before: datetime, limit: int) -> list[Job]:
+        return [job_from_rows(stored) for stored in await self._repository.expired_jobs(finished_before, limit)]
+
+    async def delete(self, job_ids: list[str]) -> None:
+        async for attempt in write_retrying(self._failed):
+            with attempt:
+                await self._repository.write(Changes(deleted_jobs=job_ids))
+        self.write_health.recovered()
+
     def _failed(self, exc: BaseException) -> None:
         self.write_health.failed(exc)
