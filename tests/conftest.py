@@ -341,3 +341,15 @@ def service_process(tmp_path):
         if service.process is not None and service.process.poll() is None:
             service.process.kill()
             service.process.wait()
+
+
+# An S3-compatible store -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One SeaweedFS for the session; each test takes a prefix of its own (`s3.env()`)."""
+    from tests.s3_server import SeaweedS3  # it imports this module
+
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import obstore
-from obstore.exceptions import NotFoundError, PermissionDeniedError, UnauthenticatedError
+from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 from obstore.store import S3Store
 
 from app.core.config import S3Location
@@ -34,7 +34,7 @@ IMMUTABLE = "private, max-age=31536000, immutable"
 
 def _reason(exc: Exception) -> str:
     """Words of our own for why a request to the store failed."""
-    if isinstance(exc, NotFoundError):
+    if isinstance(exc, FileNotFoundError):
         return "the bucket does not exist"
     if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
         return "the store refused the credentials"
@@ -74,10 +74,11 @@ class S3ImageStore:
         )
 
     def save(self, key: str, content: bytes) -> None:
+        check_image_key(key)
         try:
             obstore.put(
                 self._store,
-                check_image_key(key),
+                key,
                 content,
                 attributes={"Content-Type": media_type_of(key), "Cache-Control": IMMUTABLE},
             )
@@ -86,21 +87,23 @@ class S3ImageStore:
             raise ImageStoreError(f"The image could not be kept: {_reason(exc)}.") from exc
 
     async def size_of(self, key: str) -> int:
+        check_image_key(key)
         try:
-            meta = await obstore.head_async(self._store, check_image_key(key))
-        except NotFoundError:
+            meta = await obstore.head_async(self._store, key)
+        except FileNotFoundError:  # what obstore raises for an absent object
             raise ImageNotFoundError(key) from None
         except Exception as exc:
             raise ImageStoreError(f"The image store cannot be read now: {_reason(exc)}.") from exc
         return meta["size"]
 
     async def read(self, key: str, byte_range: tuple[int, int] | None = None) -> ImageContent:
+        check_image_key(key)
         try:
             if byte_range is None:
-                result = await obstore.get_async(self._store, check_image_key(key))
+                result = await obstore.get_async(self._store, key)
             else:
-                result = await obstore.get_async(self._store, check_image_key(key), options={"range": byte_range})
-        except NotFoundError:
+                result = await obstore.get_async(self._store, key, options={"range": byte_range})
+        except FileNotFoundError:  # what obstore raises for an absent object
             raise ImageNotFoundError(key) from None
         except Exception as exc:
             raise ImageStoreError(f"The image store cannot be read now: {_reason(exc)}.") from exc

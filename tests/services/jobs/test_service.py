@@ -20,6 +20,7 @@ from app.providers.local import render_image
 from app.services.auth_service import seed_demo_users
 from app.services.image_store import LocalImageStore
 from app.services.jobs import queue_inprocess
+from app.services.jobs import service as service_module
 from app.services.jobs.events_inprocess import InProcessEventBus
 from app.services.jobs.image_maker import ImageMaker
 from app.services.jobs.queue_inprocess import FirstImage
@@ -30,6 +31,7 @@ from app.services.jobs.service import (
     TooManyActiveJobsError,
     TooManyImagesError,
 )
+from app.services.jobs.views import ImageLinks
 from tests.conftest import make_settings
 
 OWNER = "alice@myflix.dev"
@@ -376,3 +378,23 @@ def test_a_job_that_cannot_be_resumed_ends_with_an_error_event(tmp_path, monkeyp
     assert job.status == "failed"
     assert events[-1].name == "error"
     assert "could not be resumed" in events[-1].data
+
+
+def test_retention_deletes_finished_jobs_in_batches_with_their_images_and_keeps_younger_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(service_module, "RETENTION_BATCH_SIZE", 2)  # five jobs: three batches
+
+    async def scenario():
+        async with running_service(tmp_path, ScriptedProvider()) as service:
+            jobs = [(await _run_job(service, prompt=f"p{n}", num_images=2, seed=None))[0] for n in range(5)]
+            images = tmp_path / "images"
+            assert len(list(images.glob("*.png"))) == 10
+            assert await service.expire_jobs(retention_seconds=3600) == 0  # all younger than that
+            assert await service.expire_jobs(retention_seconds=0) == 5
+            for job in jobs:
+                with pytest.raises(JobNotFoundError):
+                    await service.get_job(job.id, OWNER)
+            assert list(images.glob("*.png")) == []
+            page = await service.list_jobs(OWNER, 10, None, ImageLinks(ImageUrlSigner(b"k", 60), "http://t"))
+            assert page.jobs == []
+
+    asyncio.run(scenario())
