@@ -1,13 +1,16 @@
-"""Command-line client of the service: sign in, generate images with live progress, list jobs.
+"""Command-line client of the service: sign in, generate images with live progress, list and
+delete jobs.
 
     python -m app.cli [--base-url URL] login --email E [--password P | --password-stdin]
     python -m app.cli [--base-url URL] generate "prompt" [-n 4] [--seed S] [--out DIR]
     python -m app.cli [--base-url URL] jobs [--limit N]
+    python -m app.cli [--base-url URL] delete JOB_ID
 
 `--base-url` defaults to $MYFLIX_URL, else http://localhost:8000. The token is kept in
 $MYFLIX_TOKEN_FILE, else $XDG_CONFIG_HOME/myflix/token.json (~/.config/myflix/token.json).
 
-Exit codes: 0 success; 1 the job did not fully succeed, or the service refused a request;
+Exit codes: 0 success; 1 the job did not fully succeed, or the service refused a request (a job
+to delete that is not there);
 2 a usage or sign-in problem (a wrong password, too many failed sign-ins, no session or an
 expired one); 3 the service is unreachable (after retries, while following
 a job); 130 interrupted.
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from httpx_sse import ServerSentEvent, connect_sse
@@ -415,6 +419,20 @@ def fetch_jobs(client: httpx.Client, limit: int) -> list[dict[str, Any]]:
     return jobs[:limit]
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    token = load_token(args.base_url)
+    with open_client(args.base_url, token) as client:
+        # Cancels the job first if it is still running; 204 once it is gone.
+        response = call(client, "DELETE", f"/api/generate/{quote(args.job_id, safe='')}")
+        if response.status_code == 404:
+            raise CliError(
+                f"job {args.job_id} not found: it was deleted already, or it is not one of yours", EXIT_FAILED
+            )
+        ensure_ok(response)
+    print(f"job {args.job_id} deleted")
+    return EXIT_OK
+
+
 def job_line(job: dict[str, Any], prompt_width: int = 50) -> str:
     created = datetime.fromisoformat(job["created_at"]).astimezone()
     prompt = " ".join(job["prompt"].split())
@@ -434,6 +452,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def job_id(text: str) -> str:
+    if not text.strip(".") or "/" in text:  # "", ".", ".." would name another path
+        raise argparse.ArgumentTypeError(f"not a job id: {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", parents=[common], help="list your jobs, newest first")
     jobs.add_argument("--limit", type=positive_int, default=20, help="jobs to list (default 20)")
     jobs.set_defaults(command=cmd_jobs)
+
+    delete = commands.add_parser(
+        "delete", parents=[common], help="delete a job: cancel it if it is running, remove its images"
+    )
+    delete.add_argument("job_id", metavar="JOB_ID", type=job_id, help="as `jobs` lists it, e.g. job_0123…")
+    delete.set_defaults(command=cmd_delete)
     return parser
 
 

@@ -12,7 +12,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Locator, Page, expect, sync_playwright
+from playwright.sync_api import ConsoleMessage, Locator, Page, expect, sync_playwright
 
 from tests.conftest import ALICE, login
 
@@ -145,5 +145,71 @@ def test_demo_page_generates_cancels_and_lists_history(live_server, tmp_path):
         screenshot = tmp_path / "demo.png"
         page.screenshot(path=str(screenshot), full_page=True)
         shutil.copyfile(screenshot, SCREENSHOT_COPY)
+        assert js_errors == []
+        browser.close()
+
+
+def test_demo_page_deletes_a_running_job_and_shows_why_a_delete_failed(live_server):
+    require_chromium()
+    kept_prompt = "A paper boat on a pond"
+    running_prompt = "A forest that is about to vanish"
+
+    with live_server(**SERVER_SETTINGS) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.set_default_timeout(WAIT_MS)
+        deleted: list[str] = []
+        js_errors: list[str] = []
+
+        def on_console(message: ConsoleMessage) -> None:
+            # A request for a deleted job (its DELETE answered 404, or its stream reconnecting
+            # while it was deleted) is logged by Chromium as a failed resource: that is expected.
+            url = message.location.get("url", "")
+            if message.type != "error" or ("status of 404" in message.text and any(job in url for job in deleted)):
+                return
+            js_errors.append(f"{message.text} ({url})")
+
+        page.on("console", on_console)
+        page.on("pageerror", lambda error: js_errors.append(str(error)))
+        api = server.client()
+        api.headers["Authorization"] = f"Bearer {login(api, ALICE)}"
+
+        page.goto(server.base_url + "/")
+        sign_in(page, *ALICE)
+        history = page.get_by_role("list", name="Past jobs").get_by_role("listitem")
+        current = page.get_by_role("region", name="Current job")
+        generate(page, kept_prompt, 1)
+        expect(page.get_by_role("status")).to_have_text(re.compile(r"^Job succeeded: 1 of 1 images"))
+        kept = api.get("/api/generate/", params={"limit": 1}).json()["jobs"][0]
+
+        # Delete the current job while it runs: it is canceled and removed, page and service.
+        generate(page, running_prompt, 8)
+        expect(history).to_have_count(2)
+        current.get_by_role("img", name=f"Image 1 of 8: {running_prompt}", exact=True).wait_for()
+        running = api.get("/api/generate/", params={"limit": 1}).json()["jobs"][0]
+        assert running["prompt"] == running_prompt and running["status"] == "running"
+        deleted.append(running["job_id"])
+        history.nth(0).get_by_role("button", name=f"Delete job: {running_prompt}", exact=True).click()
+        expect(history).to_have_count(1)
+        expect(history.nth(0)).to_contain_text(kept_prompt)
+        expect(current).to_be_hidden()
+        expect(page.get_by_role("button", name="Generate", exact=True)).to_be_enabled()
+        keep_button = history.nth(0).get_by_role("button", name=f"Delete job: {kept_prompt}", exact=True)
+        expect(keep_button).to_be_focused()
+        assert api.get(f"/api/generate/{running['job_id']}").status_code == 404
+        assert [job["job_id"] for job in api.get("/api/generate/").json()["jobs"]] == [kept["job_id"]]
+        expect(page.get_by_role("alert")).to_have_count(0)  # no error shown (an empty alert is hidden)
+
+        # Deleted behind the page's back: the click shows the service's detail, and the job,
+        # which is not there any more, leaves the page.
+        deleted.append(kept["job_id"])
+        assert api.delete(f"/api/generate/{kept['job_id']}").status_code == 204
+        keep_button.click()
+        expect(page.get_by_role("alert")).to_have_text("Job not found")
+        expect(history).to_have_count(0)
+        expect(page.get_by_text("No jobs yet.")).to_be_visible()
+        page.reload()
+        expect(page.get_by_text("No jobs yet.")).to_be_visible()
+        expect(history).to_have_count(0)
         assert js_errors == []
         browser.close()

@@ -1,5 +1,6 @@
 """The command-line client run as a user runs it, `python -m app.cli ...` in a subprocess,
-against a real server: sign in, generate, list jobs, failures, a dropped stream, Ctrl-C."""
+against a real server: sign in, generate, list and delete jobs, failures, a dropped stream,
+Ctrl-C."""
 
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 
 from app import cli
 from app.core.config import PROJECT_ROOT
-from tests.conftest import ALICE, login, read_stream, with_default_sigint
+from tests.conftest import ALICE, BOB, login, read_stream, wait_until, with_default_sigint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 APPLIED = re.compile(r"\[(\d+)\] image (\d+): (.*)")
@@ -154,11 +155,51 @@ def test_the_token_file_is_the_users_with_mode_0600(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_and_jobs_need_a_login(cli_env):
-    for command in (["generate", "a cat"], ["jobs"]):
+def test_generate_jobs_and_delete_need_a_login(cli_env):
+    for command in (["generate", "a cat"], ["jobs"], ["delete", "job_0123456789abcdef01234567"]):
         result = run_cli(cli_env, "--base-url", "http://127.0.0.1:9", *command)
         assert result.returncode == 2
         assert "not signed in: run `python -m app.cli login`" in result.stderr
+
+
+@pytest.mark.slow
+def test_delete_removes_a_running_job_and_an_unknown_one_exits_1(live_server, cli_env):
+    with live_server(LOCAL_LATENCY_MS=10_000, SHUTDOWN_GRACE_SECONDS=0) as server:
+        url = server.base_url
+        sign_in(cli_env, url)
+        with server.client() as alice, server.client() as bob:
+            alice.headers["Authorization"] = f"Bearer {login(alice, ALICE)}"
+            bob.headers["Authorization"] = f"Bearer {login(bob, BOB)}"
+            job_id = alice.post("/api/generate/", json={"prompt": "short-lived", "num_images": 2}).json()["job_id"]
+            bobs_job = bob.post("/api/generate/", json={"prompt": "not hers", "num_images": 1}).json()["job_id"]
+            wait_until(
+                lambda: alice.get(f"/api/generate/{job_id}").json()["images"][0]["status"] == "running",
+                what="the job to run",
+            )
+
+            deleted = run_cli(cli_env, "--base-url", url, "delete", job_id)
+            assert deleted.returncode == 0, deleted.stderr
+            assert deleted.stdout == f"job {job_id} deleted\n"
+            assert alice.get(f"/api/generate/{job_id}").status_code == 404
+            assert alice.get(f"/api/generate/{job_id}/stream").status_code == 404
+            assert run_cli(cli_env, "--base-url", url, "jobs").stdout == "no jobs yet\n"
+
+            # Deleted already, never there, someone else's: the same refusal, and nothing deleted.
+            for missing in (job_id, "job_0123456789abcdef01234567", "not-a-job-id", bobs_job):
+                again = run_cli(cli_env, "--base-url", url, "delete", missing)
+                assert again.returncode == 1, again.stderr
+                assert again.stderr == (
+                    f"error: job {missing} not found: it was deleted already, or it is not one of yours\n"
+                )
+                assert again.stdout == ""
+            assert bob.get(f"/api/generate/{bobs_job}").status_code == 200
+
+    usage = run_cli(cli_env, "--base-url", url, "delete", "")
+    assert usage.returncode == 2
+    assert "not a job id: ''" in usage.stderr
+    gone = run_cli(cli_env, "--base-url", url, "delete", job_id)
+    assert gone.returncode == 3
+    assert "cannot reach the service" in gone.stderr
 
 
 @pytest.mark.slow

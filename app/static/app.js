@@ -18,6 +18,11 @@
  *   event `keepalive` {}
  *       Sent on a quiet stream; nothing to do.
  *
+ *   DELETE /api/generate/${job_id}  ->  204, no body
+ *       Cancels the job if it is still running, then removes it, its images and its events:
+ *       afterwards its snapshot, its stream and its image links are 404. Each History entry has
+ *       a Delete button; a deleted job leaves History (and "Current job", if it is shown there).
+ *
  * Ids and reconnects: every event but `keepalive` has an SSE id 1, 2, 3... within its job.
  * After a dropped connection the browser reconnects by itself and sends Last-Event-ID, and
  * the server resumes after it. We also keep the id of the last event applied to the job
@@ -45,6 +50,7 @@ const state = {
   job: null, // the job shown under "Current job", see watchJob()
   historyCursor: null,
   historyRequest: 0,
+  deleted: new Set(), // ids of jobs deleted here: a History load begun before is not to show them
 };
 
 // --- Formatting -----------------------------------------------------------------------
@@ -108,6 +114,7 @@ async function api(method, path, body) {
   } catch {
     throw new ApiError(0, "Cannot reach the service; is it running?");
   }
+  if (response.status === 204) return null; // DELETE: no body
   if (response.ok) return response.json();
   const payload = await response.json().catch(() => null);
   const error = new ApiError(response.status, errorMessage(response.status, payload && payload.detail, hadToken));
@@ -143,6 +150,7 @@ function signOut(message) {
   $("account").hidden = true;
   $("job-section").hidden = true;
   $("history").replaceChildren();
+  state.deleted.clear();
   $("sign-in-section").hidden = false;
   if (typeof message === "string") showError(message);
   else clearError();
@@ -194,6 +202,41 @@ async function cancelJob() {
   } catch (error) {
     showError(error.message);
   }
+}
+
+/** Delete a job (canceled first if it runs); on 204 it leaves the page. */
+async function deleteJob(jobId, button) {
+  clearError();
+  const hadFocus = document.activeElement === button;
+  button.disabled = true;
+  try {
+    await api("DELETE", `/api/generate/${encodeURIComponent(jobId)}`);
+  } catch (error) {
+    if (error.status === 401) return; // signOut() already said so
+    showError(error.message);
+    // 404: deleted meanwhile (elsewhere), or never there: there is nothing to keep showing.
+    if (error.status !== 404) {
+      button.disabled = false;
+      return;
+    }
+  }
+  removeJob(jobId, hadFocus);
+}
+
+function removeJob(jobId, hadFocus) {
+  state.deleted.add(jobId);
+  if (state.job && state.job.id === jobId) {
+    stopWatching();
+    $("job-section").hidden = true;
+    $("tiles").replaceChildren();
+  }
+  // Found by id: a History load may have replaced the entry the button was in.
+  const item = [...$("history").children].find((child) => child.dataset.jobId === jobId);
+  if (!item) return;
+  const neighbour = item.nextElementSibling || item.previousElementSibling;
+  item.remove();
+  $("history-empty").hidden = $("history").children.length > 0;
+  if (hadFocus) (neighbour ? neighbour.querySelector("button") : $("prompt")).focus();
 }
 
 // --- Following a job ------------------------------------------------------------------
@@ -409,9 +452,15 @@ async function loadHistory(more = false) {
   if (more && state.historyCursor) params.set("cursor", state.historyCursor);
   const page = await api("GET", `/api/generate/?${params}`);
   if (request !== state.historyRequest) return page; // a newer load has started
-  const items = page.jobs.map(historyItem);
+  const items = page.jobs.filter((job) => !state.deleted.has(job.job_id)).map(historyItem);
+  // A reload replaces the entries: the Delete button that had focus hands it to its successor.
+  const focused = document.activeElement && document.activeElement.closest("#history > li");
   if (more) $("history").append(...items);
   else $("history").replaceChildren(...items);
+  if (focused && !focused.isConnected) {
+    const successor = items.find((item) => item.dataset.jobId === focused.dataset.jobId);
+    if (successor) successor.querySelector("button").focus();
+  }
   state.historyCursor = page.next_cursor;
   $("load-more").hidden = !page.next_cursor;
   $("history-empty").hidden = $("history").children.length > 0;
@@ -437,13 +486,18 @@ function historyItem(job) {
   }
   const badge = el("span", { className: "badge" }, job.status);
   badge.dataset.status = job.status;
-  return el(
+  const remove = el("button", { type: "button", className: "danger small" }, "Delete");
+  remove.setAttribute("aria-label", `Delete job: ${job.prompt}`);
+  remove.addEventListener("click", () => deleteJob(job.job_id, remove));
+  const item = el(
     "li",
     { className: "history-item" },
-    el("p", { className: "history-head" }, badge, el("span", { className: "history-prompt" }, job.prompt)),
+    el("p", { className: "history-head" }, badge, el("span", { className: "history-prompt" }, job.prompt), remove),
     el("p", { className: "history-metrics" }, metrics.join(" · ")),
     thumbs,
   );
+  item.dataset.jobId = job.job_id;
+  return item;
 }
 
 // --- Start ----------------------------------------------------------------------------
