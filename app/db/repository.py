@@ -55,7 +55,9 @@ class Repository:
             job = await session.get(JobRow, job_id)
             if job is None:
                 return None
-            return StoredJob(job, (await self._images_of(session, [job_id]))[job_id])
+            images = (await self._images_of(session, [job_id]))[job_id]
+        # Two reads, not one snapshot: a job without images was deleted between them.
+        return StoredJob(job, images) if images else None
 
     async def find_by_idempotency_key(self, owner_email: str, key: str) -> JobRow | None:
         async with self._sessionmaker() as session:
@@ -75,7 +77,7 @@ class Repository:
         async with self._sessionmaker() as session:
             jobs = list((await session.scalars(query)).all())
             images = await self._images_of(session, [job.id for job in jobs])
-        return [StoredJob(job, images[job.id]) for job in jobs]
+        return _with_images(jobs, images)
 
     async def unfinished_jobs(self) -> list[StoredJob]:
         async with self._sessionmaker() as session:
@@ -87,7 +89,7 @@ class Repository:
                 ).all()
             )
             images = await self._images_of(session, [job.id for job in jobs])
-        return [StoredJob(job, images[job.id]) for job in jobs]
+        return _with_images(jobs, images)
 
     async def events(self, job_id: str, after_id: int = 0) -> list[EventRow]:
         async with self._sessionmaker() as session:
@@ -109,7 +111,7 @@ class Repository:
         async with self._sessionmaker() as session:
             jobs = list((await session.scalars(query)).all())
             images = await self._images_of(session, [job.id for job in jobs])
-        return [StoredJob(job, images[job.id]) for job in jobs]
+        return _with_images(jobs, images)
 
     async def count_unfinished(self, owner_email: str) -> int:
         async with self._sessionmaker() as session:
@@ -183,6 +185,11 @@ class Repository:
             # Children first, as the foreign keys require.
             for table, column in ((_EVENTS, _EVENTS.c.job_id), (_IMAGES, _IMAGES.c.job_id), (_JOBS, _JOBS.c.id)):
                 connection.execute(delete(table).where(column.in_(deleted)))
+
+
+def _with_images(jobs: list[JobRow], images: dict[str, list[ImageRow]]) -> list[StoredJob]:
+    # A job without images was deleted between the two reads.
+    return [StoredJob(job, images[job.id]) for job in jobs if images[job.id]]
 
 
 @dataclass
