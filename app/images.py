@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from app.core.config import S3Location, Settings, parse_image_store_url
+from app.core.config import S3Location, Settings, parse_image_store_url, settings_or_exit
 from app.core.logging import TextFormatter
 from app.services.image_store import ImageNotFoundError, ImageStore, ImageStoreError, check_image_key
 from app.services.image_store_s3 import S3ImageStore
@@ -59,22 +58,6 @@ class UsageError(Exception):
 
 
 # Settings and arguments ---------------------------------------------------------------------
-
-
-def settings_or_exit() -> Settings:
-    """The settings; invalid ones end the command with status 2 and the reasons on stderr.
-
-    Like app.core.config.settings_or_exit, but the reasons leave out the values: pydantic's
-    own message of an error of the whole model shows the input, every setting, secrets too."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        reasons = [
-            f"  {'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
-            for error in exc.errors(include_url=False, include_context=False, include_input=False)
-        ]
-        print("Invalid settings:", *reasons, sep="\n", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
 
 
 def source_directory(given: str | None, settings: Settings) -> Path:

@@ -89,6 +89,26 @@ def test_run_py_refuses_a_weak_secret_in_production(secret, complaint):
     assert "JWT_SECRET_KEY" in err and complaint in err
 
 
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ({"PORT": "x"}, "PORT: Input should be a valid integer"),
+        # A check of the settings together, whose error pydantic would print with every value.
+        ({"AWS_ENDPOINT_URL": "ftp://store.internal"}, "AWS_ENDPOINT_URL must be an http:// or https:// URL"),
+    ],
+)
+@pytest.mark.slow
+def test_run_py_names_an_invalid_setting_without_printing_any_value(setting, complaint):
+    process = _run_py({**setting, "AWS_SECRET_ACCESS_KEY": "s3-secret-never-printed"})
+    try:
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 2
+    assert err.startswith("Invalid settings:") and complaint in err
+    assert "s3-secret-never-printed" not in err and "store.internal" not in err
+
+
 @pytest.mark.slow
 def test_run_py_refuses_an_unknown_provider():
     process = _run_py({"IMAGE_PROVIDER": "dalle"})

@@ -293,9 +293,14 @@ def get_settings() -> Settings:
 
 def settings_or_exit() -> Settings:
     """The settings, for a command that starts a process; invalid ones end it with status 2
-    and the reasons on stderr."""
+    and the reasons on stderr, without the values (pydantic's own message of an error of the
+    whole model shows every setting, secrets too)."""
     try:
         return Settings()
     except ValidationError as exc:
-        print(f"Invalid settings:\n{exc}", file=sys.stderr)
+        reasons = [
+            f"  {'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        print("Invalid settings:", *reasons, sep="\n", file=sys.stderr)
         raise SystemExit(2) from None
