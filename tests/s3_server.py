@@ -109,19 +109,30 @@ class SeaweedS3:
         except httpx.TransportError:
             return False
 
+    def _shell(self, command: str) -> str:
+        shell = subprocess.run(
+            [self.binary, "shell", f"-master=127.0.0.1:{self.master_port}"],
+            input=f"{command}\n".encode(),
+            capture_output=True,
+            timeout=60,
+            check=False,  # the callers read what it did on stdout
+        )
+        return shell.stdout.decode(errors="replace")
+
     def _make_bucket(self) -> None:
         def made() -> bool:
-            shell = subprocess.run(
-                [self.binary, "shell", f"-master=127.0.0.1:{self.master_port}"],
-                input=f"s3.bucket.create -name {BUCKET}\n".encode(),
-                capture_output=True,
-                timeout=60,
-                check=False,  # read below: it says what it did on stdout
-            )
-            return b"created bucket" in shell.stdout or b"already exists" in shell.stdout
+            said = self._shell(f"s3.bucket.create -name {BUCKET}")
+            return "created bucket" in said or "already exists" in said
 
         wait_until(made, timeout=60, what="weed shell to create the bucket")
         (self.directory / "bucket-made").touch()
+
+    def read_only(self, prefix: str, read_only: bool = True) -> None:
+        """Make the objects under `prefix` of the bucket read-only (writes fail), or writable again."""
+        location = f"-locationPrefix=/buckets/{BUCKET}/{prefix}/"
+        change = "-readOnly=true" if read_only else "-delete"
+        said = self._shell(f"fs.configure {location} {change} -apply")
+        assert '"locations"' in said, said
 
     def kill(self) -> None:
         """weed ignores SIGTERM."""

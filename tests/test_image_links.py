@@ -165,6 +165,26 @@ def test_retention_deletes_old_jobs_with_their_images_and_keeps_new_ones(live_se
         assert client.get(new_url).status_code == 200
 
 
+@pytest.mark.slow
+def test_a_store_that_turns_read_only_makes_the_service_unready_and_fails_images_with_a_reason(live_server, s3):
+    prefix = f"read-only-{uuid.uuid4().hex[:6]}"
+    with live_server(LOCAL_LATENCY_MS=10, **s3.env(prefix)) as server, server.client() as client:
+        token = login(client)
+        assert client.get("/readyz").status_code == 200
+        s3.read_only(prefix)
+        try:
+            wait_until(lambda: client.get("/readyz").status_code == 503, timeout=30, what="/readyz to fail")
+            assert client.get("/readyz").json()["checks"]["image_store"]["detail"].startswith("not writable: ")
+            refused = _finished(client, token, create_job(client, token, prompt="nowhere to go", num_images=1))
+            assert refused["status"] == "failed"
+            assert refused["images"][0]["error"].startswith("The image could not be kept: ")
+        finally:
+            s3.read_only(prefix, False)
+        wait_until(lambda: client.get("/readyz").status_code == 200, timeout=30, what="/readyz to recover")
+        kept = _finished(client, token, create_job(client, token, prompt="kept again", num_images=1))
+        assert kept["status"] == "succeeded" and client.get(kept["images"][0]["url"]).status_code == 200
+
+
 @pytest.mark.slow  # weed takes seconds to come back with its data
 def test_a_store_that_goes_away_makes_the_service_unready_until_it_is_back(live_server, tmp_path):
     own = SeaweedS3(tmp_path / "own-s3")

@@ -349,7 +349,8 @@ def test_an_image_that_cannot_be_copied_is_named_and_fails_the_run(seaweed, tmp_
     broken = migrate(command_env(tmp_path, source, proxy.endpoint), "--to", target)
     assert broken.returncode == 1
     assert counts(broken.stdout) == (2, 0, 1)
-    assert "job_bad-0.png: failed: The image could not be kept: the store could not be reached." in broken.stderr
+    reason = "The image could not be kept: the store failed the request or could not be reached."
+    assert f"job_bad-0.png: failed: {reason}" in broken.stderr
     assert "Not all copied" in broken.stdout
 
     retried = migrate(command_env(tmp_path, source, seaweed.endpoint), "--to", target)
@@ -416,6 +417,7 @@ def test_an_unreachable_target_ends_it_before_any_image(tmp_path):
     add_images(source, ["job_a-0.png"])
     result = migrate(command_env(tmp_path, source, f"http://127.0.0.1:{_closed_port()}"), "--to", f"s3://{BUCKET}/x")
     assert result.returncode == 3
-    assert f"The target s3://{BUCKET}/x cannot be used: not writable: the store could not be reached" in result.stderr
+    reason = "not writable: the store failed the request or could not be reached"
+    assert f"The target s3://{BUCKET}/x cannot be used: {reason}" in result.stderr
     assert "AWS_ENDPOINT_URL" in result.stderr  # where to look
     assert "failed:" not in result.stderr  # no image was tried

@@ -38,7 +38,7 @@ def _reason(exc: Exception) -> str:
         return "the bucket does not exist"
     if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
         return "the store refused the credentials"
-    return "the store could not be reached"
+    return "the store failed the request or could not be reached"
 
 
 class S3ImageStore:
