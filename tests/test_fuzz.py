@@ -109,7 +109,6 @@ def test_a_real_job_and_its_image_answer_as_documented(fuzzed_server):
     resumed = {"path_parameters": {"job_id": job_id}, "headers": {**auth, "Last-Event-ID": events[-1].id}}
     assert _validate(fuzzed_server, "/api/generate/{job_id}/stream", "GET", **resumed) == 204
     assert _validate(fuzzed_server, "/api/generate/{job_id}/cancel", "POST", **on_job) == 409
-    assert _validate(fuzzed_server, "/api/generate/{job_id}", "DELETE", **on_job) == 409
     assert _validate(fuzzed_server, "/api/generate/", "GET", headers=auth, query={"limit": 1}) == 200
 
     link = urlsplit(job["images"][0]["url"])
@@ -126,6 +125,13 @@ def test_a_real_job_and_its_image_answer_as_documented(fuzzed_server):
     for signature in ("é", "0" * 64, ""):
         tampered = {"expires": query["expires"], "signature": signature}
         assert _validate(fuzzed_server, "/api/images/{key}", "GET", **image, query=tampered) in (403, 422)
+
+    # Deleted: the job, its stream and its image are gone, as documented.
+    assert _validate(fuzzed_server, "/api/generate/{job_id}", "DELETE", **on_job) == 204
+    assert _validate(fuzzed_server, "/api/generate/{job_id}", "GET", **on_job) == 404
+    assert _validate(fuzzed_server, "/api/generate/{job_id}/stream", "GET", **on_job) == 404
+    assert _validate(fuzzed_server, "/api/images/{key}", "GET", **image, query=query) == 404
+    assert _validate(fuzzed_server, "/api/generate/{job_id}", "DELETE", **on_job) == 404
 
 
 def _cursor(created_at: str, job_id: str) -> str:

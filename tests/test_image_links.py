@@ -191,16 +191,28 @@ def test_a_store_that_goes_away_makes_the_service_unready_until_it_is_back(live_
     store = own.env(f"readiness-{uuid.uuid4().hex[:6]}")
     with own, live_server(**store) as server, server.client() as client:
         assert client.get("/readyz").json()["checks"]["image_store"] == {"ok": True, "detail": "writable"}
+        token = login(client)
+        earlier = create_job(client, token, prompt="made before", num_images=1)
+        earlier_url = _finished(client, token, earlier)["images"][0]["url"]
         own.kill()
         wait_until(lambda: client.get("/readyz").status_code == 503, timeout=30, what="/readyz to fail")
         check = client.get("/readyz").json()["checks"]["image_store"]
         assert check["ok"] is False
         assert own.endpoint not in check["detail"] and "127.0.0.1" not in check["detail"]
         assert client.get("/healthz").status_code == 200  # up, just not ready
+        # Neither an image link nor a DELETE can be answered: both say so, and nothing is lost.
+        unavailable = client.get(earlier_url)
+        assert unavailable.status_code == 503 and unavailable.headers["retry-after"]
+        not_now = client.delete(f"/api/generate/{earlier}", headers=_auth(token))
+        assert not_now.status_code == 503 and not_now.headers["retry-after"]
+        assert not_now.json()["detail"].startswith("The image")
+        assert client.get(f"/api/generate/{earlier}", headers=_auth(token)).status_code == 200
 
         own.start()
         wait_until(lambda: client.get("/readyz").status_code == 200, timeout=30, what="/readyz to recover")
-        token = login(client)
+        assert client.get(earlier_url).status_code == 200
+        assert client.delete(f"/api/generate/{earlier}", headers=_auth(token)).status_code == 204
+        assert client.get(earlier_url).status_code == 404
         done = _finished(client, token, create_job(client, token, prompt="after the outage", num_images=1))
         assert done["status"] == "succeeded"
         assert client.get(done["images"][0]["url"]).status_code == 200

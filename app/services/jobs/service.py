@@ -16,7 +16,7 @@ from app.db.faults import DatabaseUnavailableError, transient_fault
 from app.db.repository import ConflictingWriteError
 from app.models.generation import JobPage, JobSnapshot
 from app.services.errors import InvalidFieldError
-from app.services.image_store import ImageStore, possible_image_keys
+from app.services.image_store import ImageStore, ImageStoreError, possible_image_keys
 from app.services.jobs import domain
 from app.services.jobs.domain import Job, JobEvent
 from app.services.jobs.event_log import EventStreamInterrupted
@@ -240,18 +240,25 @@ class JobService:
         if not job.finished:
             with contextlib.suppress(JobAlreadyFinishedError):  # it finished meanwhile
                 job = await self.cancel_job(job_id, owner)
-        try:
-            async with asyncio.timeout(self._write_timeout):
-                await self._remove([job])
-        except TimeoutError:
-            raise DatabaseUnavailableError(self._store.write_health.failure or "writes are slow") from None
+        await self._remove([job], self._write_timeout)
 
-    async def _remove(self, jobs: list[Job]) -> None:
+    async def _remove(self, jobs: list[Job], timeout: float | None = None) -> None:
+        """The jobs' images, then their rows and events; each step within `timeout` (None:
+        as long as it takes)."""
         # The images first: a job left without its images is removed by the next try, an image
         # left without its job would be kept for good.
-        await self._image_store.delete([key for job in jobs for key in possible_image_keys(job.id, job.num_images)])
+        keys = [key for job in jobs for key in possible_image_keys(job.id, job.num_images)]
+        try:
+            async with asyncio.timeout(timeout):
+                await self._image_store.delete(keys)
+        except TimeoutError:
+            raise ImageStoreError("The image store did not answer in time; retry in a moment.") from None
         job_ids = [job.id for job in jobs]
-        await self._store.delete(job_ids)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._store.delete(job_ids)
+        except TimeoutError:
+            raise DatabaseUnavailableError(self._store.write_health.failure or "writes are slow") from None
         await self._events.forget(job_ids)
         logger.info("jobs deleted", extra={"jobs": len(job_ids)})
 
