@@ -424,3 +424,25 @@ def test_scaling_out_needs_postgresql_and_a_shared_key_and_the_worker_needs_redi
     )
     assert worker.returncode == 2
     assert "needs REDIS_URL" in worker.stderr
+
+
+def test_the_active_job_limit_holds_across_replicas_under_a_burst_of_posts(cluster):
+    a, b = cluster(MAX_ACTIVE_JOBS_PER_USER=4, LOCAL_LATENCY_MS=5000).up(workers=0).replicas
+    token = login(a.client())
+    start = threading.Barrier(16)
+    answers: list[int] = []
+
+    def post(replica: ServiceProcess, n: int) -> None:
+        with replica.client(token) as client:
+            start.wait()
+            answers.append(client.post("/api/generate/", json={"prompt": f"burst {n}", "num_images": 1}).status_code)
+
+    posters = [threading.Thread(target=post, args=((a, b)[n % 2], n)) for n in range(16)]
+    for poster in posters:
+        poster.start()
+    for poster in posters:
+        poster.join()
+    assert sorted(answers) == [202] * 4 + [429] * 12, answers
+    with a.client(token) as client:
+        jobs = client.get("/api/generate/").json()["jobs"]
+    assert len(jobs) == 4 and all(job["status"] in ("queued", "running") for job in jobs)

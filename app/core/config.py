@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     WORKER_CLAIM_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
     # A job's Redis event stream is kept this long after its last event (PostgreSQL keeps
     # the events for good; a stream that has gone is rebuilt from there).
-    REDIS_EVENTS_RETENTION_SECONDS: int = Field(3600, ge=1)
+    REDIS_EVENTS_RETENTION_SECONDS: int = Field(120, ge=1)
 
     LOCAL_LATENCY_MS: int = Field(800, ge=0)
     LOCAL_LATENCY_JITTER_MS: int = Field(400, ge=0)

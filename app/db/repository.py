@@ -113,14 +113,22 @@ class Repository:
             images = await self._images_of(session, [job.id for job in jobs])
         return _with_images(jobs, images)
 
-    async def count_unfinished(self, owner_email: str) -> int:
-        async with self._sessionmaker() as session:
-            count = await session.scalar(
+    async def write_new_job(self, changes: "Changes", owner_email: str, max_unfinished: int) -> bool:
+        """Write the new job's `changes` unless its owner has `max_unfinished` unfinished jobs;
+        whether it was written. Admissions of one owner take turns (a transaction-scoped
+        advisory lock on PostgreSQL), so that concurrent ones in any process count each other."""
+        async with self._sessionmaker.begin() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner_email))))
+            unfinished = await session.scalar(
                 select(func.count())
                 .select_from(JobRow)
                 .where(JobRow.owner_email == owner_email, JobRow.status.in_(UNFINISHED_JOB_STATUSES))
             )
-        return count or 0
+            if (unfinished or 0) >= max_unfinished:
+                return False
+            await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
+        return True
 
     # Writes of the scaled-out deployment, each its own transaction -------------------------
 

@@ -87,6 +87,10 @@ class Takers:
         return False
 
 
+class ActiveJobLimitError(Exception):
+    """The owner has as many unfinished jobs as allowed: the new one was not stored."""
+
+
 class QueueUnavailableError(Exception):
     """The work queue cannot be reached right now."""
 
@@ -105,9 +109,11 @@ class JobStore(Protocol):
 
     async def close(self, timeout: float) -> None: ...
 
-    def create(self, job: Job, update: Update) -> Awaitable[None]:
-        """Store a new job. The write is under way when this returns; the awaitable resolves
-        once it is committed, or raises ConflictingWriteError (its Idempotency-Key was taken)."""
+    def create(self, job: Job, update: Update, max_unfinished: int) -> Awaitable[None]:
+        """Store a new job unless its owner has `max_unfinished` unfinished jobs already,
+        checked and stored at once, however many processes admit jobs together. The write is
+        under way when this returns; the awaitable resolves once it is committed, or raises
+        ActiveJobLimitError, or ConflictingWriteError (its Idempotency-Key was taken)."""
         ...
 
     def withdraw(self, job_id: str) -> Awaitable[bool]:
@@ -130,8 +136,6 @@ class JobStore(Protocol):
     async def unfinished(self) -> list[Job]: ...
 
     async def find_idempotent(self, owner: str, key: str) -> Job | None: ...
-
-    async def count_unfinished(self, owner: str) -> int: ...
 
     async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]: ...
 

@@ -20,7 +20,14 @@ from app.services.image_store import ImageStore, ImageStoreError, possible_image
 from app.services.jobs import domain
 from app.services.jobs.domain import Job, JobEvent
 from app.services.jobs.event_log import EventStreamInterrupted
-from app.services.jobs.interfaces import Applied, EventBus, JobStore, QueueUnavailableError, WorkQueue
+from app.services.jobs.interfaces import (
+    ActiveJobLimitError,
+    Applied,
+    EventBus,
+    JobStore,
+    QueueUnavailableError,
+    WorkQueue,
+)
 from app.services.jobs.recorder import JobRecorder
 from app.services.jobs.runner import ImageRunner
 from app.services.jobs.views import ImageLinks, decode_cursor, encode_cursor
@@ -167,8 +174,6 @@ class JobService:
                         return _replayed(earlier, job), True
                 if self._queue.unavailable:
                     raise ServiceUnavailableError(f"{QUEUE_DOWN} ({self._queue.unavailable})")
-                if await self._store.count_unfinished(owner) >= self._max_active_jobs_per_user:
-                    raise TooManyActiveJobsError(self._max_active_jobs_per_user, ACTIVE_JOBS_RETRY_AFTER_SECONDS)
         except TimeoutError:
             raise DatabaseUnavailableError(self._store.write_health.failure or "reads are slow") from None
         try:
@@ -183,7 +188,7 @@ class JobService:
 
     async def _admit(self, job: Job) -> None:
         update = domain.accepted(job, self._queue.positions_for_new_job(job.num_images))
-        stored = asyncio.ensure_future(self._store.create(job, update))
+        stored = asyncio.ensure_future(self._store.create(job, update, self._max_active_jobs_per_user))
         try:
             async with asyncio.timeout(self._write_timeout):
                 await self._queue.push(job, [image.index for image in job.images], asyncio.shield(stored))
@@ -191,6 +196,9 @@ class JobService:
         except ConflictingWriteError:
             await self._queue.cancel(job)
             raise
+        except ActiveJobLimitError:
+            await self._queue.cancel(job)
+            raise TooManyActiveJobsError(self._max_active_jobs_per_user, ACTIVE_JOBS_RETRY_AFTER_SECONDS) from None
         except (TimeoutError, DatabaseUnavailableError, QueueUnavailableError) as exc:
             self._abandon(job, stored)
             if isinstance(exc, QueueUnavailableError) or (stored.done() and not self._store.write_health.failure):

@@ -2,6 +2,7 @@
 applied at once, and every change is written through the journal, which commits them in
 batches and never drops one. Finished jobs are read from the database."""
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable
@@ -14,7 +15,7 @@ from app.db.faults import WriteHealth
 from app.db.journal import Journal
 from app.db.repository import Changes, Repository
 from app.services.jobs.domain import Job, JobEvent, Update
-from app.services.jobs.interfaces import Applied, Transition
+from app.services.jobs.interfaces import ActiveJobLimitError, Applied, Transition
 from app.services.jobs.rows import changes_of, job_from_rows, stored_events
 
 logger = logging.getLogger("myflix.jobs")
@@ -38,7 +39,12 @@ class InProcessJobStore:
     async def close(self, timeout: float) -> None:
         await self._journal.close(timeout)
 
-    def create(self, job: Job, update: Update) -> Awaitable[None]:
+    def create(self, job: Job, update: Update, max_unfinished: int) -> Awaitable[None]:
+        if self._unfinished_per_owner[job.owner] >= max_unfinished:
+            refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            refused.set_exception(ActiveJobLimitError(job.owner))
+            return refused
+        # Counted at once: the next request's check, on this event loop, sees this job.
         self._hold(job)
         committed = self._journal.write(changes_of(job, update), job.id)
         committed.add_done_callback(
@@ -94,9 +100,6 @@ class InProcessJobStore:
             return job
         row = await self._repository.find_by_idempotency_key(owner, key)
         return None if row is None else await self.get(row.id)
-
-    async def count_unfinished(self, owner: str) -> int:
-        return self._unfinished_per_owner[owner]
 
     async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]:
         return stored_events(await self._repository.events(job_id, after_id))

@@ -18,7 +18,7 @@ from app.db.faults import WriteHealth, write_retrying
 from app.db.repository import Changes, ConflictingWriteError, Repository, StoredJob
 from app.db.tables import EventRow
 from app.services.jobs.domain import Job, JobEvent, Update
-from app.services.jobs.interfaces import Applied, Transition
+from app.services.jobs.interfaces import ActiveJobLimitError, Applied, Transition
 from app.services.jobs.rows import changes_of, job_from_rows, stored_events
 
 logger = logging.getLogger("myflix.jobs")
@@ -54,21 +54,23 @@ class ScaledJobStore:
     async def close(self, timeout: float) -> None:
         pass
 
-    def create(self, job: Job, update: Update) -> Awaitable[None]:
+    def create(self, job: Job, update: Update, max_unfinished: int) -> Awaitable[None]:
         create = self._creates[job.id] = _Create()
-        creating = asyncio.ensure_future(self._create(job, update, create))
+        creating = asyncio.ensure_future(self._create(job, update, max_unfinished, create))
         # A creator that gave up (withdrew the job) no longer looks at how it ended.
         creating.add_done_callback(lambda done: done.cancelled() or done.exception())
         return creating
 
-    async def _create(self, job: Job, update: Update, create: _Create) -> None:
+    async def _create(self, job: Job, update: Update, max_unfinished: int, create: _Create) -> None:
         changes = changes_of(job, update)
         try:
             async for attempt in write_retrying(self._failed):
                 with attempt:
                     if create.withdrawn:
                         raise JobWithdrawnError(job.id)
-                    await self._repository.write(changes)
+                    admitted = await self._repository.write_new_job(changes, job.owner, max_unfinished)
+            if not admitted:
+                raise ActiveJobLimitError(job.owner)
         except IntegrityError as exc:
             create.stored.set_result(False)
             raise ConflictingWriteError(str(exc)) from exc
@@ -163,9 +165,6 @@ class ScaledJobStore:
     async def find_idempotent(self, owner: str, key: str) -> Job | None:
         row = await self._repository.find_by_idempotency_key(owner, key)
         return None if row is None else await self.get(row.id)
-
-    async def count_unfinished(self, owner: str) -> int:
-        return await self._repository.count_unfinished(owner)
 
     async def events(self, job_id: str, after_id: int = 0) -> list[JobEvent]:
         return stored_events(await self._repository.events(job_id, after_id))

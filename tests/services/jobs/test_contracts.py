@@ -24,7 +24,7 @@ from app.services.jobs.domain import Job
 from app.services.jobs.event_log import EventStreamInterrupted
 from app.services.jobs.events_inprocess import InProcessEventBus
 from app.services.jobs.events_redis import RedisEventBus
-from app.services.jobs.interfaces import EventBus, JobStore, WorkQueue
+from app.services.jobs.interfaces import ActiveJobLimitError, EventBus, JobStore, WorkQueue
 from app.services.jobs.queue_inprocess import InProcessWorkQueue
 from app.services.jobs.queue_redis import RedisWorkQueue
 from app.services.jobs.store_inprocess import InProcessJobStore
@@ -85,10 +85,10 @@ def _run(scenario: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(scenario, 30))  # type: ignore[arg-type]
 
 
-async def _new_job(parts: Engine, num_images: int = 2, key: str | None = None) -> Job:
+async def _new_job(parts: Engine, num_images: int = 2, key: str | None = None, max_unfinished: int = 100) -> Job:
     job = domain.new_job(OWNER, "a contract", num_images, 7, "local", "model", key)
     update = domain.accepted(job, parts.queue.positions_for_new_job(num_images))
-    await parts.store.create(job, update)
+    await parts.store.create(job, update, max_unfinished)
     await parts.events.publish(job.id, update.events)
     return job
 
@@ -117,13 +117,32 @@ async def _all_events(parts: Engine, job_id: str, after_id: int = 0) -> list[dom
 # JobStore ---------------------------------------------------------------------------------------
 
 
+def test_a_new_job_beyond_its_owner_limit_of_unfinished_jobs_is_not_stored_even_when_admitted_together(engine):
+    async def scenario() -> None:
+        async with engine() as parts:
+            jobs = [domain.new_job(OWNER, f"burst {n}", 1, None, "local", "model", None) for n in range(8)]
+            outcomes = await asyncio.gather(
+                *(parts.store.create(job, domain.accepted(job, [None]), 3) for job in jobs), return_exceptions=True
+            )
+            admitted = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
+            assert len(admitted) == 3, outcomes
+            assert all(isinstance(o, ActiveJobLimitError) for o in outcomes if o is not None), outcomes
+            assert sorted(j.id for j in await parts.store.unfinished()) == sorted(j.id for j in admitted)
+            refused = [job for job in jobs if job not in admitted]
+            assert [await parts.store.get(job.id) for job in refused] == [None] * len(refused)
+            # A finished job no longer counts.
+            await _finish(parts, admitted[0])
+            await _new_job(parts, num_images=1, max_unfinished=3)
+
+    _run(scenario())
+
+
 def test_a_stored_job_is_found_listed_counted_and_keeps_every_event_in_order(engine):
     async def scenario() -> None:
         async with engine() as parts:
             job = await _new_job(parts, key="key-1")
             assert (await parts.store.get(job.id)).prompt == "a contract"
             assert [j.id for j in await parts.store.page(OWNER, 10, None)] == [job.id]
-            assert await parts.store.count_unfinished(OWNER) == 1
             assert [j.id for j in await parts.store.unfinished()] == [job.id]
             assert (await parts.store.find_idempotent(OWNER, "key-1")).id == job.id
             await _finish(parts, job)
@@ -131,7 +150,7 @@ def test_a_stored_job_is_found_listed_counted_and_keeps_every_event_in_order(eng
             assert [e.id for e in stored] == list(range(1, len(stored) + 1))
             assert stored[-1].name == "done"
             assert (await parts.store.get(job.id)).status == "succeeded"
-            assert await parts.store.count_unfinished(OWNER) == 0
+            assert await parts.store.unfinished() == []
             assert await parts.store.apply("job_nothing", lambda j: None) is None
 
     _run(scenario())
@@ -166,7 +185,7 @@ def test_a_transition_that_refuses_stores_nothing_and_an_idempotency_key_is_take
             assert len(await parts.store.events(job.id)) == 2
             twin = domain.new_job(OWNER, "a twin", 1, None, "local", "model", "only-once")
             with pytest.raises(ConflictingWriteError):
-                await parts.store.create(twin, domain.accepted(twin, [None]))
+                await parts.store.create(twin, domain.accepted(twin, [None]), 100)
 
     _run(scenario())
 
