@@ -346,6 +346,13 @@ def service_process(tmp_path):
 # An S3-compatible store -------------------------------------------------------------------
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Starting SeaweedFS takes seconds: what needs it is left out of the fast loop.
+    for item in items:
+        if "s3" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """One SeaweedFS for the session; each test takes a prefix of its own (`s3.env()`)."""

@@ -40,7 +40,7 @@ def _in_bucket(settings, key: str) -> bool:
     return True
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def store_settings(request) -> dict:
     return {} if request.param == "local" else request.getfixturevalue("s3").env()
 

@@ -22,7 +22,7 @@ def _s3_store(s3, secret: str = SECRET_KEY, bucket: str = BUCKET) -> S3ImageStor
     return S3ImageStore(location, s3.endpoint, ACCESS_KEY, secret, "us-east-1")
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
 def store(request, tmp_path):
     if request.param == "local":
         return LocalImageStore(tmp_path / "images")
