@@ -22,7 +22,7 @@ from app.routers import auth, docs, generation, health, images
 from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
 from app.services.health_service import HealthService
-from app.services.login_throttle import LoginThrottle
+from app.services.login_throttle import login_throttle_for
 from app.services.stream_slots import stream_slots_for
 
 # The largest valid body (a 2000-character prompt) is a few KiB; refuse far more (413).
@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             find_user=stored_users(components.repository),
             jwt_secret=jwt_secret(settings),
             token_lifetime=timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES),
-            throttle=LoginThrottle(
+            throttle=login_throttle_for(
+                components.redis,
                 max_failures=settings.LOGIN_MAX_FAILURES,
                 max_failures_per_account=settings.LOGIN_MAX_FAILURES_PER_ACCOUNT,
                 window_seconds=settings.LOGIN_FAILURE_WINDOW_SECONDS,

@@ -61,7 +61,7 @@ def test_a_success_clears_its_clients_failures_for_the_account():
     throttle.begin(ALICE_EMAIL, "10.0.0.66")  # someone else's failure counts for the account
     for _ in range(2):
         throttle.begin(ALICE_EMAIL, "10.0.0.7")
-    throttle.begin(ALICE_EMAIL, "10.0.0.7").succeeded()
+    asyncio.run(throttle.begin(ALICE_EMAIL, "10.0.0.7").succeeded())
     # Her own failures are gone from both bounds; the other client's stays.
     for _ in range(3):
         throttle.begin(ALICE_EMAIL, "10.0.0.7")
@@ -71,7 +71,7 @@ def test_a_success_clears_its_clients_failures_for_the_account():
 
 def test_a_withdrawn_attempt_is_not_counted():
     throttle, _ = _throttle(max_failures=1, per_account=1)
-    throttle.begin(ALICE_EMAIL, "10.0.0.7").withdraw()  # its password was never checked
+    asyncio.run(throttle.begin(ALICE_EMAIL, "10.0.0.7").withdraw())  # its password was never checked
     throttle.begin(ALICE_EMAIL, "10.0.0.7")
     with pytest.raises(LoginThrottledError):
         throttle.begin(ALICE_EMAIL, "10.0.0.7")

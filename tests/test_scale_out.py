@@ -446,3 +446,19 @@ def test_the_active_job_limit_holds_across_replicas_under_a_burst_of_posts(clust
     with a.client(token) as client:
         jobs = client.get("/api/generate/").json()["jobs"]
     assert len(jobs) == 4 and all(job["status"] in ("queued", "running") for job in jobs)
+
+
+def test_failed_sign_ins_count_across_replicas_and_a_success_on_either_clears_them(cluster):
+    a, b = cluster(LOGIN_MAX_FAILURES=3).up(workers=0).replicas
+    wrong = {"email": "alice@myflix.dev", "password": "not-her-password"}
+    right = {"email": "alice@myflix.dev", "password": "alice-wonderland"}
+    with a.client() as on_a, b.client() as on_b:
+        assert [on_a.post("/api/auth/login", json=wrong).status_code for _ in range(2)] == [401, 401]
+        # Her success on the other replica forgets this client's failures everywhere.
+        assert on_b.post("/api/auth/login", json=right).status_code == 200
+        assert [on_a.post("/api/auth/login", json=wrong).status_code for _ in range(2)] == [401, 401]
+        assert on_b.post("/api/auth/login", json=wrong).status_code == 401  # the third, wherever it lands
+        for replica in (on_a, on_b):
+            refused = replica.post("/api/auth/login", json=right)
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["retry-after"]) >= 1

@@ -154,17 +154,17 @@ class AuthService:
         if len(password.encode("utf-8", "surrogatepass")) > BCRYPT_MAX_PASSWORD_BYTES:
             raise PasswordTooLongError
         account = normalize_email(email)
-        # Counted as failed before anything is awaited: concurrent guesses cannot all pass.
-        attempt = self._throttle.begin(account, client)
+        # Counted as failed before the password is checked: concurrent guesses cannot all pass.
+        attempt = await self._throttle.enter(account, client)
         try:
             # The turn comes before the user's lookup too: a flood's lookups would queue ahead
             # of everyone's at the database.
             await self._hashing_turns.acquire(client)
         except QueueFullError:
-            attempt.withdraw()
+            await attempt.withdraw()
             raise TooManySignInsAtOnceError(retry_after=1) from None
         except BaseException:
-            attempt.withdraw()
+            await attempt.withdraw()
             raise
         try:
             # No account has a control character (PostgreSQL would refuse a NUL): an unknown email.
@@ -176,14 +176,14 @@ class AuthService:
             )
         except BaseException:
             self._hashing_turns.release(client)
-            attempt.withdraw()
+            await attempt.withdraw()
             raise
         # The turn is held until the check ends, even if this request is canceled meanwhile.
         checking.add_done_callback(lambda _: self._hashing_turns.release(client))
         matches = await asyncio.shield(checking)
         if record is None or not matches:
             raise InvalidCredentialsError
-        attempt.succeeded()
+        await attempt.succeeded()
         token = create_access_token(record.user.email, self._jwt_secret, self._token_lifetime)
         return IssuedToken(token, int(self._token_lifetime.total_seconds()))
 
