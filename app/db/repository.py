@@ -23,6 +23,8 @@ class ConflictingWriteError(Exception):
 class StoredJob:
     job: JobRow
     images: list[ImageRow]
+    # The database's clock when the job was read, where the job's age is to be taken from it.
+    database_now: datetime | None = None
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -50,14 +52,16 @@ class Repository:
 
     # Jobs -------------------------------------------------------------------------------
 
-    async def get_job(self, job_id: str) -> StoredJob | None:
+    async def get_job(self, job_id: str, database_time: bool = False) -> StoredJob | None:
+        """`database_time`: with the database's clock (see `write_new_job`)."""
         async with self._sessionmaker() as session:
             job = await session.get(JobRow, job_id)
             if job is None:
                 return None
             images = (await self._images_of(session, [job_id]))[job_id]
+            now = await _database_now(session) if database_time else None
         # Two reads, not one snapshot: a job without images was deleted between them.
-        return StoredJob(job, images) if images else None
+        return StoredJob(job, images, now) if images else None
 
     async def find_by_idempotency_key(self, owner_email: str, key: str) -> JobRow | None:
         async with self._sessionmaker() as session:
@@ -79,7 +83,7 @@ class Repository:
             images = await self._images_of(session, [job.id for job in jobs])
         return _with_images(jobs, images)
 
-    async def unfinished_jobs(self) -> list[StoredJob]:
+    async def unfinished_jobs(self, database_time: bool = False) -> list[StoredJob]:
         async with self._sessionmaker() as session:
             jobs = list(
                 (
@@ -89,7 +93,8 @@ class Repository:
                 ).all()
             )
             images = await self._images_of(session, [job.id for job in jobs])
-        return _with_images(jobs, images)
+            now = await _database_now(session) if database_time else None
+        return [StoredJob(stored.job, stored.images, now) for stored in _with_images(jobs, images)]
 
     async def events(self, job_id: str, after_id: int = 0) -> list[EventRow]:
         async with self._sessionmaker() as session:
@@ -128,6 +133,13 @@ class Repository:
             if (unfinished or 0) >= max_unfinished:
                 return False
             await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
+            if session.get_bind().dialect.name == "postgresql":
+                # Ages are taken from the database's clock, the one every process shares: a
+                # process whose own clock is off by seconds would give negative TTFIs.
+                job_ids = [row["id"] for row in changes.jobs]
+                await session.execute(
+                    update(JobRow).where(JobRow.id.in_(job_ids)).values(created_at=func.clock_timestamp())
+                )
         return True
 
     # Writes of the scaled-out deployment, each its own transaction -------------------------
@@ -146,7 +158,7 @@ class Repository:
             events = list(
                 (await session.scalars(select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id))).all()
             )
-            result, changes = change(StoredJob(job, images), events)
+            result, changes = change(StoredJob(job, images, await _database_now(session)), events)
             if changes is not None:
                 await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
         return result
@@ -193,6 +205,13 @@ class Repository:
             # Children first, as the foreign keys require.
             for table, column in ((_EVENTS, _EVENTS.c.job_id), (_IMAGES, _IMAGES.c.job_id), (_JOBS, _JOBS.c.id)):
                 connection.execute(delete(table).where(column.in_(deleted)))
+
+
+async def _database_now(session: AsyncSession) -> datetime | None:
+    """The database's clock; None on SQLite (one process, whose clock is the only one)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return None
+    return await session.scalar(select(func.clock_timestamp()))
 
 
 def _with_images(jobs: list[JobRow], images: dict[str, list[ImageRow]]) -> list[StoredJob]:

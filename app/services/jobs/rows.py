@@ -70,7 +70,9 @@ def job_from_rows(stored: StoredJob, events: list[JobEvent] | None = None) -> Jo
     """The job as stored; with its stored events, also where its event ids and TTFI stand."""
     row = stored.job
     created_at = as_utc(row.created_at)
-    age = (datetime.now(UTC) - created_at).total_seconds()
+    # By the clock that stamped it: the database's where it says so, else this process's.
+    now = as_utc(stored.database_now) if stored.database_now is not None else datetime.now(UTC)
+    age = (now - created_at).total_seconds()
     job = Job(
         id=row.id,
         owner=row.owner_email,

@@ -153,14 +153,14 @@ class ScaledJobStore:
                 pending.done.set_result(None if outcome is None else Applied(outcome[0], outcome[1][n]))
 
     async def get(self, job_id: str) -> Job | None:
-        stored = await self._repository.get_job(job_id)
+        stored = await self._repository.get_job(job_id, database_time=True)
         return None if stored is None else job_from_rows(stored)
 
     async def page(self, owner: str, limit: int, before: tuple[datetime, str] | None) -> list[Job]:
         return [job_from_rows(s) for s in await self._repository.list_jobs(owner, limit, before)]
 
     async def unfinished(self) -> list[Job]:
-        return [job_from_rows(s) for s in await self._repository.unfinished_jobs()]
+        return [job_from_rows(s) for s in await self._repository.unfinished_jobs(database_time=True)]
 
     async def find_idempotent(self, owner: str, key: str) -> Job | None:
         row = await self._repository.find_by_idempotency_key(owner, key)

@@ -5,10 +5,12 @@ the scaled ones need TEST_DATABASE_URL and TEST_REDIS_URL (skipped without, fail
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from app.db.engine import create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
 from app.db.repository import ConflictingWriteError, Repository
 from app.services.auth_service import seed_demo_users
-from app.services.jobs import domain
+from app.services.jobs import domain, rows
 from app.services.jobs.domain import Job
 from app.services.jobs.event_log import EventStreamInterrupted
 from app.services.jobs.events_inprocess import InProcessEventBus
@@ -133,6 +135,31 @@ def test_a_new_job_beyond_its_owner_limit_of_unfinished_jobs_is_not_stored_even_
             # A finished job no longer counts.
             await _finish(parts, admitted[0])
             await _new_job(parts, num_images=1, max_unfinished=3)
+
+    _run(scenario())
+
+
+def test_times_are_taken_from_one_clock_whatever_the_clocks_of_the_processes(engine, monkeypatch):
+    class ClockBehind(datetime):
+        """The wall clock of a worker 30 s behind the others'."""
+
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) - timedelta(seconds=30)
+
+    monkeypatch.setattr(rows, "datetime", ClockBehind)
+
+    async def scenario() -> None:
+        async with engine() as parts:
+            job = domain.new_job(OWNER, "skewed", 1, None, "local", "model", None)
+            job.created_at += timedelta(seconds=30)  # the accepting machine's clock, 30 s ahead
+            await parts.store.create(job, domain.accepted(job, [None]), 10)
+            await _record(parts, job.id, lambda j: domain.started(j, 0, time.monotonic()))
+            await _record(parts, job.id, lambda j: domain.image_changed(j, 0, "succeeded", time.monotonic(), "k.png"))
+            finished = await parts.store.get(job.id)
+            assert finished is not None and finished.ttfi_ms is not None
+            assert 0 <= finished.ttfi_ms < 10_000, finished.ttfi_ms
+            assert 0 <= finished.total_ms < 10_000, finished.total_ms
 
     _run(scenario())
 
