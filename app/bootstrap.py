@@ -32,6 +32,7 @@ from app.services.jobs.runner import ImageRunner
 from app.services.jobs.service import JobService
 from app.services.jobs.store_inprocess import InProcessJobStore
 from app.services.jobs.store_scaled import ScaledJobStore
+from app.services.shared_settings import SharedSettings, shared_values
 
 
 @dataclass
@@ -43,8 +44,11 @@ class Components:
     metrics: Metrics
     image_maker: ImageMaker
     redis: RedisLink | None
+    shared_settings: SharedSettings | None = None
 
     async def close(self) -> None:
+        if self.shared_settings is not None:
+            await self.shared_settings.close()
         if self.redis is not None:
             await self.redis.close()
         await self.image_store.close()
@@ -143,15 +147,24 @@ async def open_components(settings: Settings) -> Components:
     except BaseException:
         await engine.dispose()
         raise
-    return Components(
+    url_secret = image_url_secret(settings)
+    components = Components(
         engine=engine,
         repository=Repository(create_sessionmaker(engine)),
         image_store=image_store,
-        signer=ImageUrlSigner(image_url_secret(settings), settings.IMAGE_URL_TTL_SECONDS),
+        signer=ImageUrlSigner(url_secret, settings.IMAGE_URL_TTL_SECONDS),
         metrics=Metrics(),
         image_maker=ImageMaker(create_provider(settings), image_store, ImageFetcher(settings.provider_output_hosts)),
         redis=RedisLink(settings.REDIS_URL, settings.REDIS_KEY_PREFIX) if settings.REDIS_URL else None,
     )
+    if components.redis is not None:
+        components.shared_settings = SharedSettings(components.redis, shared_values(settings, url_secret))
+        try:
+            await components.shared_settings.join()
+        except BaseException:
+            await components.close()
+            raise
+    return components
 
 
 def job_service(settings: Settings, components: Components, makes_images: bool) -> JobService:

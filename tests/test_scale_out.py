@@ -24,6 +24,7 @@ import redis
 
 from app.core.config import PROJECT_ROOT
 from tests.conftest import (
+    TEST_JWT_SECRET,
     ServiceProcess,
     _unavailable,
     create_job,
@@ -462,3 +463,16 @@ def test_failed_sign_ins_count_across_replicas_and_a_success_on_either_clears_th
             refused = replica.post("/api/auth/login", json=right)
             assert refused.status_code == 429, refused.text
             assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_process_whose_shared_settings_differ_refuses_to_start_and_names_them(cluster):
+    deployment = cluster(MAX_IMAGES_PER_JOB=8).up(replicas=1, workers=1)
+    odd = {**deployment.env, "MAX_IMAGES_PER_JOB": "4", "IMAGE_TIMEOUT_SECONDS": "30"}
+    for worker in (False, True):
+        with pytest.raises(RuntimeError) as refused:
+            deployment._start(worker=worker, DATA_DIR=str(deployment._dir(f"odd-{worker}")), **odd)
+        said = str(refused.value)
+        assert "MAX_IMAGES_PER_JOB, IMAGE_TIMEOUT_SECONDS differ from the running processes" in said, said[-2000:]
+        assert TEST_JWT_SECRET not in said  # digests are compared, never values
+    # The same settings are welcome.
+    deployment._start(DATA_DIR=str(deployment._dir("same")), **deployment.env)
