@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.bootstrap import freeze_startup_objects, job_service, jwt_secret, open_components
+from app.bootstrap import freeze_startup_objects, health_service, job_service, jwt_secret, open_components
 from app.core.config import PROJECT_ROOT, Settings, get_settings
 from app.core.logging import RequestLogMiddleware, configure_logging
 from app.core.request_limits import RequestLimitsMiddleware
@@ -21,7 +21,6 @@ from app.models.openapi import declare_settings_limits, stream_event_schemas
 from app.routers import auth, docs, generation, health, images
 from app.routers.errors import register_error_handlers
 from app.services.auth_service import AuthService, seed_demo_users, stored_users
-from app.services.health_service import HealthService
 from app.services.login_throttle import login_throttle_for
 from app.services.stream_slots import stream_slots_for
 
@@ -50,13 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.image_store = components.image_store
         app.state.image_url_signer = components.signer
         app.state.metrics = components.metrics
-        app.state.health_service = HealthService(
-            components.engine,
-            write_failure=lambda: service.write_failure,
-            image_store=components.image_store,
-            provider=components.image_maker.provider,
-            redis=components.redis,
-        )
+        app.state.health_service = health_service(components, service)
         app.state.auth_service = AuthService(
             find_user=stored_users(components.repository),
             jwt_secret=jwt_secret(settings),

@@ -19,6 +19,7 @@ from app.db.migrate import upgrade_database
 from app.db.repository import Repository
 from app.providers import create_provider
 from app.providers.downloads import ImageFetcher
+from app.services.health_service import HealthService
 from app.services.image_store import ImageStore, ImageStoreError, LocalImageStore
 from app.services.image_store_s3 import S3ImageStore
 from app.services.jobs.events_inprocess import InProcessEventBus
@@ -210,4 +211,15 @@ def job_service(settings: Settings, components: Components, makes_images: bool) 
         sweep_interval_seconds=settings.WORKER_CLAIM_TIMEOUT_SECONDS,
         image_store=components.image_store,
         retention_seconds=settings.job_retention_seconds,
+    )
+
+
+def health_service(components: Components, service: JobService) -> HealthService:
+    """What this process's /readyz checks."""
+    return HealthService(
+        components.engine,
+        write_failure=lambda: service.write_failure,
+        image_store=components.image_store,
+        provider=components.image_maker.provider,
+        redis=components.redis,
     )

@@ -58,6 +58,7 @@ class ServerProcess:
             **env,
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
+            "WORKER_METRICS_PORT": str(self.port),
         }
         command = ["-m", "app.worker"] if worker else ["-m", "bench.serve", app, "--no-access-log"]
         if open_file_limit is not None and not worker:

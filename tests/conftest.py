@@ -285,6 +285,7 @@ class ServiceProcess:
             "LOG_LEVEL": "INFO",
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
+            "WORKER_METRICS_PORT": str(self.port),  # a worker serves its metrics there
             **env,
         }
         self.process: subprocess.Popen | None = None

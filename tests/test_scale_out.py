@@ -476,3 +476,22 @@ def test_a_process_whose_shared_settings_differ_refuses_to_start_and_names_them(
         assert TEST_JWT_SECRET not in said  # digests are compared, never values
     # The same settings are welcome.
     deployment._start(DATA_DIR=str(deployment._dir("same")), **deployment.env)
+
+
+def test_a_worker_serves_its_health_readiness_and_metrics_and_still_stops_gracefully(cluster):
+    deployment = cluster().up(replicas=1, workers=1)
+    (worker,) = deployment.workers
+    with httpx.Client(base_url=worker.base_url, timeout=10) as monitor:
+        assert monitor.get("/healthz").json() == {"status": "ok"}
+        ready = monitor.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert {"database", "writes", "image_store", "provider", "redis"} == set(ready.json()["checks"])
+        with deployment.replicas[0].client() as api:
+            token = login(api)
+            job_id = create_job(api, token, prompt="watched", num_images=2)
+            assert read_stream(api, job_id, headers=_auth(token))[-1].data["status"] == "succeeded"
+        metrics = monitor.get("/metrics").text
+        assert 'myflix_images_total{outcome="succeeded",provider="local"} 2.0' in metrics, metrics[-2000:]
+        assert "myflix_busy_workers" in metrics
+    assert worker.stop(signal.SIGTERM) == 0
+    assert "worker stopping" in worker.log_path.read_text()

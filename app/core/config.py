@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     REDIS_KEY_PREFIX: str = Field("myflix", pattern=r"^[\w.-]{1,64}$")
     # Whether API replicas generate images too; false: only worker processes do.
     RUN_WORK_IN_API: bool = True
+    # Where `python -m app.worker` serves /healthz, /readyz and /metrics (on HOST).
+    WORKER_METRICS_PORT: int = Field(9101, ge=1, le=65535)
     # An image a worker holds this long without a sign of life is taken over by another.
     WORKER_CLAIM_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
     # A job's Redis event stream is kept this long after its last event (PostgreSQL keeps
