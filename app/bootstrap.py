@@ -65,16 +65,19 @@ class ImageStoreUnusableError(Exception):
 
 def image_store_for(settings: Settings) -> ImageStore:
     location = settings.image_store_location
-    if isinstance(location, S3Location):
-        secret = settings.AWS_SECRET_ACCESS_KEY
-        return S3ImageStore(
-            location,
-            endpoint_url=settings.AWS_ENDPOINT_URL,
-            access_key_id=settings.AWS_ACCESS_KEY_ID,
-            secret_access_key=secret.get_secret_value() if secret is not None else None,
-            region=settings.AWS_REGION,
-        )
-    return LocalImageStore(location)
+    return s3_image_store(location, settings) if isinstance(location, S3Location) else LocalImageStore(location)
+
+
+def s3_image_store(location: S3Location, settings: Settings) -> S3ImageStore:
+    """A bucket, reached with the AWS_* settings."""
+    secret = settings.AWS_SECRET_ACCESS_KEY
+    return S3ImageStore(
+        location,
+        endpoint_url=settings.AWS_ENDPOINT_URL,
+        access_key_id=settings.AWS_ACCESS_KEY_ID,
+        secret_access_key=secret.get_secret_value() if secret is not None else None,
+        region=settings.AWS_REGION,
+    )
 
 
 async def open_image_store(settings: Settings) -> ImageStore:

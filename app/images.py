@@ -39,10 +39,10 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from app.bootstrap import s3_image_store
 from app.core.config import S3Location, Settings, parse_image_store_url, settings_or_exit
 from app.core.logging import TextFormatter
 from app.services.image_store import ImageNotFoundError, ImageStore, ImageStoreError, check_image_key
-from app.services.image_store_s3 import S3ImageStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STORE_UNUSABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Images in flight at once: each is a HEAD (is it there?) and maybe an upload, which blocks
@@ -93,18 +93,6 @@ def target_location(given: str) -> S3Location:
     if not isinstance(location, S3Location):
         raise UsageError(f"--to must be an S3 bucket, s3://bucket or s3://bucket/prefix, not {given!r}")
     return location
-
-
-def s3_store(location: S3Location, settings: Settings) -> S3ImageStore:
-    """The bucket, as the service's own store reaches it (app.bootstrap.image_store_for)."""
-    secret = settings.AWS_SECRET_ACCESS_KEY
-    return S3ImageStore(
-        location,
-        endpoint_url=settings.AWS_ENDPOINT_URL,
-        access_key_id=settings.AWS_ACCESS_KEY_ID,
-        secret_access_key=secret.get_secret_value() if secret is not None else None,
-        region=settings.AWS_REGION,
-    )
 
 
 # The images to copy -------------------------------------------------------------------------
@@ -404,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(images)} images ({size}) in {source}, to copy to {location.url}{left_out}.", flush=True)
         console = Console(stderr=True)
         logging.getLogger().addHandler(ConsoleLogHandler(console))
-        return asyncio.run(migrate(images, s3_store(location, settings), location.url, args.jobs, console))
+        return asyncio.run(migrate(images, s3_image_store(location, settings), location.url, args.jobs, console))
     except KeyboardInterrupt:  # before the copy's own handling of Ctrl-C is in place
         print("Interrupted: nothing copied.", file=sys.stderr)
         return EXIT_INTERRUPTED
