@@ -27,7 +27,7 @@ from app.services.jobs.events_redis import RedisEventBus
 from app.services.jobs.image_maker import ImageMaker
 from app.services.jobs.interfaces import EventBus, JobStore, WorkQueue
 from app.services.jobs.queue_inprocess import InProcessWorkQueue
-from app.services.jobs.queue_redis import RedisWorkQueue
+from app.services.jobs.queue_postgres import PostgresWorkQueue
 from app.services.jobs.recorder import JobRecorder
 from app.services.jobs.runner import ImageRunner
 from app.services.jobs.service import JobService
@@ -134,16 +134,20 @@ def image_url_secret(settings: Settings) -> bytes:
     return derive_key(jwt_secret(settings), "image-urls")
 
 
+def postgres_limits(settings: Settings) -> PostgresLimits:
+    return PostgresLimits(
+        pool_size=settings.DB_POOL_SIZE,
+        lock_timeout_seconds=settings.DB_LOCK_TIMEOUT_SECONDS,
+        statement_timeout_seconds=settings.DB_STATEMENT_TIMEOUT_SECONDS,
+        idle_in_transaction_timeout_seconds=settings.DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
+    )
+
+
 async def open_components(settings: Settings) -> Components:
     settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         settings.database_url,
-        PostgresLimits(
-            pool_size=settings.DB_POOL_SIZE,
-            lock_timeout_seconds=settings.DB_LOCK_TIMEOUT_SECONDS,
-            statement_timeout_seconds=settings.DB_STATEMENT_TIMEOUT_SECONDS,
-            idle_in_transaction_timeout_seconds=settings.DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
-        ),
+        postgres_limits(settings),
     )
     await upgrade_database(engine)
     try:
@@ -184,7 +188,8 @@ def job_service(settings: Settings, components: Components, makes_images: bool) 
         scaled = ScaledJobStore(components.repository, components.engine)
         store = scaled
         events = RedisEventBus(components.redis, settings.REDIS_EVENTS_RETENTION_SECONDS, scaled.events)
-        queue = RedisWorkQueue(components.redis, settings.GENERATION_MAX_WORKERS, settings.WORKER_CLAIM_TIMEOUT_SECONDS)
+        claim_timeout = settings.WORKER_CLAIM_TIMEOUT_SECONDS
+        queue = PostgresWorkQueue(settings.database_url, postgres_limits(settings), claim_timeout)
     recorder = JobRecorder(store, events, components.metrics)
     runner = (
         ImageRunner(
@@ -192,8 +197,10 @@ def job_service(settings: Settings, components: Components, makes_images: bool) 
             queue,
             recorder,
             components.image_maker,
+            components.metrics,
             max_workers=settings.GENERATION_MAX_WORKERS,
             image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,
+            max_attempts=settings.IMAGE_MAX_ATTEMPTS,
             shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
         )
         if makes_images

@@ -1,6 +1,7 @@
 """Shared fixtures: settings for a test, a real uvicorn server on a free port, SSE reading."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import redis
 import uvicorn
 from httpx_sse import EventSource
+from pgqueuer.queries import Queries
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -26,6 +29,7 @@ from sse_starlette.sse import AppStatus
 from app.core.config import PROJECT_ROOT, Settings, async_database_url
 from app.core.http_server import server_config
 from app.core.security import create_access_token
+from app.db.engine import plain_postgres_url
 from main import create_app
 from tests.fake_replicate import FakeReplicate
 
@@ -178,7 +182,13 @@ def fake_replicate() -> Iterator[FakeReplicate]:
 # Databases ------------------------------------------------------------------------------
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-_TABLES = ("job_events", "images", "jobs", "users", "alembic_version")
+_TABLES = ("job_events", "images", "jobs", "users", "chore_leases", "alembic_version")
+# The work queue's (PgQueuer's) schema, installed by the scaled work queue at its start.
+_QUEUE_SCHEMA = (
+    "DROP TABLE IF EXISTS pgqueuer, pgqueuer_log, pgqueuer_schedules, pgqueuer_statistics CASCADE",
+    "DROP FUNCTION IF EXISTS fn_pgqueuer_changed CASCADE",
+    "DROP TYPE IF EXISTS pgqueuer_status, pgqueuer_statistics_status CASCADE",
+)
 
 
 def _unavailable(reason: str) -> None:
@@ -200,6 +210,8 @@ def postgres_url() -> str:
             async with engine.begin() as connection:
                 for table in _TABLES:
                     await connection.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
+                for statement in _QUEUE_SCHEMA:
+                    await connection.execute(text(statement))
         finally:
             await engine.dispose()
 
@@ -239,6 +251,20 @@ def query_database(url: str, sql: str) -> list[tuple]:
             await engine.dispose()
 
     return asyncio.run(run())
+
+
+def enqueue_work(url: str, payload: object, priority: int = 0) -> None:
+    """An item in the scaled work queue, as its PgQueuer puts one there (payload: as JSON)."""
+
+    async def run() -> None:
+        connection = await asyncpg.connect(plain_postgres_url(url))
+        try:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            await Queries.from_asyncpg_connection(connection).enqueue("image", data, priority)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
 
 
 # A service in its own process, to stop with SIGTERM or SIGKILL and start again ------------

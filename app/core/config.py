@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     # up others for long.
     DB_LOCK_TIMEOUT_SECONDS: float = Field(5.0, gt=0)
     DB_STATEMENT_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
-    DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS: float = Field(60.0, gt=0)
+    # Short: a process paused inside a transaction (SIGSTOP, a VM frozen) holds its job's row
+    # locks until the server ends its session.
+    DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS: float = Field(10.0, gt=0)
     # Where images are kept: `file:///path` (a local directory) or `s3://bucket/prefix` (any
     # S3-compatible store, reached with the AWS_* settings). Empty: file:// DATA_DIR/images.
     IMAGE_STORE_URL: str | None = None
@@ -119,8 +121,9 @@ class Settings(BaseSettings):
     # A provider call that has not finished by then is abandoned (and canceled at Replicate).
     IMAGE_TIMEOUT_SECONDS: float = Field(120.0, gt=0)
 
-    # Scale-out: with a Redis URL, events and image work go through Redis, so that several
-    # API replicas and `python -m app.worker` processes share the jobs (PostgreSQL required).
+    # Scale-out: with a Redis URL, events go through Redis and image work through a queue in
+    # PostgreSQL (required), so that several API replicas and `python -m app.worker` processes
+    # share the jobs.
     REDIS_URL: str | None = None
     # Every Redis key starts with it, so deployments (or test runs) can share one Redis.
     REDIS_KEY_PREFIX: str = Field("myflix", pattern=r"^[\w.-]{1,64}$")
@@ -130,6 +133,9 @@ class Settings(BaseSettings):
     WORKER_METRICS_PORT: int = Field(9101, ge=1, le=65535)
     # An image a worker holds this long without a sign of life is taken over by another.
     WORKER_CLAIM_TIMEOUT_SECONDS: float = Field(30.0, gt=0)
+    # Times a worker may take an image (its first, and takeovers after a worker went away)
+    # before the image fails: one that kills its worker every time cannot hold its job open.
+    IMAGE_MAX_ATTEMPTS: int = Field(3, ge=1, le=100)
     # A job's Redis event stream is kept this long after its last event (PostgreSQL keeps
     # the events for good; a stream that has gone is rebuilt from there).
     REDIS_EVENTS_RETENTION_SECONDS: int = Field(120, ge=1)

@@ -51,6 +51,16 @@ class Metrics:
             ("provider",),
             registry=self.registry,
         )
+        self.takeovers = Counter(
+            "myflix_image_takeovers",
+            "Images taken by a worker after another one had taken them and gone quiet (or stopped).",
+            registry=self.registry,
+        )
+        self.attempts_exhausted = Counter(
+            "myflix_image_attempts_exhausted",
+            "Images failed because IMAGE_MAX_ATTEMPTS workers had taken them without a result.",
+            registry=self.registry,
+        )
         self.open_streams = Gauge("myflix_open_streams", "SSE streams open now.", registry=self.registry)
         self.busy_workers = Gauge("myflix_busy_workers", "Worker threads making an image now.", registry=self.registry)
         self.queued_images = Gauge("myflix_queued_images", "Images waiting for a worker.", registry=self.registry)

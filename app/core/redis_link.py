@@ -9,7 +9,8 @@ import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from app.core.loops import keep_running
 
 logger = logging.getLogger("myflix.redis")
 
@@ -69,14 +70,7 @@ class RedisLink:
     async def keep_running(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
         """Run `body` for good: when Redis fails it, mark Redis lost and run it again after a
         growing pause; any other failure is logged and the same."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Exception),
-            wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
-            before_sleep=lambda state: self._failed(name, state.outcome.exception() if state.outcome else None),
-        )
-        async for attempt in retrying:
-            with attempt:
-                await body()
+        await keep_running(name, body, self._failed)
 
     def _failed(self, name: str, exc: BaseException | None) -> None:
         # Only a connection that fails says Redis is gone; an error answer says it is there.

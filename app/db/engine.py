@@ -5,6 +5,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event, text
 from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from app.db.faults import transient_fault
@@ -36,7 +37,7 @@ class PostgresLimits:
     pool_size: int = 10
     lock_timeout_seconds: float = 5.0
     statement_timeout_seconds: float = 30.0
-    idle_in_transaction_timeout_seconds: float = 60.0
+    idle_in_transaction_timeout_seconds: float = 10.0
 
     def server_settings(self) -> dict[str, str]:
         return {
@@ -48,6 +49,11 @@ class PostgresLimits:
 
 def _milliseconds(seconds: float) -> str:
     return str(max(1, round(seconds * 1000)))
+
+
+def plain_postgres_url(url: str) -> str:
+    """The database URL as libpq and asyncpg itself take it (no SQLAlchemy driver name)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def create_engine(url: str, limits: PostgresLimits = PostgresLimits()) -> AsyncEngine:

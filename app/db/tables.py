@@ -67,6 +67,18 @@ class ImageRow(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     # Replicate's prediction id, stored as soon as it is known, to re-attach after a restart.
     prediction_id: Mapped[str | None] = mapped_column(String(100))
+    # Times a worker took the image; the latest taker's lease (see domain.claimed).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class ChoreLeaseRow(Base):
+    """Who may do a periodic chore (a sweep, retention) across processes, and until when."""
+
+    __tablename__ = "chore_leases"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(100))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class EventRow(Base):

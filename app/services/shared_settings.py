@@ -62,6 +62,7 @@ def shared_values(settings: Settings, image_url_secret: bytes) -> dict[str, str]
         "MAX_STREAMS_PER_USER": str(settings.MAX_STREAMS_PER_USER),
         "IMAGE_TIMEOUT_SECONDS": str(settings.IMAGE_TIMEOUT_SECONDS),
         "WORKER_CLAIM_TIMEOUT_SECONDS": str(settings.WORKER_CLAIM_TIMEOUT_SECONDS),
+        "IMAGE_MAX_ATTEMPTS": str(settings.IMAGE_MAX_ATTEMPTS),
         "LOGIN_MAX_FAILURES": str(settings.LOGIN_MAX_FAILURES),
         "LOGIN_MAX_FAILURES_PER_ACCOUNT": str(settings.LOGIN_MAX_FAILURES_PER_ACCOUNT),
         "LOGIN_FAILURE_WINDOW_SECONDS": str(settings.LOGIN_FAILURE_WINDOW_SECONDS),

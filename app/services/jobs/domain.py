@@ -12,6 +12,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +46,9 @@ class ImageState:
     latency_ms: float | None = None
     prediction_id: str | None = None
     started_at: float | None = None  # time.monotonic() of the process that runs it
+    # How many times a worker has taken the image. The number is also the taker's lease: a
+    # worker whose image was taken over since records nothing more of it (`by_attempt`).
+    attempts: int = 0
 
     @property
     def finished(self) -> bool:
@@ -217,13 +221,36 @@ def image_changed(
     return update
 
 
-def started(job: Job, index: int, at: float) -> Update | None:
-    """The image left the queue for a worker; None when it had already started or ended."""
+def claimed(job: Job, index: int, at: float, max_attempts: int) -> Update | None:
+    """A worker took the image (its first time, or over from a worker that went away): its
+    attempt count goes up, and past `max_attempts` the image fails, so an image whose every
+    attempt kills its worker cannot hold its job open. None when it had already ended."""
     image = job.images[index]
     image.started_at = at
-    if image.status != "queued" or job.cancel_requested or job.finished:
+    if image.finished or job.cancel_requested or job.finished:
         return None
-    return image_changed(job, index, "running", at)
+    image.attempts += 1
+    if image.attempts > max_attempts:
+        return image_changed(job, index, "failed", at, error=attempts_exhausted_message(max_attempts))
+    if image.status == "queued":
+        return image_changed(job, index, "running", at)
+    return Update(images={index})
+
+
+def attempts_exhausted_message(max_attempts: int) -> str:
+    return f"The image was given up after {max_attempts} attempts: each one ended without a result."
+
+
+def by_attempt(index: int, attempt: int, transition: Callable[[Job], Update | None]) -> Callable[[Job], Update | None]:
+    """`transition`, applied only while `attempt` is still the image's latest: the worker that
+    made it has not been overtaken by another one."""
+
+    def fenced(job: Job) -> Update | None:
+        if job.images[index].attempts != attempt:
+            return None
+        return transition(job)
+
+    return fenced
 
 
 def prediction_created(job: Job, index: int, prediction_id: str) -> Update | None:

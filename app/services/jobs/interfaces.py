@@ -199,10 +199,11 @@ class WorkQueue(Protocol):
 
     def position(self, job_id: str, index: int) -> int | None: ...
 
-    async def push(self, job: Job, indexes: list[int], stored: Awaitable[None] | None = None) -> None:
-        """Queue those of the job's images that no queue holds. `stored`: the job's insert, still
-        committing; work must not be recorded before it, and the queue decides whether work may
-        start before it. Raises QueueUnavailableError."""
+    async def push(self, job: Job, indexes: list[int], stored: Awaitable[None] | None = None) -> list[int]:
+        """Queue those of the job's images that no queue holds (waiting, or taken and not done),
+        and answer which those were. `stored`: the job's insert, still committing; work must not
+        be recorded before it, and the queue decides whether work may start before it. Raises
+        QueueUnavailableError."""
         ...
 
     async def take(self, on_taken: OnTaken | None = None) -> WorkItem:
@@ -227,12 +228,8 @@ class WorkQueue(Protocol):
         """`callback(job_id)` in every process when a job is canceled."""
         ...
 
-    async def untracked(self, images: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        """Those of the images no queue holds (waiting, or taken and not done)."""
-        ...
-
     def on_reset(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """`callback()` when the queue lost what it held (Redis started empty)."""
+        """`callback()` when the queue lost what it held (a new process's memory)."""
         ...
 
     async def lock(self, name: str, seconds: float) -> bool:

@@ -114,7 +114,7 @@ class InProcessWorkQueue:
         item = self._waiting.get((job_id, index))
         return None if item is None else self._scheduler.position(job_id, item)
 
-    async def push(self, job: Job, indexes: list[int], stored: Awaitable[None] | None = None) -> None:
+    async def push(self, job: Job, indexes: list[int], stored: Awaitable[None] | None = None) -> list[int]:
         admission = None
         if stored is not None and job.idempotency_key is not None:
             await stored  # a racing request with the same key may refuse it
@@ -131,6 +131,7 @@ class InProcessWorkQueue:
         # Work that had started (before a restart) goes first: it may only need re-attaching.
         self._scheduler.push(job.id, [item for item in items if job.images[item.index].status == "running"], front=True)
         self._scheduler.push(job.id, [item for item in items if job.images[item.index].status != "running"])
+        return [item.index for item in items]
 
     async def take(self, on_taken: OnTaken | None = None) -> WorkItem:
         taker = self._takers.wait(on_taken)
@@ -161,9 +162,6 @@ class InProcessWorkQueue:
 
     def on_cancel(self, callback: Callable[[str], None]) -> None:
         self._cancel_callbacks.append(callback)
-
-    async def untracked(self, images: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        return [image for image in images if image not in self._waiting and image not in self._taken]
 
     def on_reset(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._reset_callbacks.append(callback)

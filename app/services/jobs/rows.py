@@ -59,6 +59,7 @@ def image_state(job: Job, image: ImageState) -> dict[str, Any]:
         "error": image.error,
         "latency_ms": image.latency_ms,
         "prediction_id": image.prediction_id,
+        "attempts": image.attempts,
     }
 
 
@@ -92,6 +93,7 @@ def job_from_rows(stored: StoredJob, events: list[JobEvent] | None = None) -> Jo
                 error=image.error,
                 latency_ms=image.latency_ms,
                 prediction_id=image.prediction_id,
+                attempts=image.attempts,
             )
             for image in stored.images
         ],

@@ -12,12 +12,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from app.core.metrics import Metrics
 from app.providers.base import ImageRequest
 from app.services.image_store import ImageStoreError
 from app.services.jobs import domain
 from app.services.jobs.domain import Job, Update
 from app.services.jobs.image_maker import ImageMaker, ImageOutcome
-from app.services.jobs.interfaces import JobStore, WorkItem, WorkQueue
+from app.services.jobs.interfaces import JobStore, Transition, WorkItem, WorkQueue
 from app.services.jobs.recorder import JobRecorder
 
 logger = logging.getLogger("myflix.jobs")
@@ -50,19 +51,25 @@ class ImageRunner:
         queue: WorkQueue,
         recorder: JobRecorder,
         maker: ImageMaker,
+        metrics: Metrics,
         max_workers: int,
         image_timeout_seconds: float,
+        max_attempts: int,
         shutdown_grace_seconds: float,
     ) -> None:
         self._store = store
         self._queue = queue
         self._recorder = recorder
         self._maker = maker
+        self._metrics = metrics
         self._workers = max_workers
         self._image_timeout = image_timeout_seconds
+        self._max_attempts = max_attempts
         self._grace = shutdown_grace_seconds
         self._executor = maker.new_executor(max_workers * THREADS_PER_SLOT)
         self._running: dict[WorkItem, ImageRequest] = {}
+        # The attempt each running image holds (domain.claimed): what it records is fenced by it.
+        self._attempts: dict[WorkItem, int] = {}
         # Started as they were handed over, not yet followed by their slot.
         self._started: dict[WorkItem, _Dispatched] = {}
         self._slots: list[asyncio.Task[None]] = []
@@ -169,15 +176,16 @@ class ImageRunner:
         dispatched = started if started is not None else self._dispatch(job, item)
         request = dispatched.request
         try:
-            if job.images[item.index].status == "queued":
-                await self._recorder.record(job.id, lambda j: domain.started(j, item.index, request.dispatched_at))
-            outcome = await self._outcome(dispatched)
+            attempt = await self._claim(job.id, item, request)
+            if attempt is None:
+                return
+            outcome = await self._outcome(item, attempt, dispatched)
             if outcome is None:
                 if request.stop.cancels_at_provider:
                     await self._queue.done(item)  # canceled: the cancel recorded it
                 return  # interrupted: stays unfinished, for the next start or another worker
             # This slot takes its next image while the outcome is stored.
-            self._in_background(self._conclude(job.id, item, request.dispatched_at, outcome))
+            self._in_background(self._conclude(job.id, item, attempt, request.dispatched_at, outcome))
         except BaseException:
             # Given up (or this process stops): the provider's work is left to be re-attached.
             request.stop.interrupt()
@@ -186,10 +194,39 @@ class ImageRunner:
             # The slot does not wait for the thread of an image it stopped: that call is cut
             # short on its thread, and the slot takes its next image meanwhile.
             self._running.pop(item, None)
+            self._attempts.pop(item, None)
             if not self._running:
                 self._idle.set()
 
-    async def _outcome(self, dispatched: _Dispatched) -> ImageOutcome | None:
+    async def _claim(self, job_id: str, item: WorkItem, request: ImageRequest) -> int | None:
+        """Record that this worker took the image; the attempt it holds, or None when the image
+        is not to be made (it ended meanwhile, or has had all its attempts)."""
+        applied = await self._recorder.record(
+            job_id, lambda j: domain.claimed(j, item.index, request.dispatched_at, self._max_attempts)
+        )
+        if applied is None:  # deleted
+            request.stop.interrupt()
+            await self._queue.done(item)
+            return None
+        image = applied.job.images[item.index]
+        if image.finished or applied.job.cancel_requested:
+            if image.status == "failed" and item.index in applied.update.images:
+                self._metrics.attempts_exhausted.inc()
+                request.stop.cancel()  # the image failed: its prediction is of no use any more
+            else:
+                request.stop.interrupt()
+            await self._queue.done(item)
+            return None
+        if image.attempts > 1:
+            self._metrics.takeovers.inc()
+            logger.info(
+                "took over an image from a worker that went quiet or stopped",
+                extra={"job_id": job_id, "index": item.index, "attempt": image.attempts},
+            )
+        self._attempts[item] = image.attempts
+        return image.attempts
+
+    async def _outcome(self, item: WorkItem, attempt: int, dispatched: _Dispatched) -> ImageOutcome | None:
         """What the thread made; None once the request was stopped; a failure at the deadline
         (which runs from the dispatch, whatever recording it took)."""
         request = dispatched.request
@@ -203,25 +240,44 @@ class ImageRunner:
             return dispatched.made.result()
         if dispatched.stopped.done():
             return None
+        if not await self._still_holds(item, attempt):
+            # Taken over while this worker was away (paused, say): the prediction is the
+            # successor's now, and not this worker's to cancel.
+            request.stop.interrupt()
+            return None
         request.stop.cancel()
         return ImageOutcome("failed", time.monotonic(), error=timeout_message(self._image_timeout))
 
-    async def _conclude(self, job_id: str, item: WorkItem, started_at: float, outcome: ImageOutcome) -> None:
+    async def _still_holds(self, item: WorkItem, attempt: int) -> bool:
+        job = await self._store.get(item.job_id)
+        return job is not None and job.images[item.index].attempts == attempt
+
+    async def _conclude(
+        self, job_id: str, item: WorkItem, attempt: int, started_at: float, outcome: ImageOutcome
+    ) -> None:
         try:
-            applied = await self._recorder.record(job_id, _finish(item.index, started_at, outcome))
+            applied = await self._recorder.record(
+                job_id, domain.by_attempt(item.index, attempt, _finish(item.index, started_at, outcome))
+            )
         except Exception:
             self._queue.give_up(item)  # another attempt records it (a Replicate image re-attaches)
             raise
         finally:
             if item.hold is not None:
                 item.hold.published()  # the job's other images need not wait for this one
-        await self._queue.done(item)
+        if applied is not None and applied.job.images[item.index].attempts != attempt:
+            # Taken over meanwhile: the item is the successor's to finish.
+            logger.warning("an image's result came after it was taken over; dropped", extra={"job_id": job_id})
+            self._queue.give_up(item)
+        else:
+            await self._queue.done(item)
         if outcome.key is not None and (applied is None or applied.job.images[item.index].image_key != outcome.key):
-            # Saved, but the job was deleted or had ended meanwhile: no link will ever name it.
+            # Saved, but the job was deleted, had ended or was taken over meanwhile: no link
+            # will ever name it.
             try:
                 await self._maker.image_store.delete([outcome.key])
             except ImageStoreError:
-                logger.warning("an image of a deleted or ended job was left in the store", extra={"key": outcome.key})
+                logger.warning("an image no job names was left in the store", extra={"key": outcome.key})
 
     def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)
@@ -245,14 +301,29 @@ class ImageRunner:
             deadline=dispatched_at + self._image_timeout,
             resume_prediction_id=job.images[index].prediction_id,
             on_prediction=lambda prediction_id: self._report(
-                self._recorder.record(job.id, lambda j: domain.prediction_created(j, index, prediction_id))
+                self._recorder.record(
+                    job.id, self._as_holder(item, lambda j: domain.prediction_created(j, index, prediction_id))
+                )
             ),
             on_retry=lambda attempt, delay, reason: self._report(
                 self._recorder.record(
-                    job.id, lambda j: domain.retrying(j, index, attempt, delay, reason, time.monotonic())
+                    job.id,
+                    self._as_holder(
+                        item, lambda j: domain.retrying(j, index, attempt, delay, reason, time.monotonic())
+                    ),
                 )
             ),
         )
+
+    def _as_holder(self, item: WorkItem, transition: Transition) -> Transition:
+        """`transition`, applied only while this worker still holds the image (once its claim
+        is recorded; a report before that is the holder's by definition)."""
+
+        def apply(job: Job) -> Update | None:
+            attempt = self._attempts.get(item)
+            return transition(job) if attempt is None or job.images[item.index].attempts == attempt else None
+
+        return apply
 
     def _report(self, record: Coroutine[Any, Any, Any]) -> None:
         """From a worker thread: record on the event loop, without waiting for it."""

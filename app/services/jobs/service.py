@@ -345,11 +345,9 @@ class JobService:
                 if job.cancel_requested or not job.unfinished_images():
                     await self._recorder.record(job.id, lambda j: domain.concluded(j, now))
                     continue
-                unfinished = [(job.id, image.index) for image in job.unfinished_images()]
-                missing = await self._queue.untracked(unfinished)
-                if missing:
-                    logger.info("queueing images no queue held", extra={"job_id": job.id, "images": len(missing)})
-                    await self._queue.push(job, [index for _, index in missing])
+                queued = await self._queue.push(job, [image.index for image in job.unfinished_images()])
+                if queued:
+                    logger.info("queued images no queue held", extra={"job_id": job.id, "images": len(queued)})
             except (QueueUnavailableError, DatabaseUnavailableError):
                 raise
             except Exception:

@@ -28,7 +28,7 @@ def test_a_new_job_queues_every_image_with_its_place_and_is_inserted():
 def test_images_finish_one_by_one_and_the_last_one_ends_the_job_with_done():
     job = _job(2)
     domain.accepted(job, [None, None])
-    domain.started(job, 0, job.accepted_at + 0.1)
+    domain.claimed(job, 0, job.accepted_at + 0.1, max_attempts=3)
     first = domain.image_changed(job, 0, "succeeded", job.accepted_at + 0.6, key="job-0.png")
     assert first is not None and not first.closes and job.completed == 1 and job.ttfi_ms == 600.0
     assert job.images[0].latency_ms == 500.0
@@ -108,3 +108,32 @@ def test_links_of_a_long_stream_are_signed_as_each_is_sent():
     assert late != first and expires > now[0]
     signature = re.search(r"signature=([0-9a-f]+)", late)[1]
     assert signer.verify("job-0.png", expires, signature, now[0]) > 0
+
+
+def test_each_take_of_an_image_is_an_attempt_and_past_the_cap_the_image_fails_and_its_job_ends():
+    job = _job(2)
+    domain.accepted(job, [None, None])
+    first = domain.claimed(job, 0, job.accepted_at, max_attempts=2)
+    assert first is not None and first.events and job.images[0].status == "running"
+    # Taken over after its worker went away: stored, with no event of its own.
+    again = domain.claimed(job, 0, job.accepted_at + 5, max_attempts=2)
+    assert again is not None and again.images == {0} and not again.events and job.images[0].attempts == 2
+    exhausted = domain.claimed(job, 0, job.accepted_at + 10, max_attempts=2)
+    assert exhausted is not None and job.images[0].status == "failed"
+    assert job.images[0].error == domain.attempts_exhausted_message(2)
+    domain.image_changed(job, 1, "succeeded", job.accepted_at + 11, key="b.png")
+    assert job.status == "partial"
+    assert domain.claimed(job, 0, job.accepted_at + 12, max_attempts=2) is None  # over
+
+
+def test_a_worker_overtaken_by_a_later_attempt_records_nothing():
+    job = _job(1)
+    domain.accepted(job, [None])
+    domain.claimed(job, 0, job.accepted_at, max_attempts=3)
+    domain.claimed(job, 0, job.accepted_at + 5, max_attempts=3)  # the successor's attempt: 2
+
+    def succeed(j: domain.Job) -> domain.Update | None:
+        return domain.image_changed(j, 0, "succeeded", j.accepted_at + 6, key="a.png")
+
+    assert domain.by_attempt(0, 1, succeed)(job) is None and job.images[0].status == "running"
+    assert domain.by_attempt(0, 2, succeed)(job) is not None and job.status == "succeeded"
