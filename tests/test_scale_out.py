@@ -110,14 +110,20 @@ def cluster(service_process, tmp_path) -> Iterator:
         each.cleanup()
 
 
+def _busy(worker: ServiceProcess) -> bool:
+    """Whether the worker is making an image now (its busy-workers gauge says so)."""
+    with httpx.Client(base_url=worker.base_url, timeout=10) as monitor:
+        return "\nmyflix_busy_workers 1.0" in monitor.get("/metrics").text
+
+
 def _holder_of_the_image(deployment: Cluster) -> ServiceProcess:
-    """The worker making the one image in progress (its busy-workers gauge says so)."""
-
-    def busy(worker: ServiceProcess) -> bool:
-        with httpx.Client(base_url=worker.base_url, timeout=10) as monitor:
-            return "\nmyflix_busy_workers 1.0" in monitor.get("/metrics").text
-
-    (holder,) = [worker for worker in deployment.workers if busy(worker)]
+    """The live worker making the one image in progress, once one is."""
+    holders: list[ServiceProcess] = []
+    wait_until(
+        lambda: bool(holders.extend(w for w in deployment.workers if w.process.poll() is None and _busy(w)) or holders),
+        what="a worker to take the image",
+    )
+    (holder,) = holders
     return holder
 
 
@@ -250,6 +256,73 @@ def test_a_worker_stopped_with_sigterm_leaves_its_images_to_the_other(cluster):
     survivor = next(w for w in workers if w is not holder)
     assert len(_took_over(survivor)) == 1
     assert "worker stopping" in holder.log_path.read_text()
+
+
+def test_an_image_whose_every_attempt_kills_its_worker_fails_after_image_max_attempts(cluster):
+    deployment = cluster(LOCAL_LATENCY_MS=5000, GENERATION_MAX_WORKERS=1, IMAGE_MAX_ATTEMPTS=2)
+    deployment.up(replicas=1, workers=3)
+    (api,) = deployment.replicas
+    with api.client() as client:
+        token = login(client)
+        job_id = create_job(client, token, prompt="a crash every time", num_images=1)
+        for _ in range(2):  # each worker that takes it dies of it
+            _holder_of_the_image(deployment).stop(signal.SIGKILL)
+        events = read_stream(client, job_id, headers=_auth(token))
+        # The owner's limit counts it no more: a new job is taken.
+        assert (
+            client.post("/api/generate/", json={"prompt": "next", "num_images": 1}, headers=_auth(token)).status_code
+            == 202
+        )
+    done = events[-1]
+    assert done.event == "done" and done.data["status"] == "failed"
+    assert "given up after 2 attempts" in done.data["images"][0]["error"]
+    (survivor,) = [w for w in deployment.workers if w.process.poll() is None]
+    assert len(_took_over(survivor)) == 0  # it never started the image: its attempts were spent
+
+
+def test_a_paused_worker_stalls_nothing_and_records_nothing_stale_when_it_wakes(cluster):
+    deployment = cluster(LOCAL_LATENCY_MS=1500, GENERATION_MAX_WORKERS=1).up(replicas=1)
+    (api,) = deployment.replicas
+    paused, other = deployment.workers
+    url = deployment.env["DATABASE_URL"]
+    with api.client() as client:
+        token = login(client)
+        job_id = create_job(client, token, prompt="one image each", num_images=2)
+        running = f"SELECT count(*) FROM images WHERE job_id = '{job_id}' AND status = 'running'"
+        wait_until(lambda: query_database(url, running) == [(2,)], what="both workers to start an image")
+        os.kill(paused.process.pid, signal.SIGSTOP)
+        paused_at = time.monotonic()
+        try:
+            # Meanwhile other jobs finish, and the paused worker's image is taken over.
+            later = create_job(client, token, prompt="while it sleeps", num_images=1)
+            assert read_stream(client, later, headers=_auth(token))[-1].data["status"] == "succeeded"
+            events = read_stream(client, job_id, headers=_auth(token))
+            # Paused for twice the claim timeout (2 s) at least: past its image's own end.
+            time.sleep(max(0.0, 2 * 2 - (time.monotonic() - paused_at)))
+        finally:
+            os.kill(paused.process.pid, signal.SIGCONT)
+        wait_until(lambda: "came after it was taken over" in paused.log_path.read_text(), what="the stale result")
+        again = read_stream(client, job_id, headers=_auth(token))
+    assert events[-1].event == "done" and events[-1].data["status"] == "succeeded"
+    assert [(e.id, e.data) for e in again] == [(e.id, e.data) for e in events], "the woken worker changed the job"
+    assert len(_took_over(other)) == 1
+
+
+def test_redis_keys_lost_mid_job_strand_nothing(cluster):
+    deployment = cluster(LOCAL_LATENCY_MS=800).up()
+    a, b = deployment.replicas
+    with a.client() as on_a, b.client() as on_b:
+        token = login(on_a)
+        job_id = create_job(on_a, token, prompt="forgotten by redis", num_images=4)
+        seen = read_stream(
+            on_b, job_id, headers=_auth(token), stop=lambda e: e.event == "progress" and e.data["status"] == "running"
+        )
+        store = deployment.redis()
+        store.delete(*store.scan_iter(f"{deployment.prefix}:*"))  # an eviction or a FLUSHDB
+        rest = _read_to_the_end(on_b, job_id, token, seen[-1].id)
+        whole = _read_to_the_end(on_a, job_id, token)
+    assert rest[-1].event == "done" and rest[-1].data["status"] == "succeeded"
+    assert [e.id for e in seen + rest] == [e.id for e in whole], "a gap or a duplicate"
 
 
 def test_work_delivered_twice_is_recorded_once(cluster):
