@@ -19,13 +19,16 @@ PING_INTERVAL_SECONDS = 1.0
 BLOCK_MS = 2000
 
 
-def connect(url: str) -> "redis.Redis":
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2, decode_responses=True)
+def connect(url: str, name: str | None = None) -> "redis.Redis":
+    """`name`: what CLIENT LIST shows for each of its connections."""
+    return redis.Redis.from_url(
+        url, socket_timeout=10, socket_connect_timeout=2, decode_responses=True, client_name=name
+    )
 
 
 class RedisLink:
     def __init__(self, url: str, prefix: str) -> None:
-        self.client = connect(url)
+        self.client = connect(url, name=prefix)
         self.prefix = prefix
         self.available = True
         self.detail = "not checked yet"
