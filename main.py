@@ -48,7 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await service.start()
         app.state.image_store = components.image_store
         app.state.image_url_signer = components.signer
-        app.state.metrics = components.metrics
         app.state.health_service = health_service(components, service)
         app.state.auth_service = AuthService(
             find_user=stored_users(components.repository),

@@ -231,5 +231,8 @@ def health_service(components: Components, service: JobService) -> HealthService
         write_failure=lambda: service.write_failure,
         image_store=components.image_store,
         provider=components.image_maker.provider,
+        metrics=components.metrics,
+        queue_depth=service.queue_depth,
         redis=components.redis,
+        work_queue_failure=(lambda: service.work_queue_failure) if components.redis is not None else None,
     )

@@ -30,7 +30,6 @@ def monitoring_app(components: Components, service: JobService) -> FastAPI:
     """The worker's /healthz, /readyz and /metrics: the API's routes, on this process's parts."""
     app = FastAPI(title="MyFlix worker", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.health_service = health_service(components, service)
-    app.state.metrics = components.metrics
     app.include_router(health.router)
     return app
 

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.exc import OperationalError
 
+from app.core.metrics import Metrics
 from app.providers.local import LocalProvider
 from app.services.health_service import HealthService
 from app.services.image_store import LocalImageStore
@@ -66,12 +67,19 @@ class _RefusingEngine:
         raise OperationalError("SELECT 1", {}, OSError("connection to /run/postgresql/.s.PGSQL.5432 refused"))
 
 
+async def _no_depth() -> int:
+    return 0
+
+
 def test_readiness_names_a_failing_database_and_writes_without_their_errors(tmp_path, caplog):
     health = HealthService(
         _RefusingEngine(),
         write_failure=lambda: "disk I/O error at /srv/myflix/data/myflix.db",
         image_store=LocalImageStore(tmp_path),
         provider=LocalProvider(latency_ms=0, jitter_ms=0),
+        metrics=Metrics(),
+        queue_depth=_no_depth,
+        work_queue_failure=lambda: "ConnectionRefusedError: 10.0.0.7:5432",
     )
     with caplog.at_level(logging.WARNING, logger="myflix.health"):
         checks = asyncio.run(health.readiness())
@@ -80,6 +88,7 @@ def test_readiness_names_a_failing_database_and_writes_without_their_errors(tmp_
         "writes": False,
         "image_store": True,
         "provider": True,
+        "work_queue": False,
     }
     assert checks["database"].detail == "unreachable"
     assert "/" not in " ".join(check.detail for check in checks.values() if not check.ok)

@@ -278,6 +278,8 @@ def test_an_image_whose_every_attempt_kills_its_worker_fails_after_image_max_att
     assert "given up after 2 attempts" in done.data["images"][0]["error"]
     (survivor,) = [w for w in deployment.workers if w.process.poll() is None]
     assert len(_took_over(survivor)) == 0  # it never started the image: its attempts were spent
+    with httpx.Client(base_url=survivor.base_url, timeout=10) as monitor:
+        assert "\nmyflix_image_attempts_exhausted_total 1.0" in monitor.get("/metrics").text
 
 
 def test_a_paused_worker_stalls_nothing_and_records_nothing_stale_when_it_wakes(cluster):
@@ -306,6 +308,8 @@ def test_a_paused_worker_stalls_nothing_and_records_nothing_stale_when_it_wakes(
     assert events[-1].event == "done" and events[-1].data["status"] == "succeeded"
     assert [(e.id, e.data) for e in again] == [(e.id, e.data) for e in events], "the woken worker changed the job"
     assert len(_took_over(other)) == 1
+    with httpx.Client(base_url=other.base_url, timeout=10) as monitor:
+        assert "\nmyflix_image_takeovers_total 1.0" in monitor.get("/metrics").text
 
 
 def test_redis_keys_lost_mid_job_strand_nothing(cluster):
@@ -565,7 +569,7 @@ def test_a_worker_serves_its_health_readiness_and_metrics_and_still_stops_gracef
         assert monitor.get("/healthz").json() == {"status": "ok"}
         ready = monitor.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert {"database", "writes", "image_store", "provider", "redis"} == set(ready.json()["checks"])
+        assert {"database", "writes", "image_store", "provider", "redis", "work_queue"} == set(ready.json()["checks"])
         with deployment.replicas[0].client() as api:
             token = login(api)
             job_id = create_job(api, token, prompt="watched", num_images=2)
@@ -573,5 +577,8 @@ def test_a_worker_serves_its_health_readiness_and_metrics_and_still_stops_gracef
         metrics = monitor.get("/metrics").text
         assert 'myflix_images_total{outcome="succeeded",provider="local"} 2.0' in metrics, metrics[-2000:]
         assert "myflix_busy_workers" in metrics
+        assert "\nmyflix_queue_depth 0.0" in metrics
+        assert "\nmyflix_image_takeovers_total 0.0" in metrics
+        assert "\nmyflix_image_attempts_exhausted_total 0.0" in metrics
     assert worker.stop(signal.SIGTERM) == 0
     assert "worker stopping" in worker.log_path.read_text()

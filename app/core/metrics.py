@@ -63,7 +63,12 @@ class Metrics:
         )
         self.open_streams = Gauge("myflix_open_streams", "SSE streams open now.", registry=self.registry)
         self.busy_workers = Gauge("myflix_busy_workers", "Worker threads making an image now.", registry=self.registry)
-        self.queued_images = Gauge("myflix_queued_images", "Images waiting for a worker.", registry=self.registry)
+        self.queued_images = Gauge(
+            "myflix_queued_images", "Images this process holds that wait for a worker.", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "myflix_queue_depth", "Images waiting for a worker, in the whole deployment.", registry=self.registry
+        )
         self.loop_lag = Histogram(
             "myflix_event_loop_lag_seconds",
             "How late the event loop runs a timer: time it spends blocked.",

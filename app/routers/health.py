@@ -1,4 +1,4 @@
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -39,7 +39,8 @@ async def readyz(health: HealthServiceDep) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics: TTFI, batch and image latency histograms; job, image, retry and
-    error counters; open streams, busy workers and queued images."""
-    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(health: HealthServiceDep) -> Response:
+    """Prometheus metrics: TTFI, batch and image latency histograms; job, image, retry,
+    error, takeover and attempts-exhausted counters; open streams, busy workers, queued
+    images here and in the whole deployment."""
+    return Response(await health.metrics(), media_type=CONTENT_TYPE_LATEST)

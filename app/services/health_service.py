@@ -7,12 +7,13 @@ carries a file path or an exception's text. Those go to the log, when a check st
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.core.metrics import Metrics
 from app.core.redis_link import RedisLink
 from app.providers.base import ImageProvider
 from app.services.image_store import ImageStore, ImageStoreError
@@ -38,9 +39,15 @@ class HealthService:
         write_failure: Callable[[], str | None],
         image_store: ImageStore,
         provider: ImageProvider,
+        metrics: Metrics,
+        queue_depth: Callable[[], Awaitable[int]],
         redis: RedisLink | None = None,
+        work_queue_failure: Callable[[], str | None] | None = None,
     ) -> None:
         self._engine = engine
+        self._metrics = metrics
+        self._queue_depth = queue_depth
+        self._work_queue_failure = work_queue_failure
         self._write_failure = write_failure
         self._image_store = image_store
         self._store_probe: asyncio.Task[Check] | None = None
@@ -59,7 +66,26 @@ class HealthService:
         if self._redis is not None:
             # Pinged every second by the link itself, which logs why when Redis goes away.
             checks["redis"] = Check(True, "ok") if self._redis.available else Check(False, "does not answer")
+        if self._work_queue_failure is not None:
+            checks["work_queue"] = self._work_queue()
         return checks
+
+    def _work_queue(self) -> Check:
+        assert self._work_queue_failure is not None
+        failure = self._work_queue_failure()
+        if failure is not None:
+            return self._failed("work_queue", "failing; tried again", f"the work queue fails: {failure}")
+        return self._passed("work_queue", "ok")
+
+    async def metrics(self) -> bytes:
+        """The metrics, with the deployment's queue depth as it is now (the last one known
+        while it cannot be read)."""
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+                self._metrics.queue_depth.set(await self._queue_depth())
+        except Exception as exc:  # the metrics are still served; readiness says what fails
+            logger.warning("the queue depth could not be read: %s: %s", type(exc).__name__, exc)
+        return self._metrics.exposition()
 
     async def _database(self) -> Check:
         try:

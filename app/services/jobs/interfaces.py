@@ -193,6 +193,10 @@ class WorkQueue(Protocol):
         """Images this process holds that wait for a worker."""
         ...
 
+    async def depth(self) -> int:
+        """Images waiting for a worker, in the whole deployment."""
+        ...
+
     def positions_for_new_job(self, count: int) -> list[int | None]:
         """1-based places the images of a new job would get (None where unknown)."""
         ...

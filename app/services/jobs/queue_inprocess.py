@@ -99,6 +99,9 @@ class InProcessWorkQueue:
     def waiting_count(self) -> int:
         return len(self._waiting)
 
+    async def depth(self) -> int:
+        return len(self._waiting)
+
     async def start(self) -> None:
         # A new process holds none of the work a previous one left unfinished.
         for callback in self._reset_callbacks:

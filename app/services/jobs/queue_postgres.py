@@ -192,7 +192,6 @@ class PostgresWorkQueue:
         return claimed is not None
 
     async def depth(self) -> int:
-        """Images waiting for a worker, across the cluster."""
         statistics = await self._ready_queries().queue_size()
         return sum(row.count for row in statistics if row.status == "queued")
 

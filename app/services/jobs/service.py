@@ -142,6 +142,15 @@ class JobService:
         await self._store.close(SHUTDOWN_FLUSH_SECONDS)
 
     @property
+    def work_queue_failure(self) -> str | None:
+        """Why image work cannot be queued or taken now; None while it can."""
+        return self._queue.unavailable
+
+    async def queue_depth(self) -> int:
+        """Images waiting for a worker, in the whole deployment."""
+        return await self._queue.depth()
+
+    @property
     def images_in_progress(self) -> int:
         """Images this process is making now."""
         return 0 if self._runner is None else self._runner.busy

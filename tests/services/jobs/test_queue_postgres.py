@@ -108,6 +108,8 @@ def test_a_malformed_item_is_dropped_and_the_intake_goes_on(database_url):
             left = await asyncio.to_thread(query_database, database_url, "SELECT count(*) FROM pgqueuer")
             assert left == [(0,)]
             assert queue.unavailable is None
+        # A queue whose loops have stopped says so (and readiness with it).
+        assert "work-consume" in (queue.unavailable or "")
 
     _run(scenario())
 
