@@ -28,18 +28,18 @@ def weed_binary() -> str:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports free on loopback, each with its gRPC port (+10000) free too."""
+def _free_ports(count: int, ip: str = "127.0.0.1") -> list[int]:
+    """Ports free on `ip`, each with its gRPC port (+10000) free too."""
     ports: list[int] = []
     while len(ports) < count:
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
+            probe.bind((ip, 0))
             port = probe.getsockname()[1]
         if port + GRPC_OFFSET > 65535 or port in ports:
             continue
         with socket.socket() as grpc_probe:
             try:
-                grpc_probe.bind(("127.0.0.1", port + GRPC_OFFSET))
+                grpc_probe.bind((ip, port + GRPC_OFFSET))
             except OSError:
                 continue
         ports.append(port)
@@ -55,21 +55,31 @@ def _wait_until(predicate, timeout: float, what: str) -> None:
 
 
 class SeaweedS3Process:
-    """`with SeaweedS3Process(directory) as s3:` a server with one bucket, BUCKET, that takes
-    ACCESS_KEY / SECRET_KEY; `s3.env(prefix)` is the service's settings for a store of its own
-    in it. Killed at the end (weed ignores SIGTERM)."""
+    """`with SeaweedS3Process(directory) as s3:` a server on loopback with one bucket, BUCKET,
+    that takes ACCESS_KEY / SECRET_KEY (or on `ip`, its S3 API on `s3_port`, with a bucket and
+    keys of the caller's); `s3.env(prefix)` is the service's settings for a store of its own in
+    it. Killed at the end (weed ignores SIGTERM)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ip: str = "127.0.0.1",
+        s3_port: int | None = None,
+        bucket: str = BUCKET,
+        keys: tuple[str, str] = (ACCESS_KEY, SECRET_KEY),
+    ) -> None:
         self.directory = directory
         self.binary = weed_binary()
-        self.master_port, self.volume_port, self.filer_port, self.s3_port = _free_ports(4)
-        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.ip, self.bucket, (self.access_key, self.secret_key) = ip, bucket, keys
+        self.master_port, self.volume_port, self.filer_port, free_s3_port = _free_ports(4, ip)
+        self.s3_port = s3_port or free_s3_port
+        self.endpoint = f"http://{ip}:{self.s3_port}"
         self.process: subprocess.Popen[bytes] | None = None
         (directory / "data").mkdir(parents=True, exist_ok=True)
         self._identities = directory / "s3.json"
         identity = {
             "name": "myflix",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
         self._identities.write_text(json.dumps({"identities": [identity]}))
@@ -78,10 +88,10 @@ class SeaweedS3Process:
 
     def env(self, prefix: str) -> dict[str, str]:
         return {
-            "IMAGE_STORE_URL": f"s3://{BUCKET}/{prefix}",
+            "IMAGE_STORE_URL": f"s3://{self.bucket}/{prefix}",
             "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_REGION": "us-east-1",
         }
 
@@ -91,8 +101,8 @@ class SeaweedS3Process:
             "server",
             "-s3",
             f"-dir={self.directory / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.ip}",
+            f"-ip.bind={self.ip}",
             "-master.telemetry=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
@@ -121,14 +131,14 @@ class SeaweedS3Process:
             raise RuntimeError(f"weed exited: {self.log_path.read_text()[-3000:]}")
         try:
             # Anonymous: refused (403) once the S3 gateway is up.
-            return httpx.get(f"{self.endpoint}/{BUCKET}", timeout=1).status_code in (403, 404)
+            return httpx.get(f"{self.endpoint}/{self.bucket}", timeout=1).status_code in (403, 404)
         except httpx.TransportError:
             return False
 
     def shell(self, command: str) -> str:
         """What `weed shell` prints for `command`."""
         shell = subprocess.run(
-            [self.binary, "shell", f"-master=127.0.0.1:{self.master_port}"],
+            [self.binary, "shell", f"-master={self.ip}:{self.master_port}"],
             input=f"{command}\n".encode(),
             capture_output=True,
             timeout=60,
@@ -137,7 +147,7 @@ class SeaweedS3Process:
         return shell.stdout.decode(errors="replace")
 
     def _make_bucket(self) -> bool:
-        said = self.shell(f"s3.bucket.create -name {BUCKET}")
+        said = self.shell(f"s3.bucket.create -name {self.bucket}")
         return "created bucket" in said or "already exists" in said
 
     def kill(self) -> None:

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -251,6 +252,60 @@ def query_database(url: str, sql: str) -> list[tuple]:
             await engine.dispose()
 
     return asyncio.run(run())
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port of loopback (or on `host`:`port`), to
+    stop and start again."""
+
+    def __init__(self, tmp_path: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            _unavailable("redis-server is not installed: the Redis restart tests are skipped")
+        self.binary, self.dir, self.host = binary, tmp_path, host
+        self.port = port or _free_port(host)
+        self.url = f"redis://{host}:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                # No password: off loopback, protected mode would refuse every client.
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, what="redis-server to answer")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.2).ping()
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
 def enqueue_work(url: str, payload: object, priority: int = 0) -> None:

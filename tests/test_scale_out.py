@@ -6,9 +6,7 @@ go away and come back, a redis-server of the test's own.
 """
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,8 +23,8 @@ import redis
 from app.core.config import PROJECT_ROOT
 from tests.conftest import (
     TEST_JWT_SECRET,
+    RedisServer,
     ServiceProcess,
-    _unavailable,
     create_job,
     enqueue_work,
     login,
@@ -345,52 +343,6 @@ def test_work_delivered_twice_is_recorded_once(cluster):
 
 
 # Redis goes away and comes back -------------------------------------------------------------
-
-
-class RedisServer:
-    """A redis-server of the test's own, on a free port, to stop and start again."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            _unavailable("redis-server is not installed: the Redis restart test is skipped")
-        self.binary, self.dir = binary, tmp_path
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "RedisServer":
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(self._answers, what="redis-server to answer")
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            return redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture
