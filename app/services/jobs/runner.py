@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.core.metrics import Metrics
-from app.providers.base import ImageRequest
+from app.providers.base import ImageRequest, StopSignal
 from app.services.image_store import ImageStoreError
 from app.services.jobs import domain
 from app.services.jobs.domain import Job, Update
@@ -167,18 +167,28 @@ class ImageRunner:
             self._loop.call_soon_threadsafe(_resolve, stopped)
 
     async def _run(self, item: WorkItem) -> None:
-        job = item.job if item.job is not None else await self._store.get(item.job_id)
-        if job is None or (item not in self._started and not _wanted(job, item)):
+        attempt: int | None = None
+        job = item.job
+        if job is None:
+            # The queue carries no job (scaled out): its claim reads it, then the image starts.
+            claimed = await self._claim(item, time.monotonic(), None)
+            if claimed is None:
+                return
+            job, attempt = claimed
+        elif item not in self._started and not _wanted(job, item):
             await self._queue.done(item)  # recorded already (delivered twice), or canceled
             return
-        # The image first, the bookkeeping after: its time is running already.
+        # Where the job is at hand, the image first and its claim after: its time is running.
         started = self._started.pop(item, None)
         dispatched = started if started is not None else self._dispatch(job, item)
         request = dispatched.request
         try:
-            attempt = await self._claim(job.id, item, request)
             if attempt is None:
-                return
+                claimed = await self._claim(item, request.dispatched_at, request.stop)
+                if claimed is None:
+                    return
+                attempt = claimed[1]
+            self._attempts[item] = attempt
             outcome = await self._outcome(item, attempt, dispatched)
             if outcome is None:
                 if request.stop.cancels_at_provider:
@@ -198,33 +208,36 @@ class ImageRunner:
             if not self._running:
                 self._idle.set()
 
-    async def _claim(self, job_id: str, item: WorkItem, request: ImageRequest) -> int | None:
-        """Record that this worker took the image; the attempt it holds, or None when the image
-        is not to be made (it ended meanwhile, or has had all its attempts)."""
+    async def _claim(self, item: WorkItem, at: float, stop: StopSignal | None) -> tuple[Job, int] | None:
+        """Record that this worker took the image: the job and the attempt it holds, or None
+        when the image is not to be made (the job is gone, the image ended meanwhile, or it
+        has had all its attempts). `stop`: the image's, where it has started already."""
         applied = await self._recorder.record(
-            job_id, lambda j: domain.claimed(j, item.index, request.dispatched_at, self._max_attempts)
+            item.job_id, lambda j: domain.claimed(j, item.index, at, self._max_attempts)
         )
         if applied is None:  # deleted
-            request.stop.interrupt()
+            if stop is not None:
+                stop.interrupt()
             await self._queue.done(item)
             return None
         image = applied.job.images[item.index]
         if image.finished or applied.job.cancel_requested:
-            if image.status == "failed" and item.index in applied.update.images:
+            exhausted = image.status == "failed" and item.index in applied.update.images
+            if exhausted:
                 self._metrics.attempts_exhausted.inc()
-                request.stop.cancel()  # the image failed: its prediction is of no use any more
-            else:
-                request.stop.interrupt()
+            if stop is not None and exhausted:
+                stop.cancel()  # the image failed: its prediction is of no use any more
+            elif stop is not None:
+                stop.interrupt()
             await self._queue.done(item)
             return None
         if image.attempts > 1:
             self._metrics.takeovers.inc()
             logger.info(
                 "took over an image from a worker that went quiet or stopped",
-                extra={"job_id": job_id, "index": item.index, "attempt": image.attempts},
+                extra={"job_id": item.job_id, "index": item.index, "attempt": image.attempts},
             )
-        self._attempts[item] = image.attempts
-        return image.attempts
+        return applied.job, image.attempts
 
     async def _outcome(self, item: WorkItem, attempt: int, dispatched: _Dispatched) -> ImageOutcome | None:
         """What the thread made; None once the request was stopped; a failure at the deadline
