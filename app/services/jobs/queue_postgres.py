@@ -21,6 +21,7 @@ strands no work.
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -256,9 +257,11 @@ class PostgresWorkQueue:
     async def _keep_leases(self) -> None:
         """Every sixth of the claim timeout: renew the heartbeat of what this process holds,
         and move the work of workers gone quiet ahead of all waiting work, so that the next
-        worker to ask anywhere takes it over even under a backlog."""
+        worker to ask anywhere takes it over even under a backlog. Once a claim timeout, one
+        process of the deployment also empties PgQueuer's log, a row per take and per done
+        that this service never reads (PgQueuer's own worker would fold it into statistics)."""
         queries = self._ready_queries()
-        while True:
+        for tick in itertools.count(1):
             await asyncio.sleep(self._claim_timeout / 6)
             if self._held:
                 await queries.update_heartbeat([row.id for row in self._held.values()])
@@ -266,6 +269,8 @@ class PostgresWorkQueue:
             for quiet in stale:
                 if quiet.priority < RESUMED_PRIORITY:
                     await self._move_ahead(quiet.id)
+            if tick % 6 == 0 and await self.lock("queue-log", self._claim_timeout * 0.9):
+                await queries.clear_queue_log(ENTRYPOINT)
 
     async def _move_ahead(self, row_id: JobId) -> None:
         queries = self._ready_queries()

@@ -127,3 +127,20 @@ def test_a_chore_is_leased_to_one_process_at_a_time_until_its_lease_runs_out(dat
             assert asyncio.get_running_loop().time() - leased_at >= 0.45
 
     _run(scenario())
+
+
+def test_the_queues_log_is_emptied_once_a_claim_timeout(database_url):
+    async def scenario() -> None:
+        async with _queue(database_url) as queue:
+            job = _job(2)
+            await queue.push(job, [0, 1])
+            for _ in range(2):
+                await queue.done(await queue.take())
+            logged = "SELECT count(*) FROM pgqueuer_log"
+            assert (await asyncio.to_thread(query_database, database_url, logged))[0][0] >= 4
+            deadline = asyncio.get_running_loop().time() + 3 * CLAIM_TIMEOUT_SECONDS
+            while (await asyncio.to_thread(query_database, database_url, logged))[0][0]:
+                assert asyncio.get_running_loop().time() < deadline, "the log was never emptied"
+                await asyncio.sleep(0.1)
+
+    _run(scenario())
