@@ -47,6 +47,10 @@ ENTRYPOINT = QueueEntrypoint("image")
 CANCEL_CHANNEL = "myflix_cancel"
 # Connections of the queue's own pool (the listener has one more).
 POOL_SIZE = 4
+# How often the queue's database is tried again while it fails.
+RECHECK_SECONDS = 1.0
+# How long closing waits for the pool's connections to be given back.
+CLOSE_SECONDS = 2.0
 # Above every rank: an image that had started before a restart may only need re-attaching.
 RESUMED_PRIORITY = 1
 
@@ -116,7 +120,10 @@ class PostgresWorkQueue:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), CLOSE_SECONDS)
+            except TimeoutError:  # a query that hangs on a database that answers nothing
+                self._pool.terminate()
 
     def positions_for_new_job(self, count: int) -> list[int | None]:
         return [None] * count
@@ -259,10 +266,12 @@ class PostgresWorkQueue:
         and move the work of workers gone quiet ahead of all waiting work, so that the next
         worker to ask anywhere takes it over even under a backlog. Once a claim timeout, one
         process of the deployment also empties PgQueuer's log, a row per take and per done
-        that this service never reads (PgQueuer's own worker would fold it into statistics)."""
+        that this service never reads (PgQueuer's own worker would fold it into statistics).
+        While the queue's database fails, every second: a round that goes through says it
+        answers again (a replica that takes no work has no other way to find out)."""
         queries = self._ready_queries()
         for tick in itertools.count(1):
-            await asyncio.sleep(self._claim_timeout / 6)
+            await asyncio.sleep(RECHECK_SECONDS if self._failure else self._claim_timeout / 6)
             if self._held:
                 await queries.update_heartbeat([row.id for row in self._held.values()])
             stale = await queries.stale_jobs(timedelta(seconds=self._claim_timeout * 2 / 3))
@@ -271,6 +280,9 @@ class PostgresWorkQueue:
                     await self._move_ahead(quiet.id)
             if tick % 6 == 0 and await self.lock("queue-log", self._claim_timeout * 0.9):
                 await queries.clear_queue_log(ENTRYPOINT)
+            if self._failure is not None:
+                logger.info("the work queue's database answers again")
+                self._failure = None
 
     async def _move_ahead(self, row_id: JobId) -> None:
         queries = self._ready_queries()

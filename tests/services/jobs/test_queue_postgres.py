@@ -8,26 +8,29 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from app.core.config import async_database_url
 from app.db.engine import PostgresLimits, create_engine
 from app.db.migrate import upgrade_database
 from app.services.jobs import domain
 from app.services.jobs.domain import Job
+from app.services.jobs.interfaces import QueueUnavailableError
 from app.services.jobs.queue_postgres import PostgresWorkQueue
 from tests.conftest import enqueue_work, postgres_url, query_database
+from tests.faults import PgSandbox
 
 CLAIM_TIMEOUT_SECONDS = 1.5
+
+
+async def _migrate(url: str) -> None:
+    engine = create_engine(url)
+    await upgrade_database(engine)
+    await engine.dispose()
 
 
 @pytest.fixture
 def database_url() -> str:
     url = postgres_url()
-
-    async def migrate() -> None:
-        engine = create_engine(url)
-        await upgrade_database(engine)
-        await engine.dispose()
-
-    asyncio.run(migrate())
+    asyncio.run(_migrate(url))
     return url
 
 
@@ -144,3 +147,29 @@ def test_the_queues_log_is_emptied_once_a_claim_timeout(database_url):
                 await asyncio.sleep(0.1)
 
     _run(scenario())
+
+
+def test_a_database_that_refuses_the_queue_makes_it_unavailable_and_it_recovers_by_itself():
+    sandbox = PgSandbox(postgres_url(), "myflix_queue_faults").create()
+    try:
+        asyncio.run(_migrate(async_database_url(sandbox.service_url)))
+
+        async def scenario() -> None:
+            async with _queue(sandbox.service_url) as queue:
+                await queue.push(_job(1), [0])
+                await asyncio.to_thread(sandbox.login, False)
+                await asyncio.to_thread(sandbox.terminate_sessions)
+                with pytest.raises(QueueUnavailableError):
+                    await queue.push(_job(1), [0])
+                assert queue.unavailable is not None
+                await asyncio.to_thread(sandbox.login, True)
+                # Nothing asks the queue for work here (an API replica's): it finds out itself.
+                deadline = asyncio.get_running_loop().time() + 10
+                while queue.unavailable is not None:
+                    assert asyncio.get_running_loop().time() < deadline, queue.unavailable
+                    await asyncio.sleep(0.1)
+                assert await queue.push(_job(1), [0]) == [0]
+
+        _run(scenario())
+    finally:
+        sandbox.drop()
