@@ -233,7 +233,8 @@ class WorkQueue(Protocol):
         ...
 
     def on_reset(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """`callback()` when the queue lost what it held (a new process's memory)."""
+        """`callback()` when the queue has lost what it held (the in-process queue of a new
+        process holds nothing of what the one before it queued)."""
         ...
 
     async def lock(self, name: str, seconds: float) -> bool:

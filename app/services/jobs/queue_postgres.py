@@ -54,7 +54,14 @@ CLOSE_SECONDS = 2.0
 # Above every rank: an image that had started before a restart may only need re-attaching.
 RESUMED_PRIORITY = 1
 
-_FAILURES: tuple[type[BaseException], ...] = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# What the queue's database, or a connection to it that a fault left unusable, fails with.
+_FAILURES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class PostgresWorkQueue:
@@ -122,7 +129,7 @@ class PostgresWorkQueue:
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), CLOSE_SECONDS)
-            except TimeoutError:  # a query that hangs on a database that answers nothing
+            except Exception:  # a connection that hangs, or that a failed query left unusable
                 self._pool.terminate()
 
     def positions_for_new_job(self, count: int) -> list[int | None]:
