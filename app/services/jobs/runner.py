@@ -334,7 +334,7 @@ class ImageRunner:
 
         def apply(job: Job) -> Update | None:
             attempt = self._attempts.get(item)
-            return transition(job) if attempt is None or job.images[item.index].attempts == attempt else None
+            return transition(job) if attempt is None else domain.by_attempt(item.index, attempt, transition)(job)
 
         return apply
 

@@ -1,6 +1,7 @@
 """The generation service on its own: no HTTP, a scripted provider, a SQLite file."""
 
 import asyncio
+import logging
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from app.providers.base import GeneratedImage, ImageRequest, ProviderError
 from app.providers.local import render_image
 from app.services.auth_service import seed_demo_users
 from app.services.image_store import LocalImageStore
-from app.services.jobs import queue_inprocess
+from app.services.jobs import domain, queue_inprocess
 from app.services.jobs import service as service_module
 from app.services.jobs.events_inprocess import InProcessEventBus
 from app.services.jobs.image_maker import ImageMaker
@@ -151,6 +152,36 @@ def test_one_image_failing_does_not_stop_the_others(tmp_path):
     assert statuses[0][0] == statuses[3][0] == "succeeded"
     assert statuses[1] == ("failed", "image 1 was refused")
     assert statuses[2] == ("failed", "Internal error: KeyError")
+
+
+def test_a_result_that_comes_after_its_image_was_taken_over_is_dropped(tmp_path, caplog):
+    gate = threading.Event()
+
+    async def scenario():
+        async with running_service(tmp_path, ScriptedProvider(gate=gate)) as service:
+            created, _ = await service.create_job(owner=OWNER, prompt="p", num_images=1, seed=None)
+            deadline = time.monotonic() + 10
+            while (await service.get_job(created.id, OWNER)).images[0].attempts != 1:
+                assert time.monotonic() < deadline, "the image was never claimed"
+                await asyncio.sleep(0.01)
+            # Another worker takes the image over (this one was paused, say): attempt 2.
+            await service._recorder.record(created.id, lambda j: domain.claimed(j, 0, j.accepted_at, max_attempts=3))
+            gate.set()  # this worker's result comes now
+            while not any("after it was taken over" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the late result was never seen"
+                await asyncio.sleep(0.01)
+            image = (await service.get_job(created.id, OWNER)).images[0]
+            assert (image.status, image.image_key) == ("running", None), "the overtaken worker recorded its result"
+            # The successor's result is the one recorded.
+            await service._recorder.record(
+                created.id,
+                domain.by_attempt(0, 2, lambda j: domain.image_changed(j, 0, "succeeded", j.accepted_at + 1, "b.png")),
+            )
+            return await service.get_job(created.id, OWNER)
+
+    with caplog.at_level(logging.WARNING, logger="myflix.jobs"):
+        job = asyncio.run(scenario())
+    assert job.status == "succeeded" and job.images[0].image_key == "b.png"
 
 
 def test_every_image_failing_makes_a_failed_job(tmp_path):
