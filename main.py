@@ -18,11 +18,12 @@ from app.core.logging import RequestLogMiddleware, configure_logging
 from app.core.request_limits import RequestLimitsMiddleware
 from app.core.security_headers import SecurityHeadersMiddleware
 from app.models.openapi import declare_settings_limits, stream_event_schemas
-from app.routers import auth, docs, generation, health, images
+from app.routers import admin, auth, docs, generation, health, images, usage
 from app.routers.errors import register_error_handlers
-from app.services.auth_service import AuthService, seed_demo_users, stored_users
+from app.services.auth_service import AuthService, seed_demo_users
 from app.services.login_throttle import login_throttle_for
 from app.services.stream_slots import stream_slots_for
+from app.services.users_service import UsersService
 
 # The largest valid body (a 2000-character prompt) is a few KiB; refuse far more (413).
 MAX_REQUEST_BODY_BYTES = 64 * 1024
@@ -42,23 +43,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         components = await open_components(settings)
-        await seed_demo_users(components.repository)
+        if settings.seeds_demo_users:
+            await seed_demo_users(components.accounts)
         # Scaled out, a replica makes images too unless RUN_WORK_IN_API is false.
         service = job_service(settings, components, makes_images=settings.REDIS_URL is None or settings.RUN_WORK_IN_API)
         await service.start()
         app.state.image_store = components.image_store
         app.state.image_url_signer = components.signer
         app.state.health_service = health_service(components, service)
-        app.state.auth_service = AuthService(
-            find_user=stored_users(components.repository),
+        app.state.auth_service = auth_service = AuthService(
+            components.accounts,
             jwt_secret=jwt_secret(settings),
             token_lifetime=timedelta(minutes=settings.ACCESS_TOKEN_EXPIRE_MINUTES),
+            refresh_lifetime=timedelta(days=settings.REFRESH_TOKEN_DAYS),
             throttle=login_throttle_for(
                 components.redis,
                 max_failures=settings.LOGIN_MAX_FAILURES,
                 max_failures_per_account=settings.LOGIN_MAX_FAILURES_PER_ACCOUNT,
                 window_seconds=settings.LOGIN_FAILURE_WINDOW_SECONDS,
             ),
+            signup_enabled=settings.SIGNUP_ENABLED,
+        )
+        app.state.users_service = UsersService(
+            components.accounts, settings.DAILY_IMAGE_QUOTA, on_changed=auth_service.forget
         )
         app.state.job_service = service
         app.state.stream_slots = stream_slots = stream_slots_for(settings.MAX_STREAMS_PER_USER, components.redis)
@@ -85,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.CORS_ORIGINS,
-        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
         expose_headers=["Location", "Retry-After", "Idempotent-Replayed"],
     )
@@ -93,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=MAX_REQUEST_BODY_BYTES)
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.ENVIRONMENT == "production")
     app.add_middleware(RequestLogMiddleware)
-    routers = [auth.router, generation.router, images.router, health.router, docs.router]
+    routers = [auth.router, generation.router, usage.router, admin.router, images.router, health.router, docs.router]
     register_error_handlers(app, routers)
     for router in routers:
         app.include_router(router)

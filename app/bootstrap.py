@@ -14,6 +14,7 @@ from app.core.config import S3Location, Settings
 from app.core.metrics import Metrics
 from app.core.redis_link import RedisLink
 from app.core.security import ImageUrlSigner, derive_key
+from app.db.accounts import AccountRepository
 from app.db.engine import PostgresLimits, create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
 from app.db.repository import Repository
@@ -22,6 +23,7 @@ from app.providers.downloads import ImageFetcher
 from app.services.health_service import HealthService
 from app.services.image_store import ImageStore, ImageStoreError, LocalImageStore
 from app.services.image_store_s3 import S3ImageStore
+from app.services.jobs.create_budget import CreateBudget, InProcessCreateBudget, RedisCreateBudget, TokenBucket
 from app.services.jobs.events_inprocess import InProcessEventBus
 from app.services.jobs.events_redis import RedisEventBus
 from app.services.jobs.image_maker import ImageMaker
@@ -40,6 +42,7 @@ from app.services.shared_settings import SharedSettings, shared_values
 class Components:
     engine: AsyncEngine
     repository: Repository
+    accounts: AccountRepository
     image_store: ImageStore
     signer: ImageUrlSigner
     metrics: Metrics
@@ -156,9 +159,11 @@ async def open_components(settings: Settings) -> Components:
         await engine.dispose()
         raise
     url_secret = image_url_secret(settings)
+    sessionmaker = create_sessionmaker(engine)
     components = Components(
         engine=engine,
-        repository=Repository(create_sessionmaker(engine)),
+        repository=Repository(sessionmaker),
+        accounts=AccountRepository(sessionmaker),
         image_store=image_store,
         signer=ImageUrlSigner(url_secret, settings.IMAGE_URL_TTL_SECONDS),
         metrics=Metrics(),
@@ -180,16 +185,26 @@ def job_service(settings: Settings, components: Components, makes_images: bool) 
     store: JobStore
     events: EventBus
     queue: WorkQueue
+    shaped = settings.PROVIDER_MAX_CREATES_PER_MINUTE > 0 and components.image_maker.provider.limits_creates
+    budget: CreateBudget | None = None
     if components.redis is None:
         in_process = InProcessJobStore(components.repository, components.engine)
         store, events = in_process, InProcessEventBus(in_process.events)
-        queue = InProcessWorkQueue(settings.GENERATION_MAX_WORKERS)
+        bucket = (
+            TokenBucket(settings.PROVIDER_MAX_CREATES_PER_MINUTE, settings.PROVIDER_CREATE_BURST) if shaped else None
+        )
+        budget = InProcessCreateBudget(bucket) if bucket is not None else None
+        queue = InProcessWorkQueue(settings.GENERATION_MAX_WORKERS, bucket)
     else:
         scaled = ScaledJobStore(components.repository, components.engine)
         store = scaled
         events = RedisEventBus(components.redis, settings.REDIS_EVENTS_RETENTION_SECONDS, scaled.events)
         claim_timeout = settings.WORKER_CLAIM_TIMEOUT_SECONDS
-        queue = PostgresWorkQueue(settings.database_url, postgres_limits(settings), claim_timeout)
+        if shaped:
+            budget = RedisCreateBudget(
+                components.redis, settings.PROVIDER_MAX_CREATES_PER_MINUTE, settings.PROVIDER_CREATE_BURST
+            )
+        queue = PostgresWorkQueue(settings.database_url, postgres_limits(settings), claim_timeout, budget)
     recorder = JobRecorder(store, events, components.metrics)
     runner = (
         ImageRunner(
@@ -202,6 +217,7 @@ def job_service(settings: Settings, components: Components, makes_images: bool) 
             image_timeout_seconds=settings.IMAGE_TIMEOUT_SECONDS,
             max_attempts=settings.IMAGE_MAX_ATTEMPTS,
             shutdown_grace_seconds=settings.SHUTDOWN_GRACE_SECONDS,
+            create_budget=budget,
         )
         if makes_images
         else None

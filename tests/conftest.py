@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -29,7 +28,6 @@ from sse_starlette.sse import AppStatus
 
 from app.core.config import PROJECT_ROOT, Settings, async_database_url
 from app.core.http_server import server_config
-from app.core.security import create_access_token
 from app.db.engine import plain_postgres_url
 from main import create_app
 from tests.fake_replicate import FakeReplicate
@@ -58,6 +56,8 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
         AWS_ENDPOINT_URL=None,
         AWS_ACCESS_KEY_ID=None,
         AWS_SECRET_ACCESS_KEY=None,
+        # Tests make more images than a day's default; tests/test_quotas.py sets its own.
+        DAILY_IMAGE_QUOTA=0,
     )
     values.update(overrides)
     # Init arguments win over the environment and the dotenv files.
@@ -148,10 +148,10 @@ def read_stream(
 
 
 def login(client: httpx.Client, user: tuple[str, str] = ALICE) -> str:
-    """A token for a demo user of the service `client` talks to, signed as the service signs
-    its own (every test service has TEST_JWT_SECRET). Signing in through the endpoint costs a
-    fifth of a second of bcrypt: tests/test_auth.py does that, the others need only a token."""
-    return create_access_token(user[0], TEST_JWT_SECRET, timedelta(minutes=60))
+    """An access token for a demo user of the service `client` talks to, from its login."""
+    response = client.post("/api/auth/login", json={"email": user[0], "password": user[1]})
+    assert response.status_code == 200, response.text
+    return response.json()["access_token"]
 
 
 def create_job(client: httpx.Client, token: str, **body) -> str:
@@ -183,7 +183,17 @@ def fake_replicate() -> Iterator[FakeReplicate]:
 # Databases ------------------------------------------------------------------------------
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-_TABLES = ("job_events", "images", "jobs", "users", "chore_leases", "alembic_version")
+_TABLES = (
+    "job_events",
+    "images",
+    "jobs",
+    "daily_usage",
+    "refresh_tokens",
+    "auth_sessions",
+    "users",
+    "chore_leases",
+    "alembic_version",
+)
 # The work queue's (PgQueuer's) schema, installed by the scaled work queue at its start.
 _QUEUE_SCHEMA = (
     "DROP TABLE IF EXISTS pgqueuer, pgqueuer_log, pgqueuer_schedules, pgqueuer_statistics CASCADE",

@@ -31,7 +31,8 @@ def test_demo_users_log_in_and_see_themselves(client, user):
     assert response.status_code == 200
     body = response.json()
     assert body["token_type"] == "bearer"
-    assert body["expires_in"] == 60 * 60
+    assert body["expires_in"] == 15 * 60
+    assert body["refresh_expires_in"] == 30 * 86_400 and len(body["refresh_token"]) >= 40
     me = _me(client, body["access_token"])
     assert me.status_code == 200
     assert me.json()["email"] == user[0]
@@ -107,28 +108,53 @@ def _b64(data: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
-def _forged_tokens() -> dict[str, str]:
+def _session_of(client) -> str:
+    token = client.post("/api/auth/login", json={"email": ALICE[0], "password": ALICE[1]}).json()["access_token"]
+    return jwt.get_unverified_claims(token)["sid"]
+
+
+FORGERIES = (
+    "expired",
+    "tampered",
+    "bad signature",
+    "alg none",
+    "foreign secret",
+    "unknown subject",
+    "another user's session",
+    "unknown session",
+    "no session",
+    "no expiry",
+    "HS512",
+    "infinite expiry",
+    "garbage",
+)
+
+
+def _forged_token(kind: str, session: str) -> str:
     secret = TEST_JWT_SECRET
-    valid = create_access_token(ALICE[0], secret, timedelta(minutes=5))
+    valid = create_access_token(ALICE[0], session, secret, timedelta(minutes=5))
     header, payload, signature = valid.split(".")
-    tampered_payload = _b64({"sub": BOB[0], "exp": 4102444800})
+    claims = {"sub": ALICE[0], "sid": session}
     return {
-        "expired": create_access_token(ALICE[0], secret, timedelta(seconds=-10)),
-        "tampered": f"{header}.{tampered_payload}.{signature}",
-        "bad signature": f"{header}.{payload}.{signature[:-4]}AAAA",
-        "alg none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{payload}.",
-        "foreign secret": create_access_token(ALICE[0], "someone-elses-secret", timedelta(minutes=5)),
-        "unknown subject": create_access_token("mallory@myflix.dev", secret, timedelta(minutes=5)),
-        "no expiry": jwt.encode({"sub": ALICE[0]}, secret, algorithm="HS256"),
-        "HS512": jwt.encode({"sub": ALICE[0], "exp": 4102444800}, secret, algorithm="HS512"),
-        "infinite expiry": f"{header}.{_b64({'sub': ALICE[0], 'exp': 1e999})}.{signature}",
-        "garbage": "not-a-jwt",
-    }
+        "expired": lambda: create_access_token(ALICE[0], session, secret, timedelta(seconds=-10)),
+        "tampered": lambda: f"{header}.{_b64({'sub': BOB[0], 'sid': session, 'exp': 4102444800})}.{signature}",
+        "bad signature": lambda: f"{header}.{payload}.{signature[:-4]}AAAA",
+        "alg none": lambda: f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{payload}.",
+        "foreign secret": lambda: create_access_token(ALICE[0], session, "someone-elses-secret", timedelta(minutes=5)),
+        "unknown subject": lambda: create_access_token("mallory@myflix.dev", session, secret, timedelta(minutes=5)),
+        "another user's session": lambda: create_access_token(BOB[0], session, secret, timedelta(minutes=5)),
+        "unknown session": lambda: create_access_token(ALICE[0], "ses_nobody", secret, timedelta(minutes=5)),
+        "no session": lambda: jwt.encode({"sub": ALICE[0], "exp": 4102444800}, secret, algorithm="HS256"),
+        "no expiry": lambda: jwt.encode(claims, secret, algorithm="HS256"),
+        "HS512": lambda: jwt.encode({**claims, "exp": 4102444800}, secret, algorithm="HS512"),
+        "infinite expiry": lambda: f"{header}.{_b64({**claims, 'exp': 1e999})}.{signature}",
+        "garbage": lambda: "not-a-jwt",
+    }[kind]()
 
 
-@pytest.mark.parametrize("kind", list(_forged_tokens()))
+@pytest.mark.parametrize("kind", FORGERIES)
 def test_bad_tokens_are_refused_with_401(client, kind):
-    response = _me(client, _forged_tokens()[kind])
+    response = _me(client, _forged_token(kind, _session_of(client)))
     assert response.status_code == 401
     assert response.json() == {"detail": "Could not validate credentials"}
     assert response.headers["www-authenticate"] == "Bearer"
@@ -136,7 +162,8 @@ def test_bad_tokens_are_refused_with_401(client, kind):
 
 def test_the_forged_tokens_are_otherwise_valid(client):
     """The control for the test above: each forgery starts from a token that works."""
-    assert _me(client, create_access_token(ALICE[0], TEST_JWT_SECRET, timedelta(minutes=5))).status_code == 200
+    session = _session_of(client)
+    assert _me(client, create_access_token(ALICE[0], session, TEST_JWT_SECRET, timedelta(minutes=5))).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -147,7 +147,7 @@ def test_run_py_says_what_is_active_and_serves(tmp_path):
         # placeholder signs nothing here.
         kept = tmp_path / "jwt-secret"
         assert kept.stat().st_mode & 0o777 == 0o600 and len(kept.read_text()) >= 32
-        forged = create_access_token("bob@myflix.dev", PLACEHOLDER_JWT_SECRET, timedelta(days=365))
+        forged = create_access_token("bob@myflix.dev", "ses_any", PLACEHOLDER_JWT_SECRET, timedelta(days=365))
         me = f"http://127.0.0.1:{port}/api/auth/me"
         assert httpx.get(me, headers={"Authorization": f"Bearer {forged}"}).status_code == 401
         own = login.json()["access_token"]

@@ -244,13 +244,15 @@ def test_rs256_and_confused_algorithm_tokens_are_refused(live_server):
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    claims = {"sub": ALICE[0], "exp": datetime.now(UTC) + timedelta(minutes=5)}
-    tokens = {
-        "RS256": jwt.encode(claims, private_pem.decode(), algorithm="RS256"),
-        # The classic confusion: HS256 keyed with the public key (jose itself refuses to make one).
-        "HS256 with a public key": _hs256_by_hand({"sub": ALICE[0], "exp": 4102444800}, public_pem),
-    }
     with live_server() as server, server.client() as client:
+        # A real session, so that only the algorithm and the key are wrong.
+        session = jwt.get_unverified_claims(login(client))["sid"]
+        claims = {"sub": ALICE[0], "sid": session, "exp": datetime.now(UTC) + timedelta(minutes=5)}
+        tokens = {
+            "RS256": jwt.encode(claims, private_pem.decode(), algorithm="RS256"),
+            # The classic confusion: HS256 keyed with the public key (jose itself refuses to make one).
+            "HS256 with a public key": _hs256_by_hand({"sub": ALICE[0], "sid": session, "exp": 4102444800}, public_pem),
+        }
         for kind, token in tokens.items():
             assert client.get("/api/auth/me", headers=_auth(token)).status_code == 401, kind
         assert client.get("/api/auth/me", headers=_auth(jwt.encode(claims, TEST_JWT_SECRET))).status_code == 200

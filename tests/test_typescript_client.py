@@ -21,6 +21,14 @@ OPERATION_IDS = {
     ("post", "/api/auth/login"): "login",
     ("post", "/api/auth/token"): "issueToken",
     ("get", "/api/auth/me"): "getMe",
+    ("post", "/api/auth/register"): "register",
+    ("post", "/api/auth/refresh"): "refreshToken",
+    ("post", "/api/auth/logout"): "logout",
+    ("post", "/api/auth/password"): "changePassword",
+    ("get", "/api/auth/settings"): "getAuthSettings",
+    ("get", "/api/usage"): "getUsage",
+    ("get", "/api/admin/users"): "listUsers",
+    ("patch", "/api/admin/users/{email}"): "updateUser",
     ("post", "/api/generate/"): "createJob",
     ("get", "/api/generate/"): "listJobs",
     ("get", "/api/generate/{job_id}"): "getJob",
@@ -62,8 +70,13 @@ def test_num_images_maximum_is_each_apps_setting(tmp_path):
 
 def test_password_limit_is_in_the_schema_and_says_bytes(tmp_path):
     schemas = _schema(tmp_path)["components"]["schemas"]
-    for model in ("LoginRequest", "TokenForm"):
-        password = schemas[model]["properties"]["password"]
+    for model, field in (
+        ("LoginRequest", "password"),
+        ("TokenForm", "password"),
+        ("RegisterRequest", "password"),
+        ("PasswordChange", "new_password"),
+    ):
+        password = schemas[model]["properties"][field]
         assert password["maxLength"] == BCRYPT_MAX_PASSWORD_BYTES, model
         assert f"{BCRYPT_MAX_PASSWORD_BYTES} bytes in UTF-8" in password["description"], model
 
@@ -78,7 +91,7 @@ def test_fields_the_server_leaves_out_are_optional_and_never_null(tmp_path):
         assert "anyOf" not in field and "default" not in field and field["type"] != "null", name
     # What a snapshot's image and a token answer always carry is required.
     assert set(schemas["ImageResult"]["required"]) == set(schemas["ImageResult"]["properties"])
-    assert "token_type" in schemas["TokenResponse"]["required"]
+    assert {"token_type", "refresh_token", "refresh_expires_in"} <= set(schemas["TokenResponse"]["required"])
 
 
 def test_image_endpoint_declares_binary_images_and_every_4xx_is_documented(tmp_path):
@@ -90,9 +103,16 @@ def test_image_endpoint_declares_binary_images_and_every_4xx_is_documented(tmp_p
     }
     assert {"403", "404", "422"} <= set(image)
     expected = {
-        "login": {"400", "401", "413", "422", "429", "503"},
-        "issueToken": {"400", "401", "413", "422", "429", "503"},
+        "login": {"400", "401", "403", "413", "422", "429", "503"},
+        "issueToken": {"400", "401", "403", "413", "422", "429", "503"},
+        "register": {"400", "403", "409", "413", "422", "429", "503"},
+        "refreshToken": {"400", "401", "413", "422", "503"},
+        "logout": {"401", "503"},
+        "changePassword": {"400", "401", "403", "413", "422", "429", "503"},
         "getMe": {"401", "503"},
+        "getUsage": {"401", "503"},
+        "listUsers": {"401", "403", "422", "503"},
+        "updateUser": {"400", "401", "403", "404", "413", "422", "503"},
         "createJob": {"400", "401", "409", "413", "422", "429", "503"},
         "listJobs": {"401", "422", "503"},
         "getJob": {"401", "404", "422", "503"},

@@ -43,7 +43,15 @@ class Settings(BaseSettings):
     ]
 
     JWT_SECRET_KEY: SecretStr = SecretStr(PLACEHOLDER_JWT_SECRET)
-    ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(60, ge=1)
+    ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(15, ge=1)
+    # A refresh token (each rotation makes a new one) is good for this long.
+    REFRESH_TOKEN_DAYS: float = Field(30, gt=0)
+    # Whether anyone may create an account (POST /api/auth/register).
+    SIGNUP_ENABLED: bool = False
+    # The demo users with their documented passwords; unset: in development only.
+    SEED_DEMO_USERS: bool | None = None
+    # Images a user may ask for per UTC day (an admin can set a user's own); 0: unlimited.
+    DAILY_IMAGE_QUOTA: int = Field(200, ge=0)
     # Failed logins per account and client, and per account from all clients, in the window.
     LOGIN_MAX_FAILURES: int = Field(5, ge=1)
     LOGIN_MAX_FAILURES_PER_ACCOUNT: int = Field(50, ge=1)
@@ -120,6 +128,10 @@ class Settings(BaseSettings):
     PROVIDER_OUTPUT_HOSTS: Annotated[list[str], NoDecode] = []
     # A provider call that has not finished by then is abandoned (and canceled at Replicate).
     IMAGE_TIMEOUT_SECONDS: float = Field(120.0, gt=0)
+    # Prediction creates the whole deployment sends the provider per minute (Replicate's
+    # documented limit), and how many may go at once after a quiet spell; 0: unshaped.
+    PROVIDER_MAX_CREATES_PER_MINUTE: float = Field(600, ge=0)
+    PROVIDER_CREATE_BURST: int = Field(10, ge=1)
 
     # Scale-out: with a Redis URL, events go through Redis and image work through a queue in
     # PostgreSQL (required), so that several API replicas and `python -m app.worker` processes
@@ -220,6 +232,10 @@ class Settings(BaseSettings):
             if base.hostname:
                 hosts.append((base.hostname, base.port or (443 if base.scheme == "https" else 80)))
         return hosts
+
+    @property
+    def seeds_demo_users(self) -> bool:
+        return self.ENVIRONMENT == "development" if self.SEED_DEMO_USERS is None else self.SEED_DEMO_USERS
 
     @property
     def uses_placeholder_secret(self) -> bool:

@@ -2,6 +2,7 @@
 
 import hashlib
 import hmac
+import secrets
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -19,6 +20,10 @@ class InvalidTokenError(Exception):
     """The token is malformed, forged, expired or of the wrong algorithm."""
 
 
+def hash_password(password: str) -> str:
+    return _password_context.hash(password)
+
+
 def verify_password(password: str, password_hash: str) -> bool:
     try:
         return _password_context.verify(password, password_hash)
@@ -26,14 +31,16 @@ def verify_password(password: str, password_hash: str) -> bool:
         return False
 
 
-def create_access_token(subject: str, secret: str, expires_in: timedelta) -> str:
+def create_access_token(subject: str, session_id: str, secret: str, expires_in: timedelta) -> str:
     now = datetime.now(UTC)
-    claims = {"sub": subject, "iat": now, "exp": now + expires_in}
+    # A token id, so that no two tokens are the same, even made within one second.
+    claims = {"sub": subject, "sid": session_id, "jti": secrets.token_hex(8), "iat": now, "exp": now + expires_in}
     return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
 
 
-def decode_access_token(token: str, secret: str) -> str:
-    """Return the token's subject; raise InvalidTokenError for anything not ours and current."""
+def decode_access_token(token: str, secret: str) -> tuple[str, str]:
+    """Return the token's subject and session; raise InvalidTokenError for anything not ours
+    and current."""
     try:
         claims = jwt.decode(
             token,
@@ -43,10 +50,23 @@ def decode_access_token(token: str, secret: str) -> str:
         )
     except (JWTError, ValueError, OverflowError, TypeError) as exc:  # e.g. "exp": 1e999
         raise InvalidTokenError(str(exc)) from exc
-    subject = claims.get("sub")
+    subject, session_id = claims.get("sub"), claims.get("sid")
     if not isinstance(subject, str) or not subject:
         raise InvalidTokenError("token has no subject")
-    return subject
+    if not isinstance(session_id, str) or not session_id:
+        raise InvalidTokenError("token has no session")  # made before sessions could end
+    return subject, session_id
+
+
+def new_refresh_token() -> tuple[str, str]:
+    """An opaque refresh token and the hash it is stored as (it has 256 random bits: a plain
+    SHA-256 is enough, nobody can guess one to match a leaked hash)."""
+    token = secrets.token_urlsafe(32)
+    return token, refresh_token_hash(token)
+
+
+def refresh_token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # The longest a link's expiry is rounded up by.

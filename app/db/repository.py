@@ -1,15 +1,17 @@
 """Queries and writes over the storage models. Reads open their own session; writes take the
 journal's session, so that they commit in its batches."""
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.db.tables import EventRow, ImageRow, JobRow, UserRow
+from app.db.tables import DailyUsageRow, EventRow, ImageRow, JobRow
 
 UNFINISHED_JOB_STATUSES = ("queued", "running")
 Result = TypeVar("Result")
@@ -17,6 +19,14 @@ Result = TypeVar("Result")
 
 class ConflictingWriteError(Exception):
     """The write broke a constraint; nothing of it was stored."""
+
+
+@dataclass(frozen=True)
+class AdmissionRefused:
+    """A new job was not written: its owner has too many unfinished jobs (`images_left` None),
+    or too few images left today for it."""
+
+    images_left: int | None
 
 
 @dataclass
@@ -35,20 +45,6 @@ def as_utc(moment: datetime) -> datetime:
 class Repository:
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
         self._sessionmaker = sessionmaker
-
-    # Users ------------------------------------------------------------------------------
-
-    async def seed_users(self, users: Iterable[UserRow]) -> None:
-        """Insert the users that are missing; existing rows are left as they are."""
-        async with self._sessionmaker.begin() as session:
-            existing = set((await session.scalars(select(UserRow.email))).all())
-            for user in users:
-                if user.email not in existing:
-                    session.add(user)
-
-    async def get_user(self, email: str) -> UserRow | None:
-        async with self._sessionmaker() as session:
-            return await session.get(UserRow, email)
 
     # Jobs -------------------------------------------------------------------------------
 
@@ -118,10 +114,13 @@ class Repository:
             images = await self._images_of(session, [job.id for job in jobs])
         return _with_images(jobs, images)
 
-    async def write_new_job(self, changes: "Changes", owner_email: str, max_unfinished: int) -> bool:
-        """Write the new job's `changes` unless its owner has `max_unfinished` unfinished jobs;
-        whether it was written. Admissions of one owner take turns (a transaction-scoped
-        advisory lock on PostgreSQL), so that concurrent ones in any process count each other."""
+    async def write_new_job(
+        self, changes: "Changes", owner_email: str, max_unfinished: int, daily_images: int | None, day: date
+    ) -> "AdmissionRefused | None":
+        """Write the new job's `changes` unless its owner has `max_unfinished` unfinished jobs,
+        or it would take them past `daily_images` on `day`; None when it was written.
+        Admissions of one owner take turns (a transaction-scoped advisory lock on PostgreSQL),
+        so that concurrent ones in any process count each other."""
         async with self._sessionmaker.begin() as session:
             if session.get_bind().dialect.name == "postgresql":
                 await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner_email))))
@@ -131,7 +130,16 @@ class Repository:
                 .where(JobRow.owner_email == owner_email, JobRow.status.in_(UNFINISHED_JOB_STATUSES))
             )
             if (unfinished or 0) >= max_unfinished:
-                return False
+                return AdmissionRefused(images_left=None)
+            if daily_images is not None:
+                used = await session.scalar(
+                    select(DailyUsageRow.images).where(
+                        DailyUsageRow.user_email == owner_email, DailyUsageRow.day == day
+                    )
+                )
+                asked = sum(row["num_images"] for row in changes.jobs)
+                if (used or 0) + asked > daily_images:
+                    return AdmissionRefused(images_left=max(0, daily_images - (used or 0)))
             await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
             if session.get_bind().dialect.name == "postgresql":
                 # Ages are taken from the database's clock, the one every process shares: a
@@ -140,7 +148,26 @@ class Repository:
                 await session.execute(
                     update(JobRow).where(JobRow.id.in_(job_ids)).values(created_at=func.clock_timestamp())
                 )
-        return True
+        return None
+
+    # Usage ------------------------------------------------------------------------------
+
+    async def images_used(self, email: str, day: date) -> int:
+        async with self._sessionmaker() as session:
+            used = await session.scalar(
+                select(DailyUsageRow.images).where(DailyUsageRow.user_email == email, DailyUsageRow.day == day)
+            )
+        return used or 0
+
+    async def usage_on(self, day: date) -> dict[str, int]:
+        """Every user's images of `day`."""
+        async with self._sessionmaker() as session:
+            rows = (
+                await session.execute(
+                    select(DailyUsageRow.user_email, DailyUsageRow.images).where(DailyUsageRow.day == day)
+                )
+            ).all()
+        return {row.user_email: row.images for row in rows}
 
     # Writes of the scaled-out deployment, each its own transaction -------------------------
 
@@ -200,6 +227,14 @@ class Repository:
         ):
             if states:
                 connection.execute(_UPDATE_BY_KEY[table], [_keyed(table, state) for state in states])
+        usage: dict[tuple[str, date], int] = {}
+        for changes in batch:
+            for change in changes.usage:
+                key = (change["user_email"], change["day"])
+                usage[key] = usage.get(key, 0) + change["images"]
+        if usage:
+            rows = [{"user_email": email, "day": day, "images": images} for (email, day), images in usage.items()]
+            connection.execute(_add_usage(connection.dialect.name), rows)
         deleted = [job_id for changes in batch for job_id in changes.deleted_jobs]
         if deleted:
             # Children first, as the foreign keys require.
@@ -229,6 +264,8 @@ class Changes:
     image_states: list[dict[str, Any]] = field(default_factory=list)  # primary key + every state column
     job_states: list[dict[str, Any]] = field(default_factory=list)  # likewise
     deleted_jobs: list[str] = field(default_factory=list)  # removed with their images and events, last
+    # (user_email, day, images): added to the user's images of that day.
+    usage: list[dict[str, Any]] = field(default_factory=list)
 
 
 # The primary key's values go in as `key_<column>`, so that they find the row and are not set.
@@ -236,10 +273,21 @@ _KEY_PREFIX = "key_"
 _JOBS = cast(Table, JobRow.__table__)
 _IMAGES = cast(Table, ImageRow.__table__)
 _EVENTS = cast(Table, EventRow.__table__)
+_USAGE = cast(Table, DailyUsageRow.__table__)
 _UPDATE_BY_KEY = {
     table: update(table).where(and_(*(column == bindparam(_KEY_PREFIX + column.name) for column in table.primary_key)))
     for table in (_IMAGES, _JOBS)
 }
+
+
+def _add_usage(dialect: str) -> Any:
+    """INSERT … ON CONFLICT DO UPDATE adding to the day's count: one statement, atomic."""
+    insert_of = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert_of(_USAGE)
+    return statement.on_conflict_do_update(
+        index_elements=[_USAGE.c.user_email, _USAGE.c.day],
+        set_={"images": _USAGE.c.images + statement.excluded.images},
+    )
 
 
 def _keyed(table: Table, state: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Storage models (SQLAlchemy). The API's schemas live apart, in app/models."""
 
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -24,9 +26,51 @@ class Base(DeclarativeBase):
 class UserRow(Base):
     __tablename__ = "users"
 
-    email: Mapped[str] = mapped_column(String(254), primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), primary_key=True)  # normalised: trimmed, lower case
     full_name: Mapped[str] = mapped_column(String(200))
     password_hash: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The user's own images per UTC day (0: unlimited); None: DAILY_IMAGE_QUOTA.
+    daily_image_quota: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SessionRow(Base):
+    """A sign-in, alive until it is logged out, revoked or its refresh token expires."""
+
+    __tablename__ = "auth_sessions"
+    __table_args__ = (Index("ix_auth_sessions_user", "user_email"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_email: Mapped[str] = mapped_column(ForeignKey("users.email", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_reason: Mapped[str | None] = mapped_column(String(40))
+
+
+class RefreshTokenRow(Base):
+    """Every refresh token a session was given, by its hash only: a rotated one that comes
+    back gives its session away as stolen."""
+
+    __tablename__ = "refresh_tokens"
+    __table_args__ = (Index("ix_refresh_tokens_session", "session_id"),)
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("auth_sessions.id", ondelete="CASCADE"))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DailyUsageRow(Base):
+    """Images a user's jobs asked for on a UTC day, less those that failed or were canceled."""
+
+    __tablename__ = "daily_usage"
+
+    user_email: Mapped[str] = mapped_column(ForeignKey("users.email", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    images: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class JobRow(Base):

@@ -48,9 +48,50 @@ class TokenResponse(BaseModel):
 
     access_token: str
     token_type: Literal["bearer"] = "bearer"
-    expires_in: int = Field(description="Seconds until the token expires.")
+    expires_in: int = Field(description="Seconds until the access token expires.")
+    refresh_token: str = Field(
+        description="Opaque; trade it at POST /api/auth/refresh for new tokens before the access token "
+        "expires. Each use gives a new one: a refresh token used twice ends its session."
+    )
+    refresh_expires_in: int = Field(description="Seconds until the refresh token expires.")
+
+
+NewPassword = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description=f"8 to {BCRYPT_MAX_PASSWORD_BYTES} bytes in UTF-8, and not the email address.",
+        json_schema_extra={"maxLength": BCRYPT_MAX_PASSWORD_BYTES, "format": "password"},
+    ),
+]
+
+
+class RegisterRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"email": "carol@example.com", "password": "carol-in-wonderland", "full_name": "Carol"}]
+        }
+    )
+
+    email: Email = Field(description="Normalised: surrounding space removed, lower case.")
+    password: NewPassword
+    full_name: str = Field(min_length=1, max_length=200)
+
+
+class RefreshRequest(BaseModel):
+    refresh_token: str = Field(min_length=1, max_length=200)
+
+
+class PasswordChange(BaseModel):
+    current_password: Password
+    new_password: NewPassword
+
+
+class AuthSettings(BaseModel):
+    signup_enabled: bool = Field(description="Whether POST /api/auth/register takes new accounts.")
 
 
 class UserPublic(BaseModel):
     email: str
     full_name: str
+    role: Literal["user", "admin"]

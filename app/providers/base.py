@@ -82,6 +82,9 @@ class ImageRequest:
     on_prediction: Callable[[str], None] = field(default=lambda prediction_id: None)
     # Called (on the worker thread) before a retry: attempt number, delay in seconds, reason.
     on_retry: Callable[[int, float, str], None] = field(default=lambda attempt, delay, reason: None)
+    # Called (on the worker thread) when the provider refused a create for its rate limit,
+    # with the seconds it asked to wait.
+    on_throttled: Callable[[float], None] = field(default=lambda seconds: None)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class ImageStopped(Exception):
 class ImageProvider(Protocol):
     name: str
     model: str
+    # Whether the provider limits how fast predictions are created (Replicate: 600 a minute),
+    # so that the service shapes its creates under PROVIDER_MAX_CREATES_PER_MINUTE.
+    limits_creates: bool
 
     def generate(self, request: ImageRequest) -> GeneratedImage:
         """Make one image. Blocking: runs on a worker thread. Raises ProviderError, or

@@ -84,6 +84,7 @@ def render_image(prompt: str, seed: int | None, index: int) -> bytes:
 
 class LocalProvider:
     name = "local"
+    limits_creates = False
     model = "myflix-local-renderer"
 
     def __init__(self, latency_ms: int, jitter_ms: int) -> None:

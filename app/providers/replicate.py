@@ -54,9 +54,10 @@ T = TypeVar("T")
 class TransientReplicateError(Exception):
     """A failure worth retrying: throttling, a server error or a broken connection."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
 
 def _retry_after_seconds(response: httpx.Response) -> float | None:
@@ -96,7 +97,9 @@ class TransientFailureTransport(httpx.BaseTransport):
             response.close()
             detail = _problem_detail(response) or response.reason_phrase
             raise TransientReplicateError(
-                f"Replicate answered {response.status_code}: {detail}", _retry_after_seconds(response)
+                f"Replicate answered {response.status_code}: {detail}",
+                _retry_after_seconds(response),
+                response.status_code,
             )
         return response
 
@@ -131,8 +134,11 @@ def _sleep_unless_stopped(stop: StopSignal, seconds: float) -> None:
         raise ImageStopped
 
 
-def _report_retry(request: ImageRequest, retry_state: RetryCallState) -> None:
-    request.on_retry(retry_state.attempt_number, retry_state.upcoming_sleep, str(_failure(retry_state)))
+def _report_retry(request: ImageRequest, creating: bool, retry_state: RetryCallState) -> None:
+    failure = _failure(retry_state)
+    if creating and isinstance(failure, TransientReplicateError) and failure.status == 429:
+        request.on_throttled(retry_state.upcoming_sleep)
+    request.on_retry(retry_state.attempt_number, retry_state.upcoming_sleep, str(failure))
 
 
 def _client_error_message(exc: ReplicateError) -> str:
@@ -165,6 +171,7 @@ class _ThreadClient:
 
 class ReplicateProvider:
     name = "replicate"
+    limits_creates = True
 
     def __init__(
         self,
@@ -271,7 +278,7 @@ class ReplicateProvider:
             stop=stop_after_attempt(self._max_retries + 1),
             wait=_retry_delay,
             sleep=functools.partial(_sleep_unless_stopped, request.stop),
-            before_sleep=functools.partial(_report_retry, request),
+            before_sleep=functools.partial(_report_retry, request, creating),
             reraise=True,
         )
         try:

@@ -10,12 +10,13 @@ from fastapi.security import OAuth2PasswordBearer
 
 from app.core.config import Settings
 from app.core.security import ImageUrlSigner
-from app.services.auth_service import AuthService, User
+from app.services.auth_service import AuthService, SignedIn, User
 from app.services.health_service import HealthService
 from app.services.image_store import ImageStore
 from app.services.jobs.service import JobService
 from app.services.jobs.views import ImageLinks
 from app.services.stream_slots import StreamSlot, StreamSlots
+from app.services.users_service import NotAnAdminError, UsersService, daily_quota
 
 TOKEN_URL = "/api/auth/token"
 
@@ -46,6 +47,11 @@ async def get_job_service(request: Request) -> JobService:
     return service
 
 
+async def get_users_service(request: Request) -> UsersService:
+    users_service: UsersService = request.app.state.users_service
+    return users_service
+
+
 async def get_health_service(request: Request) -> HealthService:
     health_service: HealthService = request.app.state.health_service
     return health_service
@@ -62,20 +68,39 @@ async def get_image_url_signer(request: Request) -> ImageUrlSigner:
 
 
 AuthServiceDep = Annotated[AuthService, Depends(get_auth_service)]
+UsersServiceDep = Annotated[UsersService, Depends(get_users_service)]
 JobServiceDep = Annotated[JobService, Depends(get_job_service)]
 HealthServiceDep = Annotated[HealthService, Depends(get_health_service)]
 ImageStoreDep = Annotated[ImageStore, Depends(get_image_store)]
 ImageUrlSignerDep = Annotated[ImageUrlSigner, Depends(get_image_url_signer)]
 
 
-async def _user_for(token: str | None, auth: AuthService) -> User:
+async def _signed_in(token: str | None, auth: AuthService) -> SignedIn:
     if not token:
         raise MissingTokenError
-    return await auth.user_for_token(token)
+    return await auth.signed_in(token)
 
 
-async def get_current_user(token: Annotated[str | None, Depends(_bearer)], auth: AuthServiceDep) -> User:
-    return await _user_for(token, auth)
+async def get_current_session(token: Annotated[str | None, Depends(_bearer)], auth: AuthServiceDep) -> SignedIn:
+    return await _signed_in(token, auth)
+
+
+CurrentSession = Annotated[SignedIn, Depends(get_current_session)]
+
+
+async def get_current_user(session: CurrentSession) -> User:
+    return session.user
+
+
+async def get_admin(user: Annotated[User, Depends(get_current_user)]) -> User:
+    if not user.is_admin:
+        raise NotAnAdminError
+    return user
+
+
+async def get_daily_quota(user: Annotated[User, Depends(get_current_user)], settings: SettingsDep) -> int | None:
+    """The caller's images per UTC day; None: unlimited."""
+    return daily_quota(user, settings.DAILY_IMAGE_QUOTA)
 
 
 async def get_stream_user(
@@ -86,7 +111,7 @@ async def get_stream_user(
         Query(description="The access token, for clients that cannot send headers (EventSource)."),
     ] = None,
 ) -> User:
-    return await _user_for(token or access_token, auth)
+    return (await _signed_in(token or access_token, auth)).user
 
 
 async def get_image_links(request: Request, settings: SettingsDep, signer: ImageUrlSignerDep) -> ImageLinks:
@@ -114,6 +139,8 @@ async def get_client_address(request: Request) -> str:
 Links = Annotated[ImageLinks, Depends(get_image_links)]
 ClientAddress = Annotated[str, Depends(get_client_address)]
 CurrentUser = Annotated[User, Depends(get_current_user)]
+AdminUser = Annotated[User, Depends(get_admin)]
+DailyQuota = Annotated[int | None, Depends(get_daily_quota)]
 StreamUser = Annotated[User, Depends(get_stream_user)]
 
 

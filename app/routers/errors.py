@@ -15,10 +15,18 @@ from app.core.security import InvalidImageSignatureError, InvalidTokenError
 from app.core.security_headers import security_headers
 from app.db.faults import DatabaseUnavailableError, transient_fault
 from app.routers.deps import MissingTokenError
-from app.services.auth_service import InvalidCredentialsError
+from app.services.auth_service import (
+    AccountDisabledError,
+    EmailTakenError,
+    InvalidCredentialsError,
+    InvalidRefreshTokenError,
+    SignUpDisabledError,
+    WrongPasswordError,
+)
 from app.services.errors import InvalidFieldError
 from app.services.image_store import ImageNotFoundError, ImageStoreError
 from app.services.jobs.service import (
+    DailyQuotaExceededError,
     IdempotencyConflictError,
     JobAlreadyFinishedError,
     JobNotFoundError,
@@ -27,6 +35,7 @@ from app.services.jobs.service import (
 )
 from app.services.login_throttle import LoginThrottledError
 from app.services.stream_slots import TooManyStreamsError
+from app.services.users_service import NotAnAdminError, UserNotFoundError
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
 
@@ -35,6 +44,14 @@ _ERROR_RESPONSES: dict[type[Exception], tuple[int, str | None, dict[str, str]]] 
     MissingTokenError: (401, "Not authenticated", _BEARER),
     InvalidTokenError: (401, "Could not validate credentials", _BEARER),
     InvalidCredentialsError: (401, "Incorrect email or password", _BEARER),
+    InvalidRefreshTokenError: (401, None, {}),
+    AccountDisabledError: (403, None, {}),
+    SignUpDisabledError: (403, None, {}),
+    WrongPasswordError: (403, None, {}),
+    NotAnAdminError: (403, None, {}),
+    EmailTakenError: (409, None, {}),
+    UserNotFoundError: (404, None, {}),
+    DailyQuotaExceededError: (429, None, {}),
     JobNotFoundError: (404, "Job not found", {}),
     ImageNotFoundError: (404, "Image not found", {}),
     InvalidImageSignatureError: (403, None, {}),

@@ -12,7 +12,15 @@ from app.models.generation import (
     JobPage,
     JobSnapshot,
 )
-from app.routers.deps import CurrentUser, JobServiceDep, Links, SettingsDep, StreamSlotDep, StreamUser
+from app.routers.deps import (
+    CurrentUser,
+    DailyQuota,
+    JobServiceDep,
+    Links,
+    SettingsDep,
+    StreamSlotDep,
+    StreamUser,
+)
 from app.services.jobs.domain import JobEvent
 from app.services.jobs.event_log import EventStreamInterrupted
 from app.services.jobs.views import KEEPALIVE_WIRE, RECONNECT_WIRE, ImageLinks, parse_last_event_id
@@ -34,7 +42,10 @@ _CANCEL_RESPONSES = {**_NOT_FOUND, **error_responses(_409="The job has already f
         **_UNAUTHORIZED,
         **error_responses(
             _409="Idempotency-Key reused with a different body",
-            _429="Too many jobs in progress; see Retry-After",
+            _429=(
+                "Too many jobs in progress, or the job asks for more images than are left today "
+                "(DAILY_IMAGE_QUOTA; the message says how many are left); see Retry-After"
+            ),
             _503=(
                 "The service is shutting down, the database takes no writes (for DB_WRITE_TIMEOUT_SECONDS), "
                 "or (scaled out) Redis is unreachable; see Retry-After"
@@ -45,6 +56,7 @@ _CANCEL_RESPONSES = {**_NOT_FOUND, **error_responses(_409="The job has already f
 async def create_job(
     body: GenerateRequest,
     user: CurrentUser,
+    quota: DailyQuota,
     service: JobServiceDep,
     response: Response,
     idempotency_key: Annotated[
@@ -59,6 +71,7 @@ async def create_job(
         num_images=body.num_images,
         seed=body.seed,
         idempotency_key=idempotency_key,
+        daily_quota=quota,
     )
     response.headers["Location"] = f"/api/generate/{job.id}"
     if replayed:
@@ -81,8 +94,8 @@ async def list_jobs(
 @router.get("/{job_id}", operation_id="getJob", response_model=JobSnapshot, responses=_NOT_FOUND)
 async def get_job(job_id: str, user: CurrentUser, service: JobServiceDep, links: Links) -> JobSnapshot:
     """The job's current state: each image's status, url, error and latency, and its metrics.
-    Image URLs are freshly signed on every call."""
-    return service.snapshot(await service.get_job(job_id, user.email), links)
+    Image URLs are freshly signed on every call. An admin may read anyone's job."""
+    return service.snapshot(await service.get_job(job_id, user.email, any_owner=user.is_admin), links)
 
 
 @router.post(
@@ -164,8 +177,9 @@ async def stream_job(
 ) -> Response:
     """Server-Sent Events of the job from the start, or after `Last-Event-ID`: `progress`,
     then `done` (or `error`), with `keepalive` while nothing else happens. 204 when the job
-    has ended and `Last-Event-ID` is its last event: `EventSource` then stops reconnecting."""
-    job = await service.get_job(job_id, user.email)
+    has ended and `Last-Event-ID` is its last event: `EventSource` then stops reconnecting.
+    An admin may follow anyone's job."""
+    job = await service.get_job(job_id, user.email, any_owner=user.is_admin)
     after_id = parse_last_event_id(last_event_id)
     if await service.nothing_to_follow(job, after_id):
         return Response(status_code=status.HTTP_204_NO_CONTENT)

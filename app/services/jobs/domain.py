@@ -113,6 +113,9 @@ class Update:
     created: bool = False  # the job is new: insert it
     closes: bool = False  # the job ended
     retries: int = 0  # provider calls about to be retried
+    # Images that ended without being made (failed, canceled, or left by a failed job): they
+    # are given back to their owner's daily quota.
+    given_back: int = 0
 
     def add(self, other: "Update | None") -> "Update":
         if other is not None:
@@ -122,6 +125,7 @@ class Update:
             self.created = self.created or other.created
             self.closes = self.closes or other.closes
             self.retries += other.retries
+            self.given_back += other.given_back
         return self
 
 
@@ -215,7 +219,11 @@ def image_changed(
             elapsed = job.elapsed_ms(at)
             job.ttfi_ms = elapsed if job.ttfi_ms is None else min(job.ttfi_ms, elapsed)
     logger.info("image %s", status, extra={"job_id": job.id, "index": index, "status": status, "error": error})
-    update = Update([_event(job, "progress", _progress(job, image, at))], images={index})
+    update = Update(
+        [_event(job, "progress", _progress(job, image, at))],
+        images={index},
+        given_back=int(status in ("failed", "canceled")),
+    )
     if job.completed == job.num_images:
         update.add(finished(job, at))
     return update
@@ -302,12 +310,13 @@ def finished(job: Job, at: float) -> Update:
 
 
 def failed(job: Job, message: str) -> Update:
-    """`error`: the job cannot go on."""
+    """`error`: the job cannot go on; its unfinished images will not be made."""
+    given_back = 0 if job.finished else len(job.unfinished_images())
     job.status = "failed"
     job.finished_at = datetime.now(UTC)
     logger.error("job failed: %s", message, extra={"job_id": job.id})
     error = _event(job, "error", _json({"job_id": job.id, "message": message}))
-    return Update([error], job_changed=True, closes=True)
+    return Update([error], job_changed=True, closes=True, given_back=given_back)
 
 
 def concluded(job: Job, at: float) -> Update | None:

@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Protocol
 
 from app.db.faults import WriteHealth
@@ -91,6 +91,22 @@ class ActiveJobLimitError(Exception):
     """The owner has as many unfinished jobs as allowed: the new one was not stored."""
 
 
+class DailyQuotaError(Exception):
+    """The new job asks for more images than its owner has left today: it was not stored."""
+
+    def __init__(self, images_left: int) -> None:
+        super().__init__(f"{images_left} images left today")
+        self.images_left = images_left
+
+
+@dataclass(frozen=True)
+class OwnerLimits:
+    """What a new job's owner may have: unfinished jobs, and images per UTC day (None: any)."""
+
+    max_unfinished: int
+    daily_images: int | None
+
+
 class QueueUnavailableError(Exception):
     """The work queue cannot be reached right now."""
 
@@ -109,11 +125,16 @@ class JobStore(Protocol):
 
     async def close(self, timeout: float) -> None: ...
 
-    def create(self, job: Job, update: Update, max_unfinished: int) -> Awaitable[None]:
-        """Store a new job unless its owner has `max_unfinished` unfinished jobs already,
-        checked and stored at once, however many processes admit jobs together. The write is
-        under way when this returns; the awaitable resolves once it is committed, or raises
-        ActiveJobLimitError, or ConflictingWriteError (its Idempotency-Key was taken)."""
+    def create(self, job: Job, update: Update, limits: OwnerLimits) -> Awaitable[None]:
+        """Store a new job unless its owner would go past `limits` with it (and count its images
+        on the owner's day), checked and stored at once, however many processes admit jobs
+        together. The write is under way when this returns; the awaitable resolves once it is
+        committed, or raises ActiveJobLimitError, DailyQuotaError, or ConflictingWriteError (its
+        Idempotency-Key was taken)."""
+        ...
+
+    async def images_used(self, owner: str, day: date) -> int:
+        """Images the owner's jobs of that UTC day count (those given back left out)."""
         ...
 
     def withdraw(self, job_id: str) -> Awaitable[bool]:

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Awaitable, Callable
 
 from app.providers.base import StopSignal
+from app.services.jobs.create_budget import TokenBucket
 from app.services.jobs.domain import Job
 from app.services.jobs.interfaces import OnTaken, Takers, WorkItem
 from app.services.jobs.scheduler import FairScheduler
@@ -79,10 +80,10 @@ def _soon(dispatch: Callable[[], None]) -> object:
 
 
 class InProcessWorkQueue:
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, create_budget: TokenBucket | None = None) -> None:
         # A worker is free when it asks for work (`take`), not before.
         self._scheduler: FairScheduler[WorkItem] = FairScheduler(
-            workers, self._hand_over, defer=_soon, call_later=_later, free=0
+            workers, self._hand_over, defer=_soon, call_later=_later, free=0, budget=create_budget
         )
         self._takers = Takers()
         self._waiting: dict[tuple[str, int], WorkItem] = {}  # pushed, not taken

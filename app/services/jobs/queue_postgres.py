@@ -38,6 +38,7 @@ from pgqueuer.types import JobId, QueueEntrypoint, QueueManagerId
 
 from app.core.loops import keep_running
 from app.db.engine import CONNECT_TIMEOUT_SECONDS, PostgresLimits, plain_postgres_url
+from app.services.jobs.create_budget import CreateBudget
 from app.services.jobs.domain import Job
 from app.services.jobs.interfaces import OnTaken, QueueUnavailableError, Takers, WorkItem
 
@@ -65,10 +66,17 @@ _FAILURES: tuple[type[BaseException], ...] = (
 
 
 class PostgresWorkQueue:
-    def __init__(self, database_url: str, limits: PostgresLimits, claim_timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        limits: PostgresLimits,
+        claim_timeout_seconds: float,
+        create_budget: CreateBudget | None = None,
+    ) -> None:
         self._dsn = plain_postgres_url(database_url)
         self._limits = limits
         self._claim_timeout = claim_timeout_seconds
+        self._budget = create_budget
         self._manager_id = QueueManagerId(uuid.uuid4())
         self._holder = f"{socket.gethostname()}-{os.getpid()}"
         self._pool: asyncpg.Pool | None = None
@@ -240,6 +248,14 @@ class PostgresWorkQueue:
                 await self._wake.wait()
                 continue
             self._wake.clear()
+            if self._budget is not None:
+                # Only images with a create granted leave the queue: the others stay queued,
+                # and the next grant goes to the first in the queue's order then.
+                grant = await self._budget.grant(asking)
+                if not grant.granted:
+                    await asyncio.sleep(grant.retry_in)
+                    continue
+                asking = grant.granted
             rows = await queries.dequeue(
                 batch_size=asking,
                 entrypoints={ENTRYPOINT: EntrypointExecutionParameter(concurrency_limit=0)},
@@ -248,6 +264,8 @@ class PostgresWorkQueue:
                 heartbeat_timeout=timedelta(seconds=self._claim_timeout * 2 / 3),
             )
             self._failure = None
+            if self._budget is not None and len(rows) < asking:
+                await self._budget.give_back(asking - len(rows))
             for row in rows:
                 await self._hand_over(row)
             if not rows:

@@ -1,7 +1,7 @@
 """A job as rows and rows as a job: what both job stores write and read."""
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from app.db.repository import Changes, StoredJob, as_utc
@@ -17,11 +17,24 @@ def changes_of(job: Job, update: Update) -> Changes:
     if update.created:
         changes.jobs.append(job_row(job))
         changes.images.extend(image_state(job, image) for image in job.images)
+        changes.usage.append(usage_change(job, job.num_images))
     else:
         if update.job_changed:
             changes.job_states.append(job_state(job))
         changes.image_states.extend(image_state(job, job.images[index]) for index in sorted(update.images))
+    if update.given_back:
+        changes.usage.append(usage_change(job, -update.given_back))
     return changes
+
+
+def usage_day(moment: datetime) -> date:
+    """The UTC day a job's images count on."""
+    return moment.astimezone(UTC).date()
+
+
+def usage_change(job: Job, images: int) -> dict[str, Any]:
+    """The owner's images of the day the job was accepted, changed by `images`."""
+    return {"user_email": job.owner, "day": usage_day(job.created_at), "images": images}
 
 
 def job_row(job: Job) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from app.core.metrics import Metrics
 from app.providers.base import ImageRequest, StopSignal
 from app.services.image_store import ImageStoreError
 from app.services.jobs import domain
+from app.services.jobs.create_budget import CreateBudget
 from app.services.jobs.domain import Job, Update
 from app.services.jobs.image_maker import ImageMaker, ImageOutcome
 from app.services.jobs.interfaces import JobStore, Transition, WorkItem, WorkQueue
@@ -56,6 +57,7 @@ class ImageRunner:
         image_timeout_seconds: float,
         max_attempts: int,
         shutdown_grace_seconds: float,
+        create_budget: CreateBudget | None = None,
     ) -> None:
         self._store = store
         self._queue = queue
@@ -66,6 +68,7 @@ class ImageRunner:
         self._image_timeout = image_timeout_seconds
         self._max_attempts = max_attempts
         self._grace = shutdown_grace_seconds
+        self._budget = create_budget  # told of the provider's 429s, which slow it down
         self._executor = maker.new_executor(max_workers * THREADS_PER_SLOT)
         self._running: dict[WorkItem, ImageRequest] = {}
         # The attempt each running image holds (domain.claimed): what it records is fenced by it.
@@ -318,6 +321,7 @@ class ImageRunner:
                     job.id, self._as_holder(item, lambda j: domain.prediction_created(j, index, prediction_id))
                 )
             ),
+            on_throttled=self._throttled,
             on_retry=lambda attempt, delay, reason: self._report(
                 self._recorder.record(
                     job.id,
@@ -327,6 +331,12 @@ class ImageRunner:
                 )
             ),
         )
+
+    def _throttled(self, seconds: float) -> None:
+        """From a worker thread: the provider refused a create for its rate limit."""
+        if self._budget is not None:
+            logger.warning("the provider refused a create (429): creates wait %.1f s", seconds)
+            self._report(self._budget.slow_down(seconds))
 
     def _as_holder(self, item: WorkItem, transition: Transition) -> Transition:
         """`transition`, applied only while this worker still holds the image (once its claim

@@ -11,13 +11,17 @@ the jobs still arriving, which would otherwise wait a whole round behind the fir
 later images. The reserve lifts BURST_WINDOW_SECONDS after the last arrival; a lone job never
 meets it. A first image starts the moment its job is pushed if a worker is free; later images
 wait for the loop's next turn (`defer`), so that the first images of jobs pushed together go
-before any of their later ones. Lives on the event-loop thread only; it never blocks.
+before any of their later ones. With the provider's create budget (create_budget.py), a task
+starts only with a create granted: the others wait, in this order, until the budget has one.
+Lives on the event-loop thread only; it never blocks.
 """
 
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from app.services.jobs.create_budget import TokenBucket
 
 Task = TypeVar("Task")
 
@@ -57,6 +61,7 @@ class FairScheduler(Generic[Task]):
         call_later: Callable[[float, Callable[[], None]], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         free: int | None = None,
+        budget: TokenBucket | None = None,
     ) -> None:
         # Workers free for a task: `workers` unless given; each `release` brings one more.
         self._free = workers if free is None else free
@@ -66,6 +71,8 @@ class FairScheduler(Generic[Task]):
         self._call_later = call_later
         self._dispatch_pending = False
         self._wake_pending = False
+        self._budget = budget
+        self._budget_wake_pending = False
         self._unstarted: OrderedDict[str, deque[Task]] = OrderedDict()
         self._rotation: OrderedDict[str, deque[Task]] = OrderedDict()
         self._paused = False
@@ -120,7 +127,7 @@ class FairScheduler(Generic[Task]):
             (self._rotation if job_id in self._rotation else self._unstarted).move_to_end(job_id, last=False)
         else:
             queue.extend(tasks)
-        while self._unstarted and self._free > 0 and not self._paused:
+        while self._unstarted and self._free > 0 and not self._paused and self._granted():
             self._free -= 1
             self._start(self._next_first())
         if not self._dispatch_pending:
@@ -141,9 +148,11 @@ class FairScheduler(Generic[Task]):
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
-        while self._free > 0 and not self._paused:
+        while self._free > 0 and not self._paused and (self._unstarted or self._rotation) and self._granted():
             task = self._next()
             if task is None:
+                if self._budget is not None:
+                    self._budget.give_back(1)
                 return
             self._free -= 1
             self._start(task)
@@ -182,6 +191,22 @@ class FairScheduler(Generic[Task]):
 
     def _wake(self) -> None:
         self._wake_pending = False
+        self._dispatch()
+
+    def _granted(self) -> bool:
+        """Whether a create may go now; if not, dispatching resumes when one may."""
+        if self._budget is None:
+            return True
+        grant = self._budget.take(1)
+        if grant.granted:
+            return True
+        if not self._budget_wake_pending and self._call_later is not None:
+            self._budget_wake_pending = True
+            self._call_later(grant.retry_in, self._budget_woke)
+        return False
+
+    def _budget_woke(self) -> None:
+        self._budget_wake_pending = False
         self._dispatch()
 
 

@@ -6,8 +6,10 @@ jobs. Knows nothing of HTTP."""
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,16 +25,20 @@ from app.services.jobs.event_log import EventStreamInterrupted
 from app.services.jobs.interfaces import (
     ActiveJobLimitError,
     Applied,
+    DailyQuotaError,
     EventBus,
     JobStore,
+    OwnerLimits,
     QueueUnavailableError,
     WorkQueue,
 )
 from app.services.jobs.recorder import JobRecorder
+from app.services.jobs.rows import usage_day
 from app.services.jobs.runner import ImageRunner
 from app.services.jobs.views import ImageLinks, decode_cursor, encode_cursor
 
 logger = logging.getLogger("myflix.jobs")
+admin_log = logging.getLogger("myflix.admin")
 
 ACTIVE_JOBS_RETRY_AFTER_SECONDS = 5
 # A sweep leaves alone jobs younger than this past the write bound: their enqueue may be on
@@ -61,6 +67,33 @@ class TooManyActiveJobsError(Exception):
     def __init__(self, limit: int, retry_after: int) -> None:
         super().__init__(f"You already have {limit} jobs in progress; wait for one to finish or cancel one.")
         self.retry_after = retry_after
+
+
+class DailyQuotaExceededError(Exception):
+    def __init__(self, images_left: int, asked: int, resets_at: datetime) -> None:
+        left = f"{images_left} image{'' if images_left == 1 else 's'}"
+        super().__init__(
+            f"Daily image quota reached: you have {left} left today and this job asks for {asked}; "
+            f"the quota resets at {resets_at.isoformat().replace('+00:00', 'Z')}."
+        )
+        self.images_left = images_left
+        self.retry_after = max(1, math.ceil((resets_at - datetime.now(UTC)).total_seconds()))
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A user's images today; `quota` and `remaining` None: unlimited."""
+
+    images_today: int
+    quota: int | None
+    remaining: int | None
+    resets_at: datetime
+
+
+def next_reset(now: datetime) -> datetime:
+    """The next UTC midnight: when a day's quota starts again."""
+    today = now.astimezone(UTC).date()
+    return datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
 
 
 class JobAlreadyFinishedError(Exception):
@@ -163,10 +196,17 @@ class JobService:
     # Commands ------------------------------------------------------------------------------
 
     async def create_job(
-        self, owner: str, prompt: str, num_images: int, seed: int | None, idempotency_key: str | None = None
+        self,
+        owner: str,
+        prompt: str,
+        num_images: int,
+        seed: int | None,
+        idempotency_key: str | None = None,
+        daily_quota: int | None = None,
     ) -> tuple[Job, bool]:
         """The new job, or with an Idempotency-Key seen before the earlier job; and whether it
-        was an earlier one."""
+        was an earlier one. `daily_quota`: the images the owner may ask for per UTC day (None:
+        any number)."""
         if not self._accepting:
             raise ServiceUnavailableError
         if not 1 <= num_images <= self._max_images_per_job:
@@ -186,7 +226,7 @@ class JobService:
         except TimeoutError:
             raise DatabaseUnavailableError(self._store.write_health.failure or "reads are slow") from None
         try:
-            await self._admit(job)
+            await self._admit(job, OwnerLimits(self._max_active_jobs_per_user, daily_quota))
         except ConflictingWriteError:
             # Another request stored this Idempotency-Key first.
             earlier = await self._store.find_idempotent(owner, idempotency_key) if idempotency_key else None
@@ -195,9 +235,9 @@ class JobService:
             return _replayed(earlier, job), True
         return job, False
 
-    async def _admit(self, job: Job) -> None:
+    async def _admit(self, job: Job, limits: OwnerLimits) -> None:
         update = domain.accepted(job, self._queue.positions_for_new_job(job.num_images))
-        stored = asyncio.ensure_future(self._store.create(job, update, self._max_active_jobs_per_user))
+        stored = asyncio.ensure_future(self._store.create(job, update, limits))
         try:
             async with asyncio.timeout(self._write_timeout):
                 await self._queue.push(job, [image.index for image in job.images], asyncio.shield(stored))
@@ -208,6 +248,9 @@ class JobService:
         except ActiveJobLimitError:
             await self._queue.cancel(job)
             raise TooManyActiveJobsError(self._max_active_jobs_per_user, ACTIVE_JOBS_RETRY_AFTER_SECONDS) from None
+        except DailyQuotaError as exc:
+            await self._queue.cancel(job)
+            raise DailyQuotaExceededError(exc.images_left, job.num_images, next_reset(job.created_at)) from None
         except (TimeoutError, DatabaseUnavailableError, QueueUnavailableError) as exc:
             self._abandon(job, stored)
             if isinstance(exc, QueueUnavailableError) or (stored.done() and not self._store.write_health.failure):
@@ -292,12 +335,21 @@ class JobService:
 
     # Queries -------------------------------------------------------------------------------
 
-    async def get_job(self, job_id: str, owner: str) -> Job:
+    async def get_job(self, job_id: str, owner: str, any_owner: bool = False) -> Job:
+        """The owner's job; `any_owner`: whoever's it is (an admin reads every job)."""
         # Not one of ours (a NUL byte, say, which PostgreSQL would refuse): there is no such job.
         job = await self._store.get(job_id) if domain.is_job_id(job_id) else None
-        if job is None or job.owner != owner:
+        if job is None or (job.owner != owner and not any_owner):
             raise JobNotFoundError(job_id)
+        if job.owner != owner:
+            admin_log.info("admin action: read job", extra={"actor": owner, "action": "read job", "target": job_id})
         return job
+
+    async def usage(self, owner: str, daily_quota: int | None) -> Usage:
+        now = datetime.now(UTC)
+        used = await self._store.images_used(owner, usage_day(now))
+        remaining = None if daily_quota is None else max(0, daily_quota - used)
+        return Usage(used, daily_quota, remaining, next_reset(now))
 
     async def list_jobs(self, owner: str, limit: int, cursor: str | None, links: ImageLinks) -> JobPage:
         before = decode_cursor(cursor) if cursor else None

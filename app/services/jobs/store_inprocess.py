@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable
-from datetime import datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -15,8 +15,8 @@ from app.db.faults import WriteHealth
 from app.db.journal import Journal
 from app.db.repository import Changes, Repository
 from app.services.jobs.domain import Job, JobEvent, Update
-from app.services.jobs.interfaces import ActiveJobLimitError, Applied, Transition
-from app.services.jobs.rows import changes_of, job_from_rows, stored_events
+from app.services.jobs.interfaces import ActiveJobLimitError, Applied, DailyQuotaError, OwnerLimits, Transition
+from app.services.jobs.rows import changes_of, job_from_rows, stored_events, usage_day
 
 logger = logging.getLogger("myflix.jobs")
 
@@ -30,22 +30,35 @@ class InProcessJobStore:
         self._keys: dict[tuple[str, str], Job] = {}  # live jobs by (owner, Idempotency-Key)
         # Kept with _live, so that a new job's limit check does not walk every live job.
         self._unfinished_per_owner: Counter[str] = Counter()
+        # Images per (owner, UTC day), kept with every write: this process is the database's
+        # only writer, so a day it has not loaded or written starts at none.
+        self._usage: Counter[tuple[str, date]] = Counter()
 
     async def start(self) -> None:
         self._journal.start()
+        today = usage_day(datetime.now(UTC))
+        for owner, images in (await self._repository.usage_on(today)).items():
+            self._usage[(owner, today)] = images
         for stored in await self._repository.unfinished_jobs():
             self._hold(job_from_rows(stored, await self.events(stored.job.id)))
 
     async def close(self, timeout: float) -> None:
         await self._journal.close(timeout)
 
-    def create(self, job: Job, update: Update, max_unfinished: int) -> Awaitable[None]:
-        if self._unfinished_per_owner[job.owner] >= max_unfinished:
+    def create(self, job: Job, update: Update, limits: OwnerLimits) -> Awaitable[None]:
+        used = self._usage[(job.owner, usage_day(job.created_at))]
+        refusal: Exception | None = None
+        if self._unfinished_per_owner[job.owner] >= limits.max_unfinished:
+            refusal = ActiveJobLimitError(job.owner)
+        elif limits.daily_images is not None and used + job.num_images > limits.daily_images:
+            refusal = DailyQuotaError(max(0, limits.daily_images - used))
+        if refusal is not None:
             refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            refused.set_exception(ActiveJobLimitError(job.owner))
+            refused.set_exception(refusal)
             return refused
         # Counted at once: the next request's check, on this event loop, sees this job.
         self._hold(job)
+        self._count_usage(job, job.num_images)
         committed = self._journal.write(changes_of(job, update), job.id)
         committed.add_done_callback(
             lambda future: self._release(job) if future.cancelled() or future.exception() else None
@@ -70,13 +83,18 @@ class InProcessJobStore:
         update = transition(job) or Update()
         if not (update.events or update.images or update.job_changed):
             return Applied(job, update)
-        if update.closes and not was_finished and job_id in self._live:
-            self._unfinished_per_owner[job.owner] -= 1  # its slot is free at once
+        if job_id in self._live:  # else not counted (a withdrawn job, committed after all)
+            if update.closes and not was_finished:
+                self._unfinished_per_owner[job.owner] -= 1  # its slot is free at once
+            self._count_usage(job, -update.given_back)
         committed = self._journal.write(changes_of(job, update), job_id)
         if update.closes:
             committed.add_done_callback(lambda _: self._forget(job))
         await committed
         return Applied(job, update)
+
+    async def images_used(self, owner: str, day: date) -> int:
+        return self._usage[(owner, day)]
 
     async def get(self, job_id: str) -> Job | None:
         job = self._live.get(job_id)
@@ -122,10 +140,15 @@ class InProcessJobStore:
             self._unfinished_per_owner[job.owner] += 1
 
     def _release(self, job: Job) -> None:
-        """The job was never stored: forget it, and free its slot."""
+        """The job was never stored: forget it, and free its slot and its images."""
         if self._live.pop(job.id, None) is not None and not job.finished:
             self._unfinished_per_owner[job.owner] -= 1
+            self._count_usage(job, -job.num_images)
         self._forget_key(job)
+
+    def _count_usage(self, job: Job, images: int) -> None:
+        if images:
+            self._usage[(job.owner, usage_day(job.created_at))] += images
 
     def _forget(self, job: Job) -> None:
         """The job has ended and is stored: from now on it is read from the database."""

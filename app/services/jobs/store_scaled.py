@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,8 +18,8 @@ from app.db.faults import WriteHealth, write_retrying
 from app.db.repository import Changes, ConflictingWriteError, Repository, StoredJob
 from app.db.tables import EventRow
 from app.services.jobs.domain import Job, JobEvent, Update
-from app.services.jobs.interfaces import ActiveJobLimitError, Applied, Transition
-from app.services.jobs.rows import changes_of, job_from_rows, stored_events
+from app.services.jobs.interfaces import ActiveJobLimitError, Applied, DailyQuotaError, OwnerLimits, Transition
+from app.services.jobs.rows import changes_of, job_from_rows, stored_events, usage_day
 
 logger = logging.getLogger("myflix.jobs")
 
@@ -54,23 +54,27 @@ class ScaledJobStore:
     async def close(self, timeout: float) -> None:
         pass
 
-    def create(self, job: Job, update: Update, max_unfinished: int) -> Awaitable[None]:
+    def create(self, job: Job, update: Update, limits: OwnerLimits) -> Awaitable[None]:
         create = self._creates[job.id] = _Create()
-        creating = asyncio.ensure_future(self._create(job, update, max_unfinished, create))
+        creating = asyncio.ensure_future(self._create(job, update, limits, create))
         # A creator that gave up (withdrew the job) no longer looks at how it ended.
         creating.add_done_callback(lambda done: done.cancelled() or done.exception())
         return creating
 
-    async def _create(self, job: Job, update: Update, max_unfinished: int, create: _Create) -> None:
+    async def _create(self, job: Job, update: Update, limits: OwnerLimits, create: _Create) -> None:
         changes = changes_of(job, update)
         try:
             async for attempt in write_retrying(self._failed):
                 with attempt:
                     if create.withdrawn:
                         raise JobWithdrawnError(job.id)
-                    admitted = await self._repository.write_new_job(changes, job.owner, max_unfinished)
-            if not admitted:
-                raise ActiveJobLimitError(job.owner)
+                    refused = await self._repository.write_new_job(
+                        changes, job.owner, limits.max_unfinished, limits.daily_images, usage_day(job.created_at)
+                    )
+            if refused is not None:
+                if refused.images_left is None:
+                    raise ActiveJobLimitError(job.owner)
+                raise DailyQuotaError(refused.images_left)
         except IntegrityError as exc:
             create.stored.set_result(False)
             raise ConflictingWriteError(str(exc)) from exc
@@ -151,6 +155,9 @@ class ScaledJobStore:
                 pending.done.set_exception(failures[n])
             else:
                 pending.done.set_result(None if outcome is None else Applied(outcome[0], outcome[1][n]))
+
+    async def images_used(self, owner: str, day: date) -> int:
+        return await self._repository.images_used(owner, day)
 
     async def get(self, job_id: str) -> Job | None:
         stored = await self._repository.get_job(job_id, database_time=True)

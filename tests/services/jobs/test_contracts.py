@@ -20,13 +20,14 @@ from app.core.redis_link import RedisLink
 from app.db.engine import PostgresLimits, create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
 from app.db.repository import ConflictingWriteError, Repository
+from app.db.accounts import AccountRepository
 from app.services.auth_service import seed_demo_users
 from app.services.jobs import domain, rows
 from app.services.jobs.domain import Job
 from app.services.jobs.event_log import EventStreamInterrupted
 from app.services.jobs.events_inprocess import InProcessEventBus
 from app.services.jobs.events_redis import RedisEventBus
-from app.services.jobs.interfaces import ActiveJobLimitError, EventBus, JobStore, WorkQueue
+from app.services.jobs.interfaces import ActiveJobLimitError, EventBus, JobStore, OwnerLimits, WorkQueue
 from app.services.jobs.queue_inprocess import InProcessWorkQueue
 from app.services.jobs.queue_postgres import PostgresWorkQueue
 from app.services.jobs.store_inprocess import InProcessJobStore
@@ -48,7 +49,7 @@ async def _engine(database_url: str, redis_at: str | None) -> AsyncIterator[Engi
     database = create_engine(database_url)
     await upgrade_database(database)
     repository = Repository(create_sessionmaker(database))
-    await seed_demo_users(repository)
+    await seed_demo_users(AccountRepository(create_sessionmaker(database)))
     link = None
     if redis_at is None:
         in_process = InProcessJobStore(repository, database)
@@ -91,7 +92,7 @@ def _run(scenario: Awaitable[None]) -> None:
 async def _new_job(parts: Engine, num_images: int = 2, key: str | None = None, max_unfinished: int = 100) -> Job:
     job = domain.new_job(OWNER, "a contract", num_images, 7, "local", "model", key)
     update = domain.accepted(job, parts.queue.positions_for_new_job(num_images))
-    await parts.store.create(job, update, max_unfinished)
+    await parts.store.create(job, update, OwnerLimits(max_unfinished, None))
     await parts.events.publish(job.id, update.events)
     return job
 
@@ -125,7 +126,7 @@ def test_a_new_job_beyond_its_owner_limit_of_unfinished_jobs_is_not_stored_even_
         async with engine() as parts:
             jobs = [domain.new_job(OWNER, f"burst {n}", 1, None, "local", "model", None) for n in range(8)]
             outcomes = await asyncio.gather(
-                *(parts.store.create(job, domain.accepted(job, [None]), 3) for job in jobs), return_exceptions=True
+                *(parts.store.create(job, domain.accepted(job, [None]), OwnerLimits(3, None)) for job in jobs), return_exceptions=True
             )
             admitted = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
             assert len(admitted) == 3, outcomes
@@ -154,7 +155,7 @@ def test_times_are_taken_from_one_clock_whatever_the_clocks_of_the_processes(eng
         async with engine() as parts:
             job = domain.new_job(OWNER, "skewed", 1, None, "local", "model", None)
             job.created_at += timedelta(seconds=30)  # the accepting machine's clock, 30 s ahead
-            await parts.store.create(job, domain.accepted(job, [None]), 10)
+            await parts.store.create(job, domain.accepted(job, [None]), OwnerLimits(10, None))
             await _record(parts, job.id, lambda j: domain.claimed(j, 0, time.monotonic(), max_attempts=3))
             await _record(parts, job.id, lambda j: domain.image_changed(j, 0, "succeeded", time.monotonic(), "k.png"))
             finished = await parts.store.get(job.id)
@@ -216,7 +217,7 @@ def test_a_transition_that_refuses_stores_nothing_and_an_idempotency_key_is_take
             assert len(await parts.store.events(job.id)) == 2
             twin = domain.new_job(OWNER, "a twin", 1, None, "local", "model", "only-once")
             with pytest.raises(ConflictingWriteError):
-                await parts.store.create(twin, domain.accepted(twin, [None]), 100)
+                await parts.store.create(twin, domain.accepted(twin, [None]), OwnerLimits(100, None))
 
     _run(scenario())
 

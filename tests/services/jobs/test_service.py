@@ -18,6 +18,7 @@ from app.db.migrate import upgrade_database
 from app.db.repository import ConflictingWriteError, Repository
 from app.providers.base import GeneratedImage, ImageRequest, ProviderError
 from app.providers.local import render_image
+from app.db.accounts import AccountRepository
 from app.services.auth_service import seed_demo_users
 from app.services.image_store import LocalImageStore
 from app.services.jobs import domain, queue_inprocess
@@ -43,6 +44,7 @@ class ScriptedProvider:
     with `gate`, every image waits for it to open, its picture ready."""
 
     name = "scripted"
+    limits_creates = False
     model = "scripted-1"
 
     def __init__(self, failing=(), crashing=(), gate: threading.Event | None = None):
@@ -78,7 +80,8 @@ async def running_service(tmp_path, provider, image_store=None, **limits):
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
     await upgrade_database(engine)
     repository = Repository(create_sessionmaker(engine))
-    await seed_demo_users(repository)
+    accounts = AccountRepository(create_sessionmaker(engine))
+    await seed_demo_users(accounts)
     options = dict(
         GENERATION_MAX_WORKERS=4,
         MAX_IMAGES_PER_JOB=8,
@@ -90,7 +93,14 @@ async def running_service(tmp_path, provider, image_store=None, **limits):
     settings = make_settings(tmp_path / "data", **options)
     image_store = image_store or LocalImageStore(tmp_path / "images")
     components = Components(
-        engine, repository, image_store, ImageUrlSigner(b"k", 60), Metrics(), ImageMaker(provider, image_store), None
+        engine,
+        repository,
+        accounts,
+        image_store,
+        ImageUrlSigner(b"k", 60),
+        Metrics(),
+        ImageMaker(provider, image_store),
+        None,
     )
     service = job_service(settings, components, makes_images=True)
     await service.start()
