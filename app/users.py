@@ -54,6 +54,7 @@ def read_password(from_stdin: bool) -> str:
 
 
 async def run(settings: Settings, action: Callable[[UsersService], Awaitable[str]]) -> str:
+    settings.DATA_DIR.mkdir(parents=True, exist_ok=True)  # where the SQLite default lives
     engine = create_engine(settings.database_url, postgres_limits(settings))
     try:
         await upgrade_database(engine)

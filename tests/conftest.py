@@ -374,6 +374,7 @@ class ServiceProcess:
             "AWS_ACCESS_KEY_ID": "",
             "AWS_SECRET_ACCESS_KEY": "",
             "LOG_LEVEL": "INFO",
+            "DAILY_IMAGE_QUOTA": "0",  # as make_settings: a test that wants a quota sets one
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
             "WORKER_METRICS_PORT": str(self.port),  # a worker serves its metrics there

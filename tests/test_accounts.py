@@ -213,7 +213,9 @@ def test_only_admins_list_users(client, caplog):
     admin = _admin_tokens(client)
     assert _me(client, admin).json()["role"] == "admin"
     bob = _login(client, BOB)
-    job = client.post("/api/generate/", json={"prompt": "a boat", "num_images": 2}, headers=_bearer(bob["access_token"]))
+    job = client.post(
+        "/api/generate/", json={"prompt": "a boat", "num_images": 2}, headers=_bearer(bob["access_token"])
+    )
     assert job.status_code == 202
     page = client.get("/api/admin/users", headers=_bearer(admin["access_token"]))
     assert page.status_code == 200

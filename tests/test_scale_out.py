@@ -534,3 +534,80 @@ def test_a_worker_serves_its_health_readiness_and_metrics_and_still_stops_gracef
         assert "\nmyflix_image_attempts_exhausted_total 0.0" in metrics
     assert worker.stop(signal.SIGTERM) == 0
     assert "worker stopping" in worker.log_path.read_text()
+
+
+def _sign_in(replica: ServiceProcess, email: str, password: str) -> dict:
+    with replica.client() as client:
+        response = client.post("/api/auth/login", json={"email": email, "password": password})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _users_command(deployment: Cluster, *args: str, password: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **deployment.env, "JWT_SECRET_KEY": TEST_JWT_SECRET, "DAILY_IMAGE_QUOTA": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "app.users", *args],
+        check=False,
+        cwd=PROJECT_ROOT,
+        env=env,
+        input=password,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_logout_or_a_disabled_user_takes_effect_on_every_replica_within_30_s(cluster):
+    deployment = cluster().up(workers=0)
+    a, b = deployment.replicas
+    made = _users_command(
+        deployment, "create", "ops@example.com", "--admin", "--password-stdin", password="ops-password-1\n"
+    )
+    assert made.returncode == 0, made.stderr
+    admin = _sign_in(a, "ops@example.com", "ops-password-1")
+    session = _sign_in(a, "alice@myflix.dev", "alice-wonderland")
+    with b.client(session["access_token"]) as on_b:
+        assert on_b.get("/api/auth/me").status_code == 200  # b has seen the session alive
+    with a.client(session["access_token"]) as on_a:
+        assert on_a.post("/api/auth/logout").status_code == 204
+    with b.client() as on_b:
+        # The refresh token is refused at once everywhere; b's memory of the access token lasts 15 s at most.
+        assert on_b.post("/api/auth/refresh", json={"refresh_token": session["refresh_token"]}).status_code == 401
+        ended = time.monotonic()
+        wait_until(
+            lambda: on_b.get("/api/auth/me", headers=_auth(session["access_token"])).status_code == 401,
+            timeout=30,
+            what="replica b to refuse the logged-out session's access token",
+        )
+        assert time.monotonic() - ended < 30
+    bob = _sign_in(b, "bob@myflix.dev", "bob-builder")
+    with b.client(bob["access_token"]) as on_b:
+        assert on_b.get("/api/auth/me").status_code == 200
+    with a.client(admin["access_token"]) as on_a:
+        assert on_a.patch("/api/admin/users/bob@myflix.dev", json={"disabled": True}).status_code == 200
+    with b.client(bob["access_token"]) as on_b:
+        disabled = time.monotonic()
+        wait_until(lambda: on_b.get("/api/auth/me").status_code == 401, timeout=30, what="b to refuse a disabled user")
+        assert time.monotonic() - disabled < 30
+
+
+def test_the_daily_quota_holds_across_replicas_under_a_burst_of_posts(cluster):
+    a, b = cluster(DAILY_IMAGE_QUOTA=10, MAX_ACTIVE_JOBS_PER_USER=100, LOCAL_LATENCY_MS=5000).up(workers=0).replicas
+    token = login(a.client())
+    start = threading.Barrier(16)
+    answers: list[int] = []
+
+    def post(replica: ServiceProcess, n: int) -> None:
+        with replica.client(token) as client:
+            start.wait()
+            answers.append(client.post("/api/generate/", json={"prompt": f"burst {n}", "num_images": 2}).status_code)
+
+    posters = [threading.Thread(target=post, args=((a, b)[n % 2], n)) for n in range(16)]
+    for poster in posters:
+        poster.start()
+    for poster in posters:
+        poster.join()
+    assert sorted(answers) == [202] * 5 + [429] * 11, answers
+    with b.client(token) as client:
+        usage = client.get("/api/usage").json()
+    assert usage["images_today"] == 10 and usage["remaining"] == 0

@@ -335,13 +335,14 @@ class AuthService:
 
     # Internals ----------------------------------------------------------------------------
 
-    async def _find_user(self, email: str) -> UserRecord | None:
+    async def _find_user(self, email: str, fresh: bool = False) -> UserRecord | None:
         """The user, remembered for a while: every request checks its token's user, and a
-        database round trip per request costs more than the rest of it."""
-        try:
-            return self._users[email]
-        except KeyError:  # never looked up, or expired
-            pass
+        database round trip per request costs more than the rest of it. `fresh`: read now."""
+        if not fresh:
+            try:
+                return self._users[email]
+            except KeyError:  # never looked up, or expired
+                pass
         row = await self._accounts.get_user(email)
         record = None if row is None else UserRecord(user_of(row), row.password_hash)
         self._users[email] = record
@@ -390,8 +391,9 @@ class AuthService:
             await attempt.withdraw()
             raise
         try:
-            # No account has a control character (PostgreSQL would refuse a NUL): an unknown email.
-            record = None if has_control_character(account) else await self._find_user(account)
+            # No account has a control character (PostgreSQL would refuse a NUL): an unknown
+            # email. Read afresh: a sign-in must see a user disabled a moment ago.
+            record = None if has_control_character(account) else await self._find_user(account, fresh=True)
             password_hash = record.password_hash if record else _DUMMY_HASH
             # bcrypt takes a fifth of a second of CPU: keep it off the event loop.
             checking = asyncio.get_running_loop().run_in_executor(

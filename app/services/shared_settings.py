@@ -68,6 +68,12 @@ def shared_values(settings: Settings, image_url_secret: bytes) -> dict[str, str]
         "LOGIN_FAILURE_WINDOW_SECONDS": str(settings.LOGIN_FAILURE_WINDOW_SECONDS),
         "JOB_RETENTION_DAYS": str(settings.JOB_RETENTION_DAYS),
         "REDIS_EVENTS_RETENTION_SECONDS": str(settings.REDIS_EVENTS_RETENTION_SECONDS),
+        "ACCESS_TOKEN_EXPIRE_MINUTES": str(settings.ACCESS_TOKEN_EXPIRE_MINUTES),
+        "REFRESH_TOKEN_DAYS": str(settings.REFRESH_TOKEN_DAYS),
+        "SIGNUP_ENABLED": str(settings.SIGNUP_ENABLED),
+        "DAILY_IMAGE_QUOTA": str(settings.DAILY_IMAGE_QUOTA),
+        "PROVIDER_MAX_CREATES_PER_MINUTE": str(settings.PROVIDER_MAX_CREATES_PER_MINUTE),
+        "PROVIDER_CREATE_BURST": str(settings.PROVIDER_CREATE_BURST),
     }
 
 

@@ -43,6 +43,10 @@ class CreateBudget(Protocol):
         ...
 
 
+# Refills are sums of small floats: a whole create can come out a hair short of 1.
+_ROUNDING = 1e-9
+
+
 class TokenBucket:
     """The budget of one process. Synchronous, for the in-process scheduler, which never
     waits: it asks again when `retry_in` has passed."""
@@ -59,7 +63,7 @@ class TokenBucket:
         now = self._refill()
         if now < self._paused_until:
             return Grant(0, self._paused_until - now)
-        granted = min(wanted, math.floor(self._tokens))
+        granted = min(wanted, math.floor(self._tokens + _ROUNDING))
         self._tokens -= granted
         return Grant(granted, 0.0 if granted else (1.0 - self._tokens) / self._rate)
 
@@ -119,7 +123,7 @@ local granted, wait = 0, 0
 if now < paused_until then
   wait = paused_until - now
 else
-  granted = math.min(wanted, math.floor(tokens))
+  granted = math.min(wanted, math.floor(tokens + 1e-9))
   tokens = tokens - granted
   if granted == 0 then wait = (1 - tokens) / rate end
 end

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from app.core.redis_link import RedisLink
+from app.db.accounts import AccountRepository
 from app.db.engine import PostgresLimits, create_engine, create_sessionmaker
 from app.db.migrate import upgrade_database
 from app.db.repository import ConflictingWriteError, Repository
-from app.db.accounts import AccountRepository
 from app.services.auth_service import seed_demo_users
 from app.services.jobs import domain, rows
 from app.services.jobs.domain import Job
@@ -126,7 +126,8 @@ def test_a_new_job_beyond_its_owner_limit_of_unfinished_jobs_is_not_stored_even_
         async with engine() as parts:
             jobs = [domain.new_job(OWNER, f"burst {n}", 1, None, "local", "model", None) for n in range(8)]
             outcomes = await asyncio.gather(
-                *(parts.store.create(job, domain.accepted(job, [None]), OwnerLimits(3, None)) for job in jobs), return_exceptions=True
+                *(parts.store.create(job, domain.accepted(job, [None]), OwnerLimits(3, None)) for job in jobs),
+                return_exceptions=True,
             )
             admitted = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
             assert len(admitted) == 3, outcomes

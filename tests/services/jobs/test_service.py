@@ -12,13 +12,13 @@ from sqlalchemy.exc import IntegrityError
 from app.bootstrap import Components, job_service
 from app.core.metrics import Metrics
 from app.core.security import ImageUrlSigner
+from app.db.accounts import AccountRepository
 from app.db.engine import create_engine, create_sessionmaker
 from app.db.journal import Journal
 from app.db.migrate import upgrade_database
 from app.db.repository import ConflictingWriteError, Repository
 from app.providers.base import GeneratedImage, ImageRequest, ProviderError
 from app.providers.local import render_image
-from app.db.accounts import AccountRepository
 from app.services.auth_service import seed_demo_users
 from app.services.image_store import LocalImageStore
 from app.services.jobs import domain, queue_inprocess
