@@ -30,7 +30,12 @@ from tests.s3_server import SeaweedS3
 pytestmark = pytest.mark.slow  # a deployment of six servers
 
 # What an operator's shell would give `docker compose up`.
-SHELL = {"JWT_SECRET_KEY": TEST_JWT_SECRET, "LOCAL_LATENCY_MS": "1500", "WORKER_CLAIM_TIMEOUT_SECONDS": "2"}
+SHELL = {
+    "JWT_SECRET_KEY": TEST_JWT_SECRET,
+    "LOCAL_LATENCY_MS": "1500",
+    "WORKER_CLAIM_TIMEOUT_SECONDS": "2",
+    "SEED_DEMO_USERS": "true",  # the test signs in as a demo user
+}
 APIS, WORKERS = ["api-1", "api-2"], ["worker-1", "worker-2"]
 
 

@@ -611,3 +611,25 @@ def test_the_daily_quota_holds_across_replicas_under_a_burst_of_posts(cluster):
     with b.client(token) as client:
         usage = client.get("/api/usage").json()
     assert usage["images_today"] == 10 and usage["remaining"] == 0
+
+
+def test_workers_share_one_create_budget_and_spend_it_on_first_images_first(cluster):
+    # The fake allows a create a second with a burst of two; the deployment spends one less.
+    with FakeReplicate(latency=0.2, create_rate_per_minute=60, create_burst=2) as fake:
+        deployment = cluster(
+            IMAGE_PROVIDER="replicate",
+            REPLICATE_API_TOKEN=fake.token,
+            REPLICATE_BASE_URL=fake.base_url,
+            PROVIDER_MAX_CREATES_PER_MINUTE=60,
+            PROVIDER_CREATE_BURST=1,
+        ).up(replicas=1, workers=2)
+        (api,) = deployment.replicas
+        with api.client() as client:
+            token = login(client)
+            jobs = [create_job(client, token, prompt=f"job {k}", num_images=2, seed=100 * k) for k in range(4)]
+            for job_id in jobs:
+                assert read_stream(client, job_id, _auth(token))[-1].data["status"] == "succeeded"
+        assert fake.creates_throttled == 0
+        seeds = [prediction["input"]["seed"] for prediction in fake.created()]
+        # Each worker takes the first waiting image when the shared budget grants it a create.
+        assert sorted(seed % 100 for seed in seeds[:4]) == [0, 0, 0, 0], seeds
