@@ -33,6 +33,9 @@ SOAK_SETTINGS = {
     # Its users sign in at once, several per account from one address, and a sign-in counts
     # against the failure bound until its password proves right.
     "LOGIN_MAX_FAILURES": "1000",
+    # A soak makes more images than a day's quota, and its users keep their first token.
+    "DAILY_IMAGE_QUOTA": "0",
+    "ACCESS_TOKEN_EXPIRE_MINUTES": "120",
 }
 
 
