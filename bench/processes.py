@@ -119,17 +119,28 @@ class ServerProcess:
 
 
 class FakeReplicateProcess:
-    """The tests' fake Replicate API, in its own process so its timing is not the client's."""
+    """The tests' fake Replicate API, in its own process so its timing is not the client's.
+    `create_rate_per_minute` (0: none) and `create_burst`: its throttle of prediction creates
+    (429 with Retry-After above it), as Replicate's; `stats()` reads its counters."""
 
-    def __init__(self, latency: float, token: str = "r8_bench") -> None:
+    def __init__(
+        self, latency: float, token: str = "r8_bench", create_rate_per_minute: float = 0, create_burst: int = 1
+    ) -> None:
         self.token = token
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_replicate", "--latency", str(latency), "--token", token],
-            cwd=PROJECT_ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        command = [sys.executable, "-m", "tests.fake_replicate", "--latency", str(latency), "--token", token]
+        if create_rate_per_minute:
+            command += ["--create-rate-per-minute", str(create_rate_per_minute), "--create-burst", str(create_burst)]
+        self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
         self.base_url = self.process.stdout.readline().strip()
+        if not self.base_url:
+            raise RuntimeError(f"the fake Replicate API exited with {self.process.wait(timeout=30)}")
+
+    def stats(self) -> dict:
+        """The fake's counters (`FakeReplicate.stats`): creates accepted, per wall-clock second
+        and each one's time; creates throttled with 429."""
+        response = httpx.get(f"{self.base_url}/_fake/stats", timeout=10)
+        response.raise_for_status()
+        return response.json()
 
     def __enter__(self) -> "FakeReplicateProcess":
         return self

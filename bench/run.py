@@ -6,6 +6,7 @@ the client, from the POST to each event's arrival, as a browser would.
     python -m bench.run            # the full run (about 5 minutes); writes docs/benchmark.*
     python -m bench.run --quick    # fewer repetitions, for a smoke test
     python -m bench.run --only a   # scenario a alone (about 2 minutes), the others kept
+    python -m bench.run --only g   # scenario g alone (about 4 minutes), the others kept
 
 Prints a table; writes the figures as JSON and a chart as PNG.
 """
@@ -74,6 +75,15 @@ def ended(arrival: Arrival) -> bool:
 
 async def timed_job(base_url: str, token: str, num_images: int, stream_from: str | None = None) -> JobTiming:
     """One job posted to `base_url` and followed there, or on the replica `stream_from`."""
+    started, arrivals = await followed_job(base_url, token, num_images, stream_from)
+    first = min(a.at_perf for a in arrivals if a.name == "progress" and a.data.get("status") == "succeeded")
+    return JobTiming(first - started, arrivals[-1].at_perf - started)
+
+
+async def followed_job(
+    base_url: str, token: str, num_images: int, stream_from: str | None = None
+) -> tuple[float, list[Arrival]]:
+    """As `timed_job`: the time the POST was sent (perf_counter) and the job's events."""
     poster = JsonPoster(base_url, {"Authorization": f"Bearer {token}"})
     # Timed from sending the POST, as a browser with its connection open would send it: the
     # client's own TCP connects (a hundred at once in b) are not the service's time.
@@ -87,8 +97,7 @@ async def timed_job(base_url: str, token: str, num_images: int, stream_from: str
     arrivals = await stream_events(
         stream_from or base_url, f"/api/generate/{job_id}/stream?access_token={token}", ended
     )
-    first = min(a.at_perf for a in arrivals if a.name == "progress" and a.data.get("status") == "succeeded")
-    return JobTiming(first - started, arrivals[-1].at_perf - started)
+    return started, arrivals
 
 
 def service_settings(provider: str, workers: int, fake: FakeReplicateProcess | None = None, **extra: str) -> dict:
@@ -103,6 +112,9 @@ def service_settings(provider: str, workers: int, fake: FakeReplicateProcess | N
         # One user opens every stream here (a thousand in c), over as many connections.
         "MAX_STREAMS_PER_USER": "100000",
         "HTTP_MAX_CONNECTIONS": "10000",
+        # Unlimited: b and g ask one user for 400 images, e for thousands (unknown to a service
+        # without the quota, which ignores it).
+        "DAILY_IMAGE_QUOTA": "0",
         **extra,
     }
     if fake is not None:
@@ -154,23 +166,25 @@ async def scenario_a_side_by_side(deployments: dict[str, list[str]], repeats: in
     return rows
 
 
+async def fake_image(fake: FakeReplicateProcess, connection: JsonPoster, started: float) -> float:
+    """One image from the fake alone on `connection`: a create with `Prefer: wait` and the
+    download of its output; seconds from `started` (perf_counter) to the download's end."""
+    status, created = await connection.post(
+        "/v1/models/black-forest-labs/flux-schnell/predictions", {"input": {"prompt": "benchmark"}}, "Prefer: wait\r\n"
+    )
+    if status != 201:
+        raise RuntimeError(f"the fake answered {status}: {created}")
+    status, _ = await connection.get(created["output"][0][len(fake.base_url) :])
+    if status != 200:
+        raise RuntimeError(f"the fake's output answered {status}")
+    return time.perf_counter() - started
+
+
 async def fake_alone(fake: FakeReplicateProcess, repeats: int) -> dict:
     """The fake Replicate API's own latency, with no service in between: N connections, open
     beforehand as the service's image threads keep theirs, each create a prediction with
     `Prefer: wait` and download its output, on the benchmark's lean client (an HTTP client's
     own CPU would be counted as the fake's). The floor under scenario a on the Replicate provider."""
-    create_path = "/v1/models/black-forest-labs/flux-schnell/predictions"
-    output_prefix = len(fake.base_url)
-
-    async def one_image(connection: JsonPoster, started: float) -> float:
-        status, created = await connection.post(create_path, {"input": {"prompt": "benchmark"}}, "Prefer: wait\r\n")
-        if status != 201:
-            raise RuntimeError(f"the fake answered {status}: {created}")
-        status, _ = await connection.get(created["output"][0][output_prefix:])
-        if status != 200:
-            raise RuntimeError(f"the fake's output answered {status}")
-        return time.perf_counter() - started
-
     rows = {}
     for n in (1, 4, 8, 16):
         firsts, lasts = [], []
@@ -178,7 +192,7 @@ async def fake_alone(fake: FakeReplicateProcess, repeats: int) -> dict:
             connections = [JsonPoster(fake.base_url, {"Authorization": f"Bearer {fake.token}"}) for _ in range(n)]
             await asyncio.gather(*(connection.connect() for connection in connections))
             started = time.perf_counter()
-            finished = await asyncio.gather(*(one_image(connection, started) for connection in connections))
+            finished = await asyncio.gather(*(fake_image(fake, connection, started) for connection in connections))
             for connection in connections:
                 connection.close()
             firsts.append(min(finished))
@@ -428,6 +442,160 @@ async def scenario_e(base_urls: list[str], seconds: float, concurrency: int) -> 
     }
 
 
+# Scenario g: creates shaped under the provider's rate limit -------------------------------
+
+G_PER_MINUTE = 120  # PROVIDER_MAX_CREATES_PER_MINUTE, and the fake's throttle
+# PROVIDER_CREATE_BURST: the service's default, so that the figures are those of the setting
+# as it ships (a larger burst only lowers the optimum; the shaping is what is measured).
+G_BURST = 10
+# The fake throttles with one token more than the service spends at once: a create the
+# service sends on time may reach the fake a little early or late on its clock (network and
+# scheduling jitter between two processes), and one token (1/rate = 0.5 s) absorbs it.
+G_FAKE_BURST = G_BURST + 1
+G_JOBS, G_IMAGES = 100, 4
+G_RATIO_TARGET = 1.10
+G_TARGETS = {"ttfi_p50_over_optimum": f"≤ {G_RATIO_TARGET:.2f} × optimum", "throttled": "0 429s"}
+
+
+def g_optimum(
+    jobs: int, images: int, burst: int, per_minute: float, one_image_s: float
+) -> tuple[list[float], list[float], list[float]]:
+    """Each job's TTFI, and batch time, in seconds under the budget if the service added
+    nothing: the m-th create (m = 0, 1, …) goes at max(0, m - burst + 1) / rate after the burst
+    starts, the first images first (the k-th first image is the k-th create), each image done
+    `one_image_s` (the fake alone) after its create. Batch times two ways: the later images
+    job by job (the lowest batch times there are, first images first), and index by index
+    (every job's second image, then every third, …)."""
+    rate = per_minute / 60
+
+    def done(m: int) -> float:
+        return max(0, m - burst + 1) / rate + one_image_s
+
+    ttfi = [done(k) for k in range(jobs)]
+    if images == 1:
+        return ttfi, ttfi, ttfi
+    by_job = [done(jobs + (images - 1) * (j + 1) - 1) for j in range(jobs)]
+    by_index = [done(jobs * (images - 1) + j) for j in range(jobs)]
+    return ttfi, by_job, by_index
+
+
+async def fake_one_image_s(fake: FakeReplicateProcess, repeats: int) -> float:
+    """The fake's own time for one image (as scenario a measures the fake alone at N = 1),
+    p50, on a warm connection."""
+    connection = JsonPoster(fake.base_url, {"Authorization": f"Bearer {fake.token}"})
+    try:
+        await connection.connect()
+        await fake_image(fake, connection, time.perf_counter())  # warm-up
+        times = [await fake_image(fake, connection, time.perf_counter()) for _ in range(repeats)]
+    finally:
+        connection.close()
+    return statistics.median(times)
+
+
+async def scenario_g(base_url: str, jobs: int, images: int) -> dict:
+    """`jobs` × `images` posted at once (as in b) to a service that shapes its creates under
+    the provider's rate limit; the figures the fake counts are added by `run_g`."""
+    token = await login(base_url)
+    followed = await asyncio.gather(*(followed_job(base_url, token, images) for _ in range(jobs)))
+    ttfi, total, firsts, laters, failed = [], [], [], [], 0
+    for started, arrivals in followed:
+        progress = [a for a in arrivals if a.name == "progress"]
+        done = [a for a in progress if a.data.get("status") == "succeeded"]
+        failed += sum(a.data.get("status") == "failed" for a in progress) + sum(a.name == "error" for a in arrivals)
+        if done:
+            ttfi.append(min(a.at_perf for a in done) - started)
+        total.append(arrivals[-1].at_perf - started)
+        firsts += [a.at_perf for a in done if a.data["index"] == 0]
+        laters += [a.at_perf for a in done if a.data["index"] > 0]
+    # First images first: a later image done before the last first image took a create from one.
+    last_first = max(firsts, default=math.inf)
+    return {
+        "jobs": jobs,
+        "images": images,
+        "ttfi_s": {"p50": percentile(ttfi, 50), "p99": percentile(ttfi, 99)},
+        "total_s": {"p50": percentile(total, 50), "p99": percentile(total, 99)},
+        "ttfi_s_all": sorted(ttfi),
+        "total_s_all": sorted(total),
+        "images_failed": failed,
+        "later_images_before_last_first": sum(at < last_first for at in laters),
+    }
+
+
+def run_g(tmp: Path, fake: FakeReplicateProcess, repeats: int) -> dict:
+    """Scenario g: the service on the Replicate provider, shaping its creates to G_PER_MINUTE
+    with bursts of G_BURST, against a fake that throttles as Replicate does (429 above the
+    rate); the fake's own per-image time measured on `fake` (the same fake unthrottled, so
+    that the measure spends none of the throttled one's tokens)."""
+    print(
+        f"g: provider rate-limit shaping, {G_JOBS} jobs × {G_IMAGES} at once; the service at "
+        f"{G_PER_MINUTE}/min, burst {G_BURST}; the fake throttling at {G_PER_MINUTE}/min, burst {G_FAKE_BURST} "
+        "(one token of margin for network jitter between the service's pacing and the fake's clock)",
+        flush=True,
+    )
+    one_image_s = asyncio.run(fake_one_image_s(fake, repeats))
+    with FakeReplicateProcess(latency=L, create_rate_per_minute=G_PER_MINUTE, create_burst=G_FAKE_BURST) as throttled:
+        settings = service_settings(
+            "replicate",
+            32,
+            throttled,
+            PROVIDER_MAX_CREATES_PER_MINUTE=str(G_PER_MINUTE),
+            PROVIDER_CREATE_BURST=str(G_BURST),
+        )
+        with ServerProcess("main:app", settings, tmp / "g") as server:
+            result = asyncio.run(scenario_g(server.base_url, G_JOBS, G_IMAGES))
+        stats = throttled.stats()
+    ideal_ttfi, by_job, by_index = g_optimum(G_JOBS, G_IMAGES, G_BURST, G_PER_MINUTE, one_image_s)
+    optimum = {
+        "ttfi_s": {"p50": percentile(ideal_ttfi, 50), "p99": percentile(ideal_ttfi, 99)},
+        "total_s": {"p50": percentile(by_job, 50), "p99": percentile(by_job, 99)},
+        "total_s_index_by_index": {"p50": percentile(by_index, 50), "p99": percentile(by_index, 99)},
+    }
+    return {
+        **result,
+        "per_minute": G_PER_MINUTE,
+        "burst": G_BURST,
+        "fake_burst": G_FAKE_BURST,
+        "one_image_s": one_image_s,
+        "optimum": optimum,
+        "ttfi_p50_over_optimum": result["ttfi_s"]["p50"] / optimum["ttfi_s"]["p50"],
+        "creates_accepted": stats["creates_accepted"],
+        "throttled": stats["creates_throttled"],
+        "max_creates_per_wall_second": stats["max_creates_per_wall_second"],
+        "max_creates_in_any_second": stats["max_creates_in_any_second"],
+        "creates_per_second": stats["creates_per_second"],
+    }
+
+
+def g_rows(g: dict) -> list[str]:
+    """Scenario g's rows of the table (its columns: myflix, baseline, ideal, target)."""
+    label = f"g: {g['jobs']} jobs × {g['images']}, Replicate, {g['per_minute']}/min, burst {g['burst']}"
+    bound = g["burst"] + g["per_minute"] / 60  # the budget's: the burst and a second's worth
+    optimum = g["optimum"]
+    return [
+        (
+            f"| {label} | 429s answered by the fake (burst {g['fake_burst']}) | {g['throttled']} | | 0 "
+            f"| {G_TARGETS['throttled']} |"
+        ),
+        (
+            f"| {label} | creates accepted in one second, max (wall-clock second / any 1 s) "
+            f"| {g['max_creates_per_wall_second']} / {g['max_creates_in_any_second']} | | ≤ {bound:g} | |"
+        ),
+        (
+            f"| {label} | TTFI p50 | {g['ttfi_s']['p50']:.2f} s ({g['ttfi_p50_over_optimum']:.3f} × optimum) "
+            f"| | {optimum['ttfi_s']['p50']:.2f} s (first images first; fake alone {g['one_image_s'] * 1000:.0f} ms) "
+            f"| {G_TARGETS['ttfi_p50_over_optimum']} |"
+        ),
+        (
+            f"| {label} | batch p50 | {g['total_s']['p50']:.2f} s | | {optimum['total_s']['p50']:.2f} s "
+            f"(later images job by job; index by index {optimum['total_s_index_by_index']['p50']:.2f} s) | |"
+        ),
+        (
+            f"| {label} | later images done before the last first image / images failed "
+            f"| {g['later_images_before_last_first']} / {g['images_failed']} | | 0 / 0 | |"
+        ),
+    ]
+
+
 # The run ------------------------------------------------------------------------------------
 
 
@@ -474,10 +642,14 @@ def run_a(tmp: Path, fake: FakeReplicateProcess, repeats: int) -> dict:
 
 
 def run(quick: bool, only: str | None = None) -> dict:
-    """Every scenario on one process, beside the naive baseline; `only="a"`: scenario a alone."""
+    """Every scenario on one process, beside the naive baseline; `only="a"` or `"g"`: that
+    scenario alone."""
     repeats = 2 if quick else 10
     results: dict = machine()
     with tempfile.TemporaryDirectory(prefix="myflix-bench-") as tmp, FakeReplicateProcess(latency=L) as fake:
+        if only == "g":
+            results["g"] = run_g(Path(tmp), fake, repeats)
+            return results
         results["a"] = run_a(Path(tmp), fake, repeats)
         if only == "a":
             return results
@@ -503,6 +675,7 @@ def run(quick: bool, only: str | None = None) -> dict:
         with ServerProcess("main:app", service_settings("local", 16), Path(tmp) / "e") as server:
             print("e: job creation", flush=True)
             results["e"] = asyncio.run(scenario_e([server.base_url], 3 if quick else 10, 32))
+        results["g"] = run_g(Path(tmp), fake, repeats)
     return results
 
 
@@ -551,7 +724,8 @@ S3_ADDED_TTFI_TARGET_MS = 10  # at N = 1
 
 def s3_added_ttfi_ms(results: dict, provider: str, n: int = 1) -> float | None:
     """The S3 store's TTFI p50 minus the local store's, in ms, in scenario a (None: not run)."""
-    s3, local = results["a"].get(f"{S3_SYSTEM}/{provider}"), results["a"].get(f"myflix/{provider}")
+    a = results.get("a", {})
+    s3, local = a.get(f"{S3_SYSTEM}/{provider}"), a.get(f"myflix/{provider}")
     if s3 is None or local is None:
         return None
     return (s3[str(n)]["ttfi_over_l_p50"] - local[str(n)]["ttfi_over_l_p50"]) * results["latency_ms"]
@@ -572,13 +746,16 @@ def table(results: dict) -> str:
     header = f"L = {results['latency_ms']} ms; {results['machine']}; {results['when']}"
     if "kept_from" in results:
         header += f" (scenario a; the others kept from the run of {results['kept_from']})"
+    g = results.get("g")
+    if g is not None and "when" in g:  # run apart (--only g)
+        header += f" (scenario g from its run of {g['when']})"
     lines = [
         header,
         "",
         "| scenario | figure | myflix | baseline | ideal | target |",
         "|---|---|---|---|---|---|",
     ]
-    for provider in ("local", "replicate"):
+    for provider in ("local", "replicate") if "a" in results else ():
         for n in (1, 4, 8, 16):
             ours, base = results["a"][f"myflix/{provider}"][str(n)], results["a"][f"baseline/{provider}"][str(n)]
             alone = results["a"].get(f"fake alone/{provider}", {}).get(str(n))
@@ -601,8 +778,8 @@ def table(results: dict) -> str:
                     f"| a: 1 job, N=1, {provider}, S3 store | added TTFI over the local store, p50 "
                     f"| {s3_added_ttfi_ms(results, provider):+.1f} ms | | 0 | ≤ {S3_ADDED_TTFI_TARGET_MS} ms |"
                 )
-    if "b" not in results:  # a scenario-a-only run
-        return "\n".join(lines)
+    if "b" not in results:  # a scenario-a-only (or g-only) run
+        return "\n".join(lines + (g_rows(g) if g is not None else []))
     b = results["b"]
     for figure, key, targets in B_FIGURES:
         for p, target in zip(("p50", "p99"), targets, strict=False):
@@ -635,6 +812,8 @@ def table(results: dict) -> str:
             f"{e['post_ms']['p99']:.1f} ms | | | |"
         ),
     ]
+    if g is not None:
+        lines += g_rows(g)
     return "\n".join(lines)
 
 
@@ -770,9 +949,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=("a",),
-        help="run only this scenario of the one-process part (a: with the local store and the S3 store); "
-        "the other scenarios' figures are kept from the last run",
+        choices=("a", "g"),
+        help="run only this scenario of the one-process part (a: with the local store and the S3 store; "
+        "g: creates shaped under the provider's rate limit); the other scenarios' figures are kept from the last run",
     )
     parser.add_argument(
         "--database-url",
@@ -791,10 +970,13 @@ def main() -> None:
         if args.part == "scaled":
             parser.error("--only picks a scenario of the one-process part: not with --part scaled")
         fresh = json.loads(json.dumps(run(args.quick, only=args.only)))
-        kept = {key: value for key, value in results.items() if key in ("b", "c", "d", "e", "scaled")}
-        if "b" in kept:
-            fresh["kept_from"] = results.get("kept_from", results["when"])
-        results = {**fresh, **kept}
+        if args.only == "g":  # the others kept as they were, g marked with its own run's time
+            results = {**machine(), **results, "g": {**fresh["g"], "when": fresh["when"]}}
+        else:
+            kept = {key: value for key, value in results.items() if key in ("b", "c", "d", "e", "g", "scaled")}
+            if "b" in kept:
+                fresh["kept_from"] = results.get("kept_from", results["when"])
+            results = {**fresh, **kept}
     elif args.part in ("all", "single"):
         scaled = results.get("scaled")
         results = json.loads(json.dumps(run(args.quick)))  # the keys as JSON has them
@@ -814,7 +996,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     (args.out / "benchmark.md").write_text(report + "\n")
-    chart(results, args.out / "benchmark.png")
+    if "a" in results:  # the chart is of a, b, c and d
+        chart(results, args.out / "benchmark.png")
     print(f"wrote {path}, benchmark.md and benchmark.png")
 
 

@@ -18,6 +18,15 @@ Endpoints
     GET  /v1/models/{owner}/{name}/versions/{v}  version (used by run("o/n:v"))
     GET  /v1/webhooks/default/secret             {"key": "whsec_..."}
     GET  /files/{id}/out-{i}.png                 output images (no auth required)
+    GET  /_fake/stats                            the fake's own counters, as JSON (no auth; not recorded)
+
+Rate limit (optional, off by default): creates go through a token bucket of
+``create_rate_per_minute`` / 60 tokens a second and ``create_burst`` tokens of
+capacity, full at the start.  A create that finds no token is answered ``429``
+(``application/problem+json``, ``Retry-After``: whole seconds, at least 1, until a
+token is due), as Replicate throttles: after authentication, before the input is
+validated.  Accepted creates (per wall-clock second and each one's time) and
+throttled ones are counted; see :meth:`FakeReplicate.stats`.
 
 Prediction life cycle (all times relative to the create request, monotonic):
 ``starting`` for ``starting`` seconds (default ``latency / 2``), then
@@ -35,6 +44,7 @@ import copy
 import datetime as _dt
 import hashlib
 import json
+import math
 import re
 import secrets
 import socket
@@ -344,6 +354,33 @@ class _Pred:
 # --------------------------------------------------------------------------
 
 
+class _TokenBucket:
+    """Replicate's create throttle: ``rate`` tokens a second, at most ``capacity``, full at first."""
+
+    # Float slack: a token refilled over exactly 1/rate seconds counts as whole.
+    _EPSILON = 1e-9
+
+    def __init__(self, per_minute: float, burst: int, now: float) -> None:
+        if per_minute <= 0:
+            raise ValueError("per_minute must be positive")
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
+        self.per_minute = per_minute
+        self.burst = burst
+        self.rate = per_minute / 60
+        self.tokens = float(burst)
+        self.at = now
+
+    def take(self, now: float) -> float:
+        """Take a token: 0.0 if there was one, else the seconds until one is due (none taken)."""
+        self.tokens = min(float(self.burst), self.tokens + max(0.0, now - self.at) * self.rate)
+        self.at = max(self.at, now)
+        if self.tokens >= 1 - self._EPSILON:
+            self.tokens = max(0.0, self.tokens - 1)
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 class _Reset(Exception):
     """Raised inside a handler to drop the connection with a TCP RST."""
 
@@ -499,6 +536,8 @@ class FakeReplicate:
         output_mode: str = "http",
         *,
         models: tuple[str, ...] | None = (FLUX_SCHNELL,),
+        create_rate_per_minute: float | None = None,
+        create_burst: int = 1,
     ) -> None:
         if output_mode not in ("http", "data"):
             raise ValueError("output_mode must be 'http' or 'data'")
@@ -524,6 +563,12 @@ class FakeReplicate:
         self._create_faults: list[Fault] = []
         self._get_faults: list[Fault] = []
         self._png_cache: dict[tuple[str, int], bytes] = {}
+        # The create throttle (None: off) and its counters, all under self._cond.
+        self._bucket: _TokenBucket | None = None
+        self._create_times: list[float] = []  # time.time() of each accepted (201) create
+        self._creates_per_second: dict[int, int] = {}  # whole wall-clock second -> accepted creates
+        self._creates_throttled = 0  # creates the throttle answered 429 (not Fault-injected ones)
+        self.limit_creates(create_rate_per_minute, create_burst)
         self._server: _Server | None = None
         self._serve_thread: threading.Thread | None = None
         self._sched_thread: threading.Thread | None = None
@@ -588,6 +633,12 @@ class FakeReplicate:
         with self._cond:
             self._get_faults.append(fault)
 
+    def limit_creates(self, per_minute: float | None, burst: int = 1) -> None:
+        """Throttle creates to ``per_minute`` with ``burst`` at once (a full bucket from now);
+        ``None`` or 0 turns the throttle off. The counters are kept."""
+        with self._cond:
+            self._bucket = _TokenBucket(per_minute, burst, time.monotonic()) if per_minute else None
+
     # ---- inspection ---------------------------------------------------------
 
     @property
@@ -611,6 +662,55 @@ class FakeReplicate:
         with self._cond:
             if not self._cond.wait_for(lambda: bool(predicate(self)), timeout=timeout):
                 raise TimeoutError(f"condition not met within {timeout}s")
+
+    @property
+    def creates_accepted(self) -> int:
+        """Creates answered 201 (a prediction made), throttled or not."""
+        with self._cond:
+            return len(self._create_times)
+
+    @property
+    def creates_throttled(self) -> int:
+        """Creates the throttle refused with 429 (a `Fault`'s 429s are not counted)."""
+        with self._cond:
+            return self._creates_throttled
+
+    def create_times(self) -> list[float]:
+        """Wall-clock time (``time.time()``) of each accepted create, in order."""
+        with self._cond:
+            return list(self._create_times)
+
+    def creates_per_second(self) -> dict[int, int]:
+        """Accepted creates per whole wall-clock second (``int(time.time())``), seconds with none left out."""
+        with self._cond:
+            return dict(sorted(self._creates_per_second.items()))
+
+    def max_creates_in_any_second(self) -> int:
+        """The most accepted creates within any one second (a sliding window, not clock-aligned)."""
+        times = self.create_times()
+        most, start = 0, 0
+        for end, at in enumerate(times):
+            while at - times[start] >= 1.0:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
+
+    def stats(self) -> dict[str, Any]:
+        """The counters as JSON-able data (what ``GET /_fake/stats`` answers)."""
+        with self._cond:
+            bucket = self._bucket
+            per_second = self.creates_per_second()
+            result = {
+                "create_rate_per_minute": bucket.per_minute if bucket else None,
+                "create_burst": bucket.burst if bucket else None,
+                "creates_accepted": len(self._create_times),
+                "creates_throttled": self._creates_throttled,
+                "creates_per_second": {str(second): n for second, n in per_second.items()},
+                "max_creates_per_wall_second": max(per_second.values(), default=0),
+                "max_creates_in_any_second": self.max_creates_in_any_second(),
+                "create_times": list(self._create_times),
+            }
+        return result
 
     def requests_to(self, path_prefix: str, method: str | None = None) -> list[RecordedRequest]:
         """Convenience: recorded requests whose path starts with ``path_prefix``."""
@@ -729,6 +829,10 @@ class FakeReplicate:
     # ---- request handling --------------------------------------------------------
 
     def _handle(self, rec: RecordedRequest, raw: bytes) -> _Response:
+        if rec.path == "/_fake/stats":  # the fake's control channel: not a request to Replicate
+            if rec.method != "GET":
+                return self._method_not_allowed(rec.method)
+            return self._json(200, self.stats())
         with self._cond:
             self.requests.append(rec)
             self._cond.notify_all()
@@ -758,6 +862,9 @@ class FakeReplicate:
             return self._json(401, _problem(401, "You did not pass a valid authentication token", "Unauthenticated"))
 
         if is_create:
+            throttled = self._throttle()
+            if throttled is not None:
+                return throttled
             return self._create(rec, m_model_create)
         if m_pred is not None:
             if is_get:
@@ -815,6 +922,19 @@ class FakeReplicate:
 
     def _known_model(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def _throttle(self) -> _Response | None:
+        """None if the create may go (a token taken), else the 429 that Replicate would answer."""
+        with self._cond:
+            if self._bucket is None:
+                return None
+            wait = self._bucket.take(time.monotonic())
+            if wait == 0.0:
+                return None
+            self._creates_throttled += 1
+            self._cond.notify_all()
+        retry_after = max(1, math.ceil(wait))
+        return self._json(429, _fault_problem(429, retry_after), {"Retry-After": str(retry_after)})
 
     def _pop_fault(self, queue: list[Fault]) -> Fault | None:
         with self._cond:
@@ -929,6 +1049,9 @@ class FakeReplicate:
             )
             self._preds[pid] = pred
             self._live[pid] = pred
+            self._create_times.append(pred.created_wall)
+            second = int(pred.created_wall)
+            self._creates_per_second[second] = self._creates_per_second.get(second, 0) + 1
             self._order.append(pid)
             initial = self._to_json(pred)  # always "starting", output null
             self._cond.notify_all()
@@ -1066,8 +1189,9 @@ class FakeReplicate:
 
 
 def _serve_forever() -> None:
-    """`python -m tests.fake_replicate --latency 0.5`: serve until SIGTERM; prints the base URL
-    on its first line (the benchmark runs it in a process of its own)."""
+    """`python -m tests.fake_replicate --latency 0.5 [--create-rate-per-minute 120 --create-burst 11]`:
+    serve until SIGTERM; prints the base URL on its first line (the benchmark runs it in a
+    process of its own, and reads its counters from GET /_fake/stats)."""
     import argparse
     import signal
     import sys
@@ -1075,10 +1199,19 @@ def _serve_forever() -> None:
     parser = argparse.ArgumentParser(description=_serve_forever.__doc__)
     parser.add_argument("--latency", type=float, default=0.5)
     parser.add_argument("--token", default="r8_test")
+    parser.add_argument(
+        "--create-rate-per-minute", type=float, default=0, help="throttle creates to this rate (0: no throttle)"
+    )
+    parser.add_argument("--create-burst", type=int, default=1, help="creates the throttle lets go at once")
     args = parser.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with FakeReplicate(token=args.token, latency=args.latency) as fake:
+    with FakeReplicate(
+        token=args.token,
+        latency=args.latency,
+        create_rate_per_minute=args.create_rate_per_minute,
+        create_burst=args.create_burst,
+    ) as fake:
         print(fake.base_url, flush=True)
         stop.wait()
     sys.exit(0)

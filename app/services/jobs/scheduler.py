@@ -12,7 +12,8 @@ later images. The reserve lifts BURST_WINDOW_SECONDS after the last arrival; a l
 meets it. A first image starts the moment its job is pushed if a worker is free; later images
 wait for the loop's next turn (`defer`), so that the first images of jobs pushed together go
 before any of their later ones. With the provider's create budget (create_budget.py), a task
-starts only with a create granted: the others wait, in this order, until the budget has one.
+starts only with a create granted: the others wait, in this order, until the budget has one;
+and while jobs arrive in a burst, later images leave every create to first images.
 Lives on the event-loop thread only; it never blocks.
 """
 
@@ -180,8 +181,10 @@ class FairScheduler(Generic[Task]):
         return task
 
     def _reserved(self) -> bool:
-        """Whether the free workers left are kept for first images still arriving."""
-        remaining = self._burst.holds(self._free)
+        """Whether the free workers left are kept for first images still arriving. Under a
+        create budget, creates are what is scarce: later images leave them all to first
+        images while a burst of jobs lasts."""
+        remaining = self._burst.holds(0 if self._budget is not None else self._free)
         if remaining <= 0 or self._call_later is None:
             return False
         if not self._wake_pending:

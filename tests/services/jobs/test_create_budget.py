@@ -89,6 +89,26 @@ def test_the_scheduler_spends_the_budget_on_first_images_first():
     assert started[-1] == "d0"
 
 
+def test_during_a_burst_of_jobs_later_images_leave_the_creates_to_first_images():
+    clock, later = Clock(), Later()
+    started: list[str] = []
+    bucket = TokenBucket(per_minute=60, burst=10, clock=clock)
+    scheduler = FairScheduler(
+        16, started.append, defer=lambda dispatch: later(0, dispatch), call_later=later, clock=clock, budget=bucket
+    )
+    scheduler.push("a", ["a0", "a1", "a2"])
+    clock.now += 0.01  # the next job comes within the burst window
+    scheduler.push("b", ["b0", "b1", "b2"])
+    later.run()  # the loop's next turn: later images wait for the burst to pass
+    assert started == ["a0", "b0"]
+    clock.now += 0.01
+    scheduler.push("c", ["c0", "c1", "c2"])
+    assert started == ["a0", "b0", "c0"]
+    clock.now += 1.0  # the burst is over
+    later.run()
+    assert started == ["a0", "b0", "c0", "a1", "b1", "c1", "a2", "b2", "c2"]
+
+
 def test_a_scheduler_without_a_budget_starts_at_once():
     started: list[str] = []
     scheduler = FairScheduler(8, started.append)
