@@ -85,6 +85,9 @@ class ImageRequest:
     # Called (on the worker thread) when the provider refused a create for its rate limit,
     # with the seconds it asked to wait.
     on_throttled: Callable[[float], None] = field(default=lambda seconds: None)
+    # Called (on the worker thread) before a refused create is sent again: returns once the
+    # deployment's create budget grants it one, or the request is stopped.
+    wait_create_turn: Callable[[], None] = field(default=lambda: None)
 
 
 @dataclass(frozen=True)

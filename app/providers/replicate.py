@@ -134,6 +134,15 @@ def _sleep_unless_stopped(stop: StopSignal, seconds: float) -> None:
         raise ImageStopped
 
 
+def _sleep_then_wait_create_turn(request: ImageRequest, seconds: float) -> None:
+    """Before a create is sent again: its backoff, then its turn in the create budget, so that
+    creates refused together do not all come back at once."""
+    _sleep_unless_stopped(request.stop, seconds)
+    request.wait_create_turn()
+    if request.stop.is_set():
+        raise ImageStopped
+
+
 def _report_retry(request: ImageRequest, creating: bool, retry_state: RetryCallState) -> None:
     failure = _failure(retry_state)
     if creating and isinstance(failure, TransientReplicateError) and failure.status == 429:
@@ -277,7 +286,11 @@ class ReplicateProvider:
             retry=retry_if_exception(lambda exc: _is_transient(exc) and not (creating and _may_have_created(exc))),
             stop=stop_after_attempt(self._max_retries + 1),
             wait=_retry_delay,
-            sleep=functools.partial(_sleep_unless_stopped, request.stop),
+            sleep=(
+                functools.partial(_sleep_then_wait_create_turn, request)
+                if creating
+                else functools.partial(_sleep_unless_stopped, request.stop)
+            ),
             before_sleep=functools.partial(_report_retry, request, creating),
             reraise=True,
         )

@@ -3,6 +3,7 @@ threads, `max_workers` at a time, recording each state change. The same runner w
 API process (in-process, or scaled out with RUN_WORK_IN_API) and in `python -m app.worker`."""
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -308,11 +309,13 @@ class ImageRunner:
     def _request(self, job: Job, item: WorkItem) -> ImageRequest:
         index = item.index
         dispatched_at = time.monotonic()
+        stop = StopSignal()
         return ImageRequest(
             job_id=job.id,
             index=index,
             prompt=job.prompt,
             seed=job.seed_of(index),
+            stop=stop,
             dispatched_at=dispatched_at,
             deadline=dispatched_at + self._image_timeout,
             resume_prediction_id=job.images[index].prediction_id,
@@ -322,6 +325,7 @@ class ImageRunner:
                 )
             ),
             on_throttled=self._throttled,
+            wait_create_turn=lambda: self._wait_create_turn(stop),
             on_retry=lambda attempt, delay, reason: self._report(
                 self._recorder.record(
                     job.id,
@@ -337,6 +341,24 @@ class ImageRunner:
         if self._budget is not None:
             logger.warning("the provider refused a create (429): creates wait %.1f s", seconds)
             self._report(self._budget.slow_down(seconds))
+
+    def _wait_create_turn(self, stop: StopSignal) -> None:
+        """On a worker thread: until the create budget grants this image a create again (or
+        the image is stopped)."""
+        if self._budget is None or self._loop is None:
+            return
+        turn = asyncio.run_coroutine_threadsafe(_create_turn(self._budget), self._loop)
+
+        def give_up_the_turn() -> None:
+            turn.cancel()
+
+        forget = stop.on_stop(give_up_the_turn)
+        try:
+            turn.result()
+        except (concurrent.futures.CancelledError, RuntimeError):  # stopped, or the loop is closing
+            pass
+        finally:
+            forget()
 
     def _as_holder(self, item: WorkItem, transition: Transition) -> Transition:
         """`transition`, applied only while this worker still holds the image (once its claim
@@ -357,6 +379,12 @@ class ImageRunner:
             loop.call_soon_threadsafe(self._in_background, record)
         except RuntimeError:  # the loop is closed: this process is gone, the next start resumes
             record.close()
+
+
+async def _create_turn(budget: CreateBudget) -> None:
+    # The budget refills with time, and says when: there is no event to wake on.
+    while not (grant := await budget.grant(1)).granted:  # noqa: ASYNC110
+        await asyncio.sleep(grant.retry_in)
 
 
 def _resolve(stopped: "asyncio.Future[None]") -> None:

@@ -217,3 +217,19 @@ def test_a_429_that_comes_anyway_holds_the_next_creates_for_its_retry_after(tmp_
     creates = fake_replicate.requests_to("/v1/models", "POST")
     second_create = next(r for r in creates if r.json["input"]["prompt"] == "second")
     assert second_create.at - throttled_at >= 1.9, [(r.json["input"]["prompt"], r.at - throttled_at) for r in creates]
+
+
+@pytest.mark.slow
+def test_a_refused_create_is_sent_again_only_in_its_turn_of_the_budget(tmp_path, fake_replicate):
+    fake_replicate.push_create_fault(Fault(retry_after=1))
+    with (
+        _service(tmp_path, fake_replicate, PROVIDER_MAX_CREATES_PER_MINUTE=60, PROVIDER_CREATE_BURST=1) as server,
+        server.client() as client,
+    ):
+        headers = {"Authorization": f"Bearer {login(client)}"}
+        job = client.post("/api/generate/", json={"prompt": "refused once", "num_images": 1}, headers=headers)
+        assert read_stream(client, job.json()["job_id"], headers)[-1].data["status"] == "succeeded"
+    refused, sent_again = fake_replicate.requests_to("/v1/models", "POST")
+    # The 429's Retry-After holds the budget for a second, which then has a create a second:
+    # the create goes again in its turn, not the moment its own backoff ends.
+    assert sent_again.at - refused.at >= 1.9, sent_again.at - refused.at
