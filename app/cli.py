@@ -1,29 +1,37 @@
-"""Command-line client of the service: sign in, generate images with live progress, list and
-delete jobs.
+"""Command-line client of the service: sign in or sign up, generate images with live progress,
+list and delete jobs, see the day's usage, sign out.
 
     python -m app.cli [--base-url URL] login --email E [--password P | --password-stdin]
+    python -m app.cli [--base-url URL] register --email E --full-name N [--password P | --password-stdin]
     python -m app.cli [--base-url URL] generate "prompt" [-n 4] [--seed S] [--out DIR]
     python -m app.cli [--base-url URL] jobs [--limit N]
     python -m app.cli [--base-url URL] delete JOB_ID
+    python -m app.cli [--base-url URL] usage
+    python -m app.cli [--base-url URL] logout
 
-`--base-url` defaults to $MYFLIX_URL, else http://localhost:8000. The token is kept in
-$MYFLIX_TOKEN_FILE, else $XDG_CONFIG_HOME/myflix/token.json (~/.config/myflix/token.json).
+`--base-url` defaults to $MYFLIX_URL, else http://localhost:8000. The session (access and
+refresh token) is kept in $MYFLIX_TOKEN_FILE, else $XDG_CONFIG_HOME/myflix/token.json
+(~/.config/myflix/token.json). An access token the service refuses (it lives 15 minutes) is
+renewed once with the refresh token, the rotated pair saved, and the request sent again.
 
 Exit codes: 0 success; 1 the job did not fully succeed, or the service refused a request (a job
-to delete that is not there);
-2 a usage or sign-in problem (a wrong password, too many failed sign-ins, no session or an
-expired one); 3 the service is unreachable (after retries, while following
+to delete that is not there, sign-up disabled, an email already registered, the day's quota
+used up);
+2 a usage or sign-in problem (a wrong password, a weak one, too many failed sign-ins, no session
+or an ended or expired one); 3 the service is unreachable (after retries, while following
 a job); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import getpass
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,11 +63,27 @@ class CliError(Exception):
         self.code = code
 
 
+class SessionEndedError(CliError):
+    """The service refused the saved refresh token: signed out, ended, or expired."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the session has ended or expired: {LOGIN_HINT}", EXIT_USAGE)
+
+
+class SessionExpiredError(CliError):
+    """The saved session is past its end (its refresh token's, if it has one)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the session has expired: {LOGIN_HINT}", EXIT_USAGE)
+
+
 class _Retry(Exception):
     """The service is briefly away (restarting, shutting down): try again after a pause."""
 
 
-# Token ----------------------------------------------------------------------------------
+# Session --------------------------------------------------------------------------------
+
+Session = dict[str, str]
 
 
 def token_path() -> Path:
@@ -69,39 +93,135 @@ def token_path() -> Path:
     return Path(config_home) / "myflix" / "token.json"
 
 
-def save_session(session: dict[str, str]) -> Path:
-    """Write the session readable by the user alone (0600, in a 0700 directory if new)."""
+def save_session(session: Session) -> Path:
+    """Write the session readable by the user alone (0600, in a 0700 directory if new). It is
+    written beside and then renamed over the old one: another CLI reading it meanwhile sees the
+    old session or the new one, never half of one."""
     path = token_path()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        os.fchmod(fd, 0o600)  # a file that existed keeps its old mode otherwise
-        json.dump(session, file)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            os.fchmod(fd, 0o600)  # a file left over from a crash keeps its old mode otherwise
+            json.dump(session, file)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
-def load_token(base_url: str) -> str:
+def new_session(base_url: str, email: str, issued: dict[str, Any]) -> Session:
+    """The session to save from a token answer (login, register, refresh)."""
+    now = datetime.now(UTC)
+    session = {
+        "base_url": base_url,
+        "email": email,
+        "access_token": issued["access_token"],
+        "expires_at": (now + timedelta(seconds=issued["expires_in"])).isoformat(),
+    }
+    if issued.get("refresh_token"):
+        session["refresh_token"] = issued["refresh_token"]
+        session["refresh_expires_at"] = (now + timedelta(seconds=issued["refresh_expires_in"])).isoformat()
+    return session
+
+
+def read_session() -> Session | None:
+    """The saved session as it is on disk, or None if there is none (or it is unreadable)."""
     try:
         session = json.loads(token_path().read_text())
-        stored_url: str = session["base_url"]
-        token: str = session["access_token"]
-        expires_at = datetime.fromisoformat(session["expires_at"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CliError(f"not signed in: {LOGIN_HINT}", EXIT_USAGE) from None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(session, dict) or not all(isinstance(value, str) for value in session.values()):
+        return None
+    if not all(key in session for key in ("base_url", "access_token", "expires_at")):
+        return None
+    return session
+
+
+def session_expires_at(session: Session) -> datetime:
+    """When the session can no longer be used: its refresh token's end, if it has one."""
+    return datetime.fromisoformat(session.get("refresh_expires_at") or session["expires_at"])
+
+
+def load_session(base_url: str, command: str = "login") -> Session:
+    session = read_session()
+    if session is None:
+        raise CliError(f"not signed in: {LOGIN_HINT}", EXIT_USAGE)
+    stored_url = session["base_url"]
     if stored_url != base_url:
-        hint = f"run `python -m app.cli --base-url {base_url} login`"
+        # Sign in there, or (`logout`) sign out where the session is.
+        hint = f"run `python -m app.cli --base-url {base_url if command == 'login' else stored_url} {command}`"
         raise CliError(f"not signed in to {base_url} (only to {stored_url}): {hint}", EXIT_USAGE)
-    if expires_at <= datetime.now(UTC):
-        raise CliError(f"the session has expired: {LOGIN_HINT}", EXIT_USAGE)
-    return token
+    try:
+        expired = session_expires_at(session) <= datetime.now(UTC)
+    except (ValueError, TypeError):
+        raise CliError(f"not signed in: {LOGIN_HINT}", EXIT_USAGE) from None
+    if expired:
+        raise SessionExpiredError
+    return session
+
+
+@contextlib.contextmanager
+def session_lock() -> Iterator[None]:
+    """Held while the session is renewed, by every CLI of this user: a refresh token is good
+    for one refresh, and the service ends the whole session when one is sent twice."""
+    path = token_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f"{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class SessionAuth(httpx.Auth):
+    """The saved session's bearer token. On a 401, with a refresh token saved, the session is
+    renewed once (POST /api/auth/refresh), the rotated pair saved, and the request sent again."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.session['access_token']}"
+        response = yield request
+        if response.status_code != 401 or "refresh_token" not in self.session:
+            return
+        self.renew()
+        request.headers["Authorization"] = f"Bearer {self.session['access_token']}"
+        yield request
+
+    def renew(self) -> None:
+        with session_lock():
+            saved = read_session()
+            if (
+                saved is not None
+                and (saved["base_url"], saved.get("email")) == (self.session["base_url"], self.session.get("email"))
+                and saved.get("refresh_token") not in (None, self.session["refresh_token"])
+            ):
+                self.session = saved  # another CLI renewed it meanwhile: its pair is the live one
+                return
+            base_url = self.session["base_url"]
+            # A TransportError goes up as it is: `call` says the service is unreachable, a
+            # job's stream reconnects.
+            response = httpx.post(
+                f"{base_url}/api/auth/refresh", json={"refresh_token": self.session["refresh_token"]}, timeout=TIMEOUT
+            )
+            if response.status_code in (400, 401, 403, 422):
+                raise SessionEndedError
+            ensure_ok(fail_if_unavailable(response))
+            self.session = new_session(base_url, self.session.get("email", ""), response.json())
+            save_session(self.session)
 
 
 # HTTP -----------------------------------------------------------------------------------
 
 
-def open_client(base_url: str, token: str | None = None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=base_url, headers=headers, timeout=TIMEOUT)
+def open_client(base_url: str, session: Session | None = None) -> httpx.Client:
+    auth = SessionAuth(session) if session is not None else None
+    return httpx.Client(base_url=base_url, auth=auth, timeout=TIMEOUT)
 
 
 def call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -109,6 +229,8 @@ def call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.R
         return client.request(method, path, **kwargs)
     except httpx.TransportError as exc:
         raise CliError(f"cannot reach the service at {client.base_url}: {exc}", EXIT_UNREACHABLE) from None
+    except _Retry as exc:  # renewing the session met a service that is shutting down
+        raise CliError(f"503 Service Unavailable: {exc}", EXIT_FAILED) from None
 
 
 def ensure_ok(response: httpx.Response) -> httpx.Response:
@@ -119,7 +241,15 @@ def ensure_ok(response: httpx.Response) -> httpx.Response:
     if response.status_code == 401:
         raise CliError(f"the service refused the stored token: {LOGIN_HINT}", EXIT_USAGE)
     code = EXIT_USAGE if response.status_code in (413, 422) else EXIT_FAILED
-    raise CliError(f"{response.status_code} {response.reason_phrase}: {error_detail(response)}", code)
+    raise CliError(
+        f"{response.status_code} {response.reason_phrase}: {error_detail(response)}{retry_after(response)}", code
+    )
+
+
+def retry_after(response: httpx.Response) -> str:
+    """How long the service asks to wait, if it does (a 429, a 503)."""
+    retry_after = response.headers.get("retry-after")
+    return f" (Retry-After: {retry_after} s)" if retry_after else ""
 
 
 def error_detail(response: httpx.Response) -> str:
@@ -346,6 +476,16 @@ def read_password(args: argparse.Namespace) -> str:
     return getpass.getpass("Password: ")
 
 
+def read_new_password(args: argparse.Namespace) -> str:
+    """A new account's password: asked twice when it is typed in."""
+    if args.password is not None or args.password_stdin:
+        return read_password(args)
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat the password: ") != password:
+        raise CliError("the passwords differ", EXIT_USAGE)
+    return password
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     password = read_password(args)
     with open_client(args.base_url) as client:
@@ -353,33 +493,101 @@ def cmd_login(args: argparse.Namespace) -> int:
         # A sign-in problem, like a missing or expired session: exit code 2.
         if response.status_code == 401:
             raise CliError("login failed: incorrect email or password", EXIT_USAGE)
+        if response.status_code == 403:  # the account is disabled
+            raise CliError(f"login failed: {error_detail(response)}", EXIT_USAGE)
         if response.status_code == 429:
-            retry_after = response.headers.get("retry-after")
-            wait = f" (Retry-After: {retry_after} s)" if retry_after else ""
-            raise CliError(f"login failed: 429 Too Many Requests: {error_detail(response)}{wait}", EXIT_USAGE)
-        issued = ensure_ok(response).json()
-        client.headers["Authorization"] = f"Bearer {issued['access_token']}"
-        user = ensure_ok(call(client, "GET", "/api/auth/me")).json()
-    expires_at = datetime.now(UTC) + timedelta(seconds=issued["expires_in"])
-    path = save_session(
-        {
-            "base_url": args.base_url,
-            "email": user["email"],
-            "access_token": issued["access_token"],
-            "expires_at": expires_at.isoformat(),
-        }
-    )
-    print(f"Signed in to {args.base_url} as {user['full_name']} <{user['email']}>")
-    print(f"Token kept in {path} until {expires_at.astimezone():%Y-%m-%d %H:%M}")
+            raise CliError(
+                f"login failed: 429 Too Many Requests: {error_detail(response)}{retry_after(response)}", EXIT_USAGE
+            )
+        return signed_in(args.base_url, client, ensure_ok(response).json(), "Signed in to")
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    password = read_new_password(args)
+    body = {"email": args.email, "password": password, "full_name": args.full_name}
+    with open_client(args.base_url) as client:
+        response = call(client, "POST", "/api/auth/register", json=body)
+        if response.status_code == 403:
+            raise CliError(f"sign-up refused: {error_detail(response)}", EXIT_FAILED)
+        if response.status_code == 409:
+            raise CliError(f"sign-up refused: {error_detail(response)}; sign in with `login`", EXIT_FAILED)
+        if response.status_code == 429:
+            raise CliError(
+                f"sign-up failed: 429 Too Many Requests: {error_detail(response)}{retry_after(response)}", EXIT_USAGE
+            )
+        return signed_in(args.base_url, client, ensure_ok(response).json(), "Registered and signed in to")
+
+
+def signed_in(base_url: str, client: httpx.Client, issued: dict[str, Any], done: str) -> int:
+    """Save the session of a token answer (login, register) and say whose it is."""
+    client.headers["Authorization"] = f"Bearer {issued['access_token']}"
+    user = ensure_ok(call(client, "GET", "/api/auth/me")).json()
+    session = new_session(base_url, user["email"], issued)
+    path = save_session(session)
+    print(f"{done} {base_url} as {user['full_name']} <{user['email']}>")
+    until = session_expires_at(session).astimezone()
+    renewed = " (its access token is renewed as needed)" if "refresh_token" in session else ""
+    print(f"Session kept in {path} until {until:%Y-%m-%d %H:%M}{renewed}")
+    return EXIT_OK
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    """End the session at the service, then forget it here, whatever the service answered."""
+    path = token_path()
+    if read_session() is None:
+        path.unlink(missing_ok=True)  # an unreadable file is no session either
+        print("not signed in: nothing to sign out of")
+        return EXIT_OK
+    try:
+        session = load_session(args.base_url, "logout")
+    except SessionExpiredError:
+        path.unlink(missing_ok=True)
+        print(f"the session had expired already; {path} deleted")
+        return EXIT_OK
+    try:
+        with open_client(args.base_url, session) as client:
+            response = call(client, "POST", "/api/auth/logout")
+    except SessionEndedError:
+        response = None
+    except CliError as error:
+        path.unlink(missing_ok=True)
+        until = session_expires_at(session).astimezone()
+        raise CliError(
+            f"{error}; {path} deleted, but the session stays valid at the service until {until:%Y-%m-%d %H:%M}",
+            error.code,
+        ) from None
+    path.unlink(missing_ok=True)
+    if response is None or response.status_code == 401:
+        print(f"the service had ended this session already; {path} deleted")
+        return EXIT_OK
+    if not response.is_success:
+        raise CliError(
+            f"{response.status_code} {response.reason_phrase}: {error_detail(response)}; {path} deleted", EXIT_FAILED
+        )
+    print(f"Signed out of {args.base_url}; {path} deleted")
+    return EXIT_OK
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    session = load_session(args.base_url)
+    with open_client(args.base_url, session) as client:
+        usage = ensure_ok(call(client, "GET", "/api/usage")).json()
+    resets_at = datetime.fromisoformat(usage["resets_at"]).astimezone()
+    print(f"images today: {usage['images_today']}")
+    if usage["quota"] is None:
+        print("quota: unlimited")
+    else:
+        print(f"quota: {usage['quota']} a day, {usage['remaining']} left")
+    print(f"resets at: {resets_at:%Y-%m-%d %H:%M %Z}")
     return EXIT_OK
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    token = load_token(args.base_url)
+    session = load_session(args.base_url)
     body = {"prompt": args.prompt, "num_images": args.num_images}
     if args.seed is not None:
         body["seed"] = args.seed
-    with open_client(args.base_url, token) as client, httpx.Client(timeout=TIMEOUT) as downloads:
+    with open_client(args.base_url, session) as client, httpx.Client(timeout=TIMEOUT) as downloads:
         job_id = ensure_ok(call(client, "POST", "/api/generate/", json=body)).json()["job_id"]
         out_dir = args.out or Path(f"myflix-{job_id}")
         print(f"job {job_id}: {args.num_images} image(s), saved into {out_dir}", flush=True)
@@ -395,8 +603,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    token = load_token(args.base_url)
-    with open_client(args.base_url, token) as client:
+    session = load_session(args.base_url)
+    with open_client(args.base_url, session) as client:
         jobs = fetch_jobs(client, args.limit)
     for job in jobs:
         print(job_line(job))
@@ -420,8 +628,8 @@ def fetch_jobs(client: httpx.Client, limit: int) -> list[dict[str, Any]]:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    token = load_token(args.base_url)
-    with open_client(args.base_url, token) as client:
+    session = load_session(args.base_url)
+    with open_client(args.base_url, session) as client:
         # Cancels the job first if it is still running; 204 once it is gone.
         response = call(client, "DELETE", f"/api/generate/{quote(args.job_id, safe='')}")
         if response.status_code == 404:
@@ -460,6 +668,14 @@ def job_id(text: str) -> str:
     return text
 
 
+def add_password_options(command: argparse.ArgumentParser, rules: str = "") -> None:
+    password = command.add_mutually_exclusive_group()
+    password.add_argument("--password", help=f"{rules}asked for when neither this nor --password-stdin is given")
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from the first line of stdin"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     base_url_help = f"the service (default: $MYFLIX_URL, else {DEFAULT_BASE_URL})"
     # --base-url is accepted before or after the command; after it, it has no default of its own.
@@ -469,14 +685,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-url", default=os.environ.get("MYFLIX_URL") or DEFAULT_BASE_URL, help=base_url_help)
     commands = parser.add_subparsers(title="commands", required=True)
 
-    login = commands.add_parser("login", parents=[common], help="sign in and keep the token")
+    login = commands.add_parser("login", parents=[common], help="sign in and keep the session")
     login.add_argument("--email", required=True)
-    password = login.add_mutually_exclusive_group()
-    password.add_argument("--password", help="asked for when neither this nor --password-stdin is given")
-    password.add_argument(
-        "--password-stdin", action="store_true", help="read the password from the first line of stdin"
-    )
+    add_password_options(login)
     login.set_defaults(command=cmd_login)
+
+    register = commands.add_parser(
+        "register", parents=[common], help="create an account (where the service allows sign-up) and sign in"
+    )
+    register.add_argument("--email", required=True)
+    register.add_argument("--full-name", required=True)
+    add_password_options(register, "8 to 72 bytes in UTF-8, not the email; ")
+    register.set_defaults(command=cmd_register)
+
+    logout = commands.add_parser(
+        "logout", parents=[common], help="end the session at the service and delete the saved one"
+    )
+    logout.set_defaults(command=cmd_logout)
+
+    usage = commands.add_parser("usage", parents=[common], help="images made today, the daily quota, when it resets")
+    usage.set_defaults(command=cmd_usage)
 
     generate = commands.add_parser("generate", parents=[common], help="generate images and save them")
     generate.add_argument("prompt")

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,208 @@ def test_ctrl_c_prints_the_job_id_and_exits_130(live_server, cli_env, tmp_path):
         code, _, stderr = cli_run.finish()
     assert code == 130
     assert job_id in stderr
+
+
+# Accounts and sessions --------------------------------------------------------------------
+
+NEW_USER = ("carol@example.org", "carol-password-1", "Carol Example")
+# The daily quota of images per user (app/core/config.py).
+QUOTA_SETTING = "DAILY_IMAGE_QUOTA"
+
+
+def saved_session(env: dict[str, str]) -> dict[str, str]:
+    return json.loads(Path(env["MYFLIX_TOKEN_FILE"]).read_text())
+
+
+def register(env: dict[str, str], base_url: str, user=NEW_USER, *extra: str) -> subprocess.CompletedProcess:
+    email, password, full_name = user
+    return run_cli(
+        env, "--base-url", base_url, "register", "--email", email, "--full-name", full_name, "--password-stdin",
+        *extra, stdin=f"{password}\n",
+    )  # fmt: skip
+
+
+def refreshed(server, refresh_token: str):
+    with server.client() as client:
+        return client.post("/api/auth/refresh", json={"refresh_token": refresh_token})
+
+
+@pytest.mark.slow
+def test_register_signs_in_and_is_refused_when_taken_weak_or_turned_off(live_server, cli_env):
+    with live_server(SIGNUP_ENABLED=True) as server:
+        url = server.base_url
+        created = register(cli_env, url)
+        assert created.returncode == 0, created.stderr
+        email, password, full_name = NEW_USER
+        assert f"Registered and signed in to {url} as {full_name} <{email}>" in created.stdout
+        assert "Password:" not in created.stdout + created.stderr
+        session = saved_session(cli_env)
+        assert session["email"] == email and session["refresh_token"] and session["access_token"]
+        listed = run_cli(cli_env, "--base-url", url, "jobs")
+        assert (listed.returncode, listed.stdout) == (0, "no jobs yet\n"), listed.stderr
+        # The account is a real one: its password signs in.
+        signed_in = run_cli(cli_env, "--base-url", url, "login", "--email", email, "--password", password)
+        assert signed_in.returncode == 0, signed_in.stderr
+
+        taken = register(cli_env, url, (email, "another-password", "Someone Else"))
+        assert taken.returncode == 1, taken.stderr
+        assert re.search(r"^error: sign-up refused: .+; sign in with `login`$", taken.stderr, re.MULTILINE)
+        for weak in ("short", "Dave@Example.org"):  # too short; the email itself
+            refused = register(cli_env, url, ("dave@example.org", weak, "Dave"))
+            assert refused.returncode == 2, refused.stderr
+            assert refused.stderr.startswith("error: 422 Unprocessable"), refused.stderr
+        assert "Traceback" not in taken.stderr + refused.stderr
+
+    Path(cli_env["MYFLIX_TOKEN_FILE"]).unlink()
+    with live_server() as server:  # sign-up is off by default
+        with server.client() as client:
+            assert client.get("/api/auth/settings").json() == {"signup_enabled": False}
+        off = register(cli_env, server.base_url, ("erin@example.org", "erin-password-1", "Erin"))
+    assert off.returncode == 1, off.stderr
+    assert re.fullmatch(r"error: sign-up refused: .+\n", off.stderr), off.stderr
+    assert not Path(cli_env["MYFLIX_TOKEN_FILE"]).exists()
+
+
+@pytest.mark.slow
+def test_logout_ends_the_session_at_the_service_and_forgets_it(live_server, cli_env):
+    token_file = Path(cli_env["MYFLIX_TOKEN_FILE"])
+    with live_server() as server:
+        url = server.base_url
+        sign_in(cli_env, url)
+        session = saved_session(cli_env)
+        out = run_cli(cli_env, "--base-url", url, "logout")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == f"Signed out of {url}; {token_file} deleted\n"
+        assert not token_file.exists()
+        # The session is over: its refresh token at once, its access token within 30 s.
+        assert refreshed(server, session["refresh_token"]).status_code == 401
+        with server.client(session["access_token"]) as old:
+            wait_until(lambda: old.get("/api/auth/me").status_code == 401, timeout=35, what="the token to end")
+        after = run_cli(cli_env, "--base-url", url, "jobs")
+        assert after.returncode == 2 and "not signed in" in after.stderr
+        again = run_cli(cli_env, "--base-url", url, "logout")
+        assert (again.returncode, again.stdout) == (0, "not signed in: nothing to sign out of\n")
+
+        # Ended elsewhere (here: the service refuses both tokens): the file goes all the same.
+        sign_in(cli_env, url)
+        session = saved_session(cli_env)
+        with server.client(session["access_token"]) as client:
+            assert client.post("/api/auth/logout").status_code == 204
+        token_file.write_text(json.dumps({**session, "access_token": "not-a-token"}))
+        ended = run_cli(cli_env, "--base-url", url, "logout")
+        assert ended.returncode == 0, ended.stderr
+        assert ended.stdout == f"the service had ended this session already; {token_file} deleted\n"
+        assert not token_file.exists()
+
+        sign_in(cli_env, url)
+        session = saved_session(cli_env)
+        elsewhere = run_cli(cli_env, "--base-url", "http://127.0.0.1:9", "logout")
+        assert elsewhere.returncode == 2
+        assert f"run `python -m app.cli --base-url {url} logout`" in elsewhere.stderr
+        assert token_file.exists(), "another service's session is not touched"
+
+    # The service is gone: the session is forgotten here, and the CLI says it lives on there.
+    unreachable = run_cli(cli_env, "--base-url", url, "logout")
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert "cannot reach the service" in unreachable.stderr
+    assert f"{token_file} deleted, but the session stays valid at the service until" in unreachable.stderr
+    assert not token_file.exists()
+
+
+@pytest.mark.slow
+def test_a_refused_access_token_is_renewed_once_and_the_rotated_pair_saved(live_server, cli_env, tmp_path):
+    token_file = Path(cli_env["MYFLIX_TOKEN_FILE"])
+    with live_server() as server:
+        url = server.base_url
+        sign_in(cli_env, url)
+        first = saved_session(cli_env)
+        token_file.write_text(json.dumps({**first, "access_token": "garbage"}))
+
+        listed = run_cli(cli_env, "--base-url", url, "jobs")
+        assert (listed.returncode, listed.stdout) == (0, "no jobs yet\n"), listed.stderr
+        second = saved_session(cli_env)
+        assert second["access_token"] not in ("garbage", first["access_token"])
+        assert second["refresh_token"] != first["refresh_token"], "the refresh token rotates"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        with server.client(second["access_token"]) as client:
+            assert client.get("/api/auth/me").json()["email"] == ALICE[0]
+
+        # An access token past its time, as the file says: a job is created and followed all
+        # the same (the stream too is opened with the renewed token).
+        expired = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+        token_file.write_text(json.dumps({**second, "access_token": "garbage", "expires_at": expired}))
+        made = run_cli(cli_env, "--base-url", url, "generate", "renewed", "-n", "1", "--out", str(tmp_path / "out"))
+        assert made.returncode == 0, made.stderr
+        third = saved_session(cli_env)
+        assert third["refresh_token"] != second["refresh_token"]
+
+        # CLIs renewing at once share one refresh: the service would end the whole session
+        # if they sent the same refresh token twice.
+        token_file.write_text(json.dumps({**third, "access_token": "garbage"}))
+        renewing = [BackgroundCli(cli_env, "--base-url", url, "jobs") for _ in range(3)]
+        for background in renewing:
+            code, lines, stderr = background.finish()
+            assert code == 0, stderr
+            assert len(lines) == 1 and "renewed" in lines[0]
+        fourth = saved_session(cli_env)
+        assert refreshed(server, fourth["refresh_token"]).status_code == 200, "the session is still alive"
+
+        # A refresh token sent twice ends the session: the CLI says so and asks for a login.
+        token_file.write_text(json.dumps({**third, "access_token": "garbage"}))
+        reused = run_cli(cli_env, "--base-url", url, "jobs")
+    assert reused.returncode == 2, reused.stderr
+    assert reused.stderr == "error: the session has ended or expired: run `python -m app.cli login`\n"
+
+
+def test_a_session_past_its_refresh_token_exits_2(cli_env):
+    token_file = Path(cli_env["MYFLIX_TOKEN_FILE"])
+    token_file.parent.mkdir(parents=True)
+    now = datetime.now(UTC)
+    session = {
+        "base_url": "http://127.0.0.1:9",
+        "email": ALICE[0],
+        "access_token": "t",
+        "expires_at": (now - timedelta(minutes=20)).isoformat(),
+        "refresh_token": "r",
+        "refresh_expires_at": (now - timedelta(minutes=1)).isoformat(),
+    }
+    token_file.write_text(json.dumps(session))
+    result = run_cli(cli_env, "--base-url", "http://127.0.0.1:9", "usage")
+    assert result.returncode == 2
+    assert "the session has expired: run `python -m app.cli login`" in result.stderr
+    # Nothing to end at the service: logout only forgets it.
+    out = run_cli(cli_env, "--base-url", "http://127.0.0.1:9", "logout")
+    assert (out.returncode, out.stdout) == (0, f"the session had expired already; {token_file} deleted\n")
+    assert not token_file.exists()
+
+
+@pytest.mark.slow
+def test_usage_counts_the_days_images_and_a_job_over_the_quota_is_refused(live_server, cli_env, tmp_path):
+    with live_server(**{QUOTA_SETTING: 3}) as server:
+        url = server.base_url
+        sign_in(cli_env, url)
+        before = run_cli(cli_env, "--base-url", url, "usage")
+        assert before.returncode == 0, before.stderr
+        lines = before.stdout.splitlines()
+        assert lines[:2] == ["images today: 0", "quota: 3 a day, 3 left"]
+        assert re.fullmatch(r"resets at: \d{4}-\d\d-\d\d \d\d:\d\d .*", lines[2]), lines
+        with server.client(saved_session(cli_env)["access_token"]) as client:
+            usage = client.get("/api/usage").json()
+        resets_at = datetime.fromisoformat(usage["resets_at"])
+        assert lines[2].startswith(f"resets at: {resets_at.astimezone():%Y-%m-%d %H:%M}")
+
+        made = run_cli(cli_env, "--base-url", url, "generate", "two", "-n", "2", "--out", str(tmp_path))
+        assert made.returncode == 0, made.stderr
+        after = run_cli(cli_env, "--base-url", url, "usage").stdout.splitlines()
+        assert after[:2] == ["images today: 2", "quota: 3 a day, 1 left"]
+
+        over = run_cli(cli_env, "--base-url", url, "generate", "too many", "-n", "2", "--out", str(tmp_path))
+        assert over.returncode == 1
+        assert re.fullmatch(r"error: 429 Too Many Requests: .+ \(Retry-After: \d+ s\)\n", over.stderr), over.stderr
+        assert over.stdout == ""
+        assert run_cli(cli_env, "--base-url", url, "usage").stdout.splitlines()[:2] == after[:2]
+
+    with live_server() as server:  # no quota by default
+        sign_in(cli_env, server.base_url)
+        unlimited = run_cli(cli_env, "--base-url", server.base_url, "usage").stdout.splitlines()
+    assert unlimited[1] == "quota: unlimited"

@@ -33,20 +33,51 @@
  * readyState is CONNECTING the browser is retrying; once it is CLOSED it gave up (the server
  * answered with an error status, e.g. 401), so we ask for the job's snapshot to find out why:
  * a finished job is shown from the snapshot, a running one gets a fresh EventSource.
+ *
+ * The session (the API contract is in README.md and at /docs):
+ *
+ *   POST /api/auth/login {email, password}, or POST /api/auth/register {email, password,
+ *   full_name} where GET /api/auth/settings says signup_enabled
+ *       ->  {access_token, expires_in, refresh_token, refresh_expires_in}
+ *   Both tokens are kept in sessionStorage (this tab only). The access token lives minutes:
+ *   when a call answers 401, POST /api/auth/refresh {refresh_token} once gives a new pair and
+ *   the call is sent again. The refresh token rotates: each is good for one refresh, and one
+ *   sent twice ends the whole session, so only one refresh runs at a time (state.refreshing)
+ *   and every call that met a 401 meanwhile waits for it. A refused refresh signs out here.
+ *   A stream whose token expired fails with 401 (CLOSED): recover() asks for the snapshot,
+ *   through the same renewal, and opens the fresh EventSource with the new token.
+ *   POST /api/auth/logout ends the session at the service ("Sign out"); the tokens are
+ *   forgotten here even when that call fails.
+ *   GET /api/usage  ->  {images_today, quota, remaining, resets_at}, shown under the form
+ *   after sign-in and after each job is created or finished. A job over the day's quota is
+ *   refused with 429 and the service's words, which are shown.
  */
 "use strict";
 
 const TOKEN_KEY = "myflix.token";
+const REFRESH_KEY = "myflix.refresh";
 const HISTORY_PAGE_SIZE = 12;
 const RECONNECT_DELAY_MS = 2000;
 const MAX_RECONNECTS = 5;
-const FIELD_LABELS = { email: "Email", password: "Password", prompt: "Prompt", num_images: "Number of images" };
+const SIGN_OUT_TIMEOUT_MS = 5000; // a service that does not answer does not keep anyone signed in
+const SESSION_EXPIRED = "Your session expired, sign in again";
+const FIELD_LABELS = {
+  email: "Email",
+  password: "Password",
+  full_name: "Full name",
+  prompt: "Prompt",
+  num_images: "Number of images",
+};
 const STATUS_WORDS = { queued: "Queued", running: "Running…", succeeded: "Succeeded", failed: "Failed", canceled: "Canceled" };
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY),
+  refreshToken: sessionStorage.getItem(REFRESH_KEY),
+  refreshing: null, // the refresh in flight: a Promise of true once state.token is a new one
+  signingUp: false, // the sign-in form creates an account instead
+  usageRequest: 0,
   job: null, // the job shown under "Current job", see watchJob()
   historyCursor: null,
   historyRequest: 0,
@@ -90,7 +121,7 @@ class ApiError extends Error {
 
 /** The `detail` of an error answer, in words. */
 function errorMessage(status, detail, hadToken) {
-  if (status === 401 && hadToken) return "Your session expired, sign in again";
+  if (status === 401 && hadToken) return SESSION_EXPIRED;
   if (status === 422 && Array.isArray(detail)) {
     return detail
       .map((item) => {
@@ -103,58 +134,171 @@ function errorMessage(status, detail, hadToken) {
   return `The service answered ${status}`;
 }
 
-async function api(method, path, body) {
+/** One request; `token`: the access token to send, if any. */
+async function send(method, path, body, token, signal) {
   const headers = {};
-  const hadToken = Boolean(state.token);
-  if (hadToken) headers.Authorization = `Bearer ${state.token}`;
+  if (token) headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  let response;
   try {
-    response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    return await fetch(path, { method, headers, signal, body: body === undefined ? undefined : JSON.stringify(body) });
   } catch {
     throw new ApiError(0, "Cannot reach the service; is it running?");
   }
-  if (response.status === 204) return null; // DELETE: no body
-  if (response.ok) return response.json();
+}
+
+async function failure(response, hadToken) {
   const payload = await response.json().catch(() => null);
-  const error = new ApiError(response.status, errorMessage(response.status, payload && payload.detail, hadToken));
-  if (response.status === 401 && hadToken) signOut(error.message);
+  return new ApiError(response.status, errorMessage(response.status, payload && payload.detail, hadToken));
+}
+
+/**
+ * Call the API with the session's access token (`auth: false`: without one, for sign-in and
+ * sign-up). A 401 renews the session once and sends the call again; a 401 after that, or a
+ * refused renewal, signs out here and is thrown with status 401 (callers need not show it).
+ * @param {string} method
+ * @param {string} path
+ * @param {unknown} [body]  sent as JSON
+ * @param {{ auth?: boolean, signal?: AbortSignal }} [options]
+ */
+async function api(method, path, body, { auth = true, signal } = {}) {
+  let token = auth ? state.token : null;
+  let response = await send(method, path, body, token, signal);
+  if (response.status === 401 && token && (await renewSession(token))) {
+    token = state.token;
+    response = await send(method, path, body, token, signal);
+  }
+  if (response.status === 204) return null; // DELETE, logout: no body
+  if (response.ok) return response.json();
+  const error = await failure(response, Boolean(token));
+  // Only if the session it was sent for is still this page's (not signed out meanwhile).
+  if (response.status === 401 && token && state.token === token) signOut(error.message);
   throw error;
+}
+
+/**
+ * A new token pair after `staleToken` was refused: true once state.token is a newer one,
+ * false if the session is over (no refresh token, or the service refused it). An unreachable
+ * service or a 5xx is thrown, the session kept: a later call tries again.
+ */
+async function renewSession(staleToken) {
+  if (state.token !== staleToken) return Boolean(state.token); // renewed (or signed out) meanwhile
+  if (!state.refreshToken) return false;
+  if (!state.refreshing) {
+    state.refreshing = refreshTokens().finally(() => {
+      state.refreshing = null;
+    });
+  }
+  return state.refreshing;
+}
+
+async function refreshTokens() {
+  const refreshToken = state.refreshToken;
+  const response = await send("POST", "/api/auth/refresh", { refresh_token: refreshToken }, null);
+  const answer = response.ok ? await response.json().catch(() => null) : null;
+  if (state.refreshToken !== refreshToken) return Boolean(state.token); // signed out (or in anew) meanwhile
+  if (answer && answer.access_token) {
+    keepSession(answer);
+    return true;
+  }
+  if (response.status >= 500 || response.status === 429) throw await failure(response, false);
+  return false; // 401: signed out elsewhere, expired, or sent twice; the caller signs out
 }
 
 // --- Sign in / out --------------------------------------------------------------------
 
+/** The sign-in form's submit: sign in, or create an account (state.signingUp). */
 async function signIn(event) {
   event.preventDefault();
   clearError();
-  const button = event.submitter || $("sign-in-form").querySelector("button");
+  const button = $("sign-in-submit");
   button.disabled = true;
+  const credentials = { email: $("email").value.trim(), password: $("password").value };
   try {
-    const answer = await api("POST", "/api/auth/login", { email: $("email").value.trim(), password: $("password").value });
-    state.token = answer.access_token;
-    sessionStorage.setItem(TOKEN_KEY, state.token);
+    const answer = state.signingUp
+      ? await api("POST", "/api/auth/register", { ...credentials, full_name: $("full-name").value.trim() }, { auth: false })
+      : await api("POST", "/api/auth/login", credentials, { auth: false });
+    keepSession(answer);
     $("password").value = "";
+    $("full-name").value = "";
+    setSigningUp(false);
     await enterApp();
   } catch (error) {
     showError(error.message);
+    if (error.status === 403 && state.signingUp) offerSignUp(false); // sign-up was turned off meanwhile
   } finally {
     button.disabled = false;
   }
 }
 
+function keepSession(answer) {
+  state.token = answer.access_token;
+  state.refreshToken = answer.refresh_token || null;
+  sessionStorage.setItem(TOKEN_KEY, state.token);
+  if (state.refreshToken) sessionStorage.setItem(REFRESH_KEY, state.refreshToken);
+  else sessionStorage.removeItem(REFRESH_KEY);
+}
+
+/** "Sign out": end the session at the service, then here, whether or not that call went through. */
+async function signOutEverywhere() {
+  const button = $("sign-out");
+  button.disabled = true;
+  stopWatching();
+  try {
+    await api("POST", "/api/auth/logout", undefined, { signal: AbortSignal.timeout(SIGN_OUT_TIMEOUT_MS) });
+  } catch {
+    // Unreachable, or over already: the tokens are forgotten all the same.
+  } finally {
+    button.disabled = false;
+  }
+  signOut();
+}
+
+/** Forget the session here and show the sign-in form (with `message`, if one is given). */
 function signOut(message) {
   stopWatching();
   state.token = null;
+  state.refreshToken = null;
   sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(REFRESH_KEY);
   $("app").hidden = true;
   $("account").hidden = true;
   $("job-section").hidden = true;
+  $("usage").hidden = true;
   $("history").replaceChildren();
   state.deleted.clear();
   $("sign-in-section").hidden = false;
   if (typeof message === "string") showError(message);
   else clearError();
   $("email").focus();
+}
+
+/** Show "Create an account" where the service allows sign-up. */
+async function loadAuthSettings() {
+  try {
+    const settings = await api("GET", "/api/auth/settings", undefined, { auth: false });
+    offerSignUp(settings.signup_enabled === true);
+  } catch {
+    offerSignUp(false); // sign-in still works
+  }
+}
+
+function offerSignUp(enabled) {
+  $("sign-up-offer").hidden = !enabled;
+  if (!enabled) setSigningUp(false);
+}
+
+function setSigningUp(signingUp) {
+  state.signingUp = signingUp;
+  $("sign-in-heading").textContent = signingUp ? "Create an account" : "Sign in";
+  $("sign-in-submit").textContent = signingUp ? "Create account" : "Sign in";
+  $("full-name-field").hidden = !signingUp;
+  $("full-name").disabled = !signingUp;
+  $("full-name").required = signingUp;
+  $("password").autocomplete = signingUp ? "new-password" : "current-password";
+  $("password-rules").hidden = !signingUp;
+  $("demo-users").hidden = signingUp;
+  $("sign-up-question").textContent = signingUp ? "Have an account?" : "New here?";
+  $("sign-up-switch").textContent = signingUp ? "Sign in instead" : "Create an account";
 }
 
 async function enterApp() {
@@ -164,6 +308,7 @@ async function enterApp() {
   $("sign-in-section").hidden = true;
   $("app").hidden = false;
   $("prompt").focus();
+  loadUsage();
   const page = await loadHistory();
   // A job still in progress (e.g. after a reload) is followed again, from its first event.
   const newest = page.jobs[0];
@@ -185,9 +330,12 @@ async function generate(event) {
     const { job_id: jobId } = await api("POST", "/api/generate/", { prompt, num_images: numImages });
     watchJob(jobId, prompt, numImages, performance.now() - sentAt);
     loadHistory().catch((error) => showError(error.message));
+    loadUsage();
   } catch (error) {
-    showError(error.message);
+    if (error.status === 401) return; // signOut() already said so
+    showError(error.message); // a 429 says why: the day's quota, or too many jobs at once
     $("generate").disabled = false;
+    if (error.status === 429) loadUsage();
   }
 }
 
@@ -362,6 +510,7 @@ function finishJob(job, result) {
   $("generate").disabled = false;
   if (cancelHadFocus) $("generate").focus();
   loadHistory().catch((error) => showError(error.message));
+  loadUsage();
 }
 
 function onConnectionError(job, source) {
@@ -379,6 +528,8 @@ async function recover(job) {
   if (state.job !== job || job.finished) return;
   job.reconnects += 1;
   try {
+    // An expired token is why a stream is refused most often: this call meets the same 401
+    // and renews the session (api()), so the stream below opens with the new token.
     const snapshot = await api("GET", `/api/generate/${encodeURIComponent(job.id)}`);
     if (state.job !== job || job.finished) return;
     if (["queued", "running"].includes(snapshot.status)) {
@@ -444,6 +595,29 @@ function setTile(job, tile, image) {
   }
 }
 
+// --- Usage ----------------------------------------------------------------------------
+
+/** "N images left today", from GET /api/usage; hidden if the service cannot say. */
+async function loadUsage() {
+  const request = ++state.usageRequest;
+  let usage = null;
+  try {
+    usage = await api("GET", "/api/usage");
+  } catch {
+    // A nicety: its failure is not worth an alert (a 401 has signed out already).
+  }
+  if (request !== state.usageRequest || !state.token) return; // a newer load, or signed out
+  $("usage").textContent = usage ? usageText(usage) : "";
+  $("usage").hidden = !usage;
+}
+
+function usageText(usage) {
+  if (usage.quota == null) return `Unlimited images today (${usage.images_today} made so far)`;
+  const left = usage.remaining == null ? Math.max(0, usage.quota - usage.images_today) : usage.remaining;
+  const resets = new Date(usage.resets_at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  return `${left} image${left === 1 ? "" : "s"} left today (${usage.images_today} of ${usage.quota} used; resets at ${resets})`;
+}
+
 // --- History --------------------------------------------------------------------------
 
 async function loadHistory(more = false) {
@@ -504,11 +678,17 @@ function historyItem(job) {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("sign-in-form").addEventListener("submit", signIn);
-  $("sign-out").addEventListener("click", () => signOut());
+  $("sign-up-switch").addEventListener("click", () => {
+    clearError();
+    setSigningUp(!state.signingUp);
+    $("email").focus();
+  });
+  $("sign-out").addEventListener("click", signOutEverywhere);
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancelJob);
   $("load-more").addEventListener("click", () => loadHistory(true).catch((error) => showError(error.message)));
   window.addEventListener("pagehide", () => state.job && closeStream(state.job));
+  loadAuthSettings();
   if (state.token) {
     enterApp().catch((error) => { if (error.status !== 401) showError(error.message); });
   } else {
