@@ -115,6 +115,10 @@ def service_settings(provider: str, workers: int, fake: FakeReplicateProcess | N
         # Unlimited: b and g ask one user for 400 images, e for thousands (unknown to a service
         # without the quota, which ignores it).
         "DAILY_IMAGE_QUOTA": "0",
+        # Unshaped but in g, which measures the shaping: the other scenarios measure what the
+        # service adds to a provider's latency, against a fake that limits no rate (a's jobs of
+        # 16 images, one after another, would otherwise wait for creates).
+        "PROVIDER_MAX_CREATES_PER_MINUTE": "0",
         **extra,
     }
     if fake is not None:
