@@ -9,6 +9,8 @@ import pytest
 from tests.conftest import BOB, LiveServer, login, make_settings, read_stream, wait_until
 from tests.fake_replicate import Rule
 
+pytestmark = pytest.mark.slow  # jobs whose images take seconds, waited out
+
 
 def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}

@@ -12,6 +12,8 @@ from app.core.config import PROJECT_ROOT
 from main import create_app
 from tests.conftest import ALICE, TEST_JWT_SECRET, make_settings
 
+pytestmark = pytest.mark.slow  # every test starts the command as a process
+
 
 @pytest.fixture
 def users(tmp_path):
