@@ -26,9 +26,20 @@ def _resume_after_restart(service, job_id, head):
         whole = read_stream(client, job_id, headers=_auth(token))
     ids = [int(e.id) for e in head + rest]
     assert ids == list(range(1, len(ids) + 1)), "a gap or a duplicate across the restart"
-    assert [(e.id, e.data) for e in head + rest] == [(e.id, e.data) for e in whole]
+    assert [(e.id, _unsigned(e.data)) for e in head + rest] == [(e.id, _unsigned(e.data)) for e in whole]
     assert rest[-1].event == "done"
     return rest, whole
+
+
+def _unsigned(data: dict) -> dict:
+    """The event without its links' signatures: a link is signed when it is sent, so two sends
+    on either side of an expiry window's edge (every hour at most) carry different ones."""
+
+    def strip(url: str | None) -> str | None:
+        return None if url is None else url.split("?", 1)[0]
+
+    images = [{**image, "url": strip(image.get("url"))} for image in data.get("images", [])]
+    return {**data, "url": strip(data.get("url")), **({"images": images} if images else {})}
 
 
 def _running_before_stop(events):
