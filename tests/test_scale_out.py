@@ -463,22 +463,30 @@ def test_scaling_out_needs_postgresql_and_a_shared_key_and_the_worker_needs_redi
     assert "needs REDIS_URL" in worker.stderr
 
 
-def test_the_active_job_limit_holds_across_replicas_under_a_burst_of_posts(cluster):
-    a, b = cluster(MAX_ACTIVE_JOBS_PER_USER=4, LOCAL_LATENCY_MS=5000).up(workers=0).replicas
-    token = login(a.client())
-    start = threading.Barrier(16)
+def _burst_of_posts(replicas: tuple[ServiceProcess, ...], token: str, posts: int, num_images: int) -> list[int]:
+    """`posts` jobs posted at once (released together by a barrier), spread over the replicas;
+    the statuses they got."""
+    start = threading.Barrier(posts)
     answers: list[int] = []
 
     def post(replica: ServiceProcess, n: int) -> None:
         with replica.client(token) as client:
             start.wait()
-            answers.append(client.post("/api/generate/", json={"prompt": f"burst {n}", "num_images": 1}).status_code)
+            body = {"prompt": f"burst {n}", "num_images": num_images}
+            answers.append(client.post("/api/generate/", json=body).status_code)
 
-    posters = [threading.Thread(target=post, args=((a, b)[n % 2], n)) for n in range(16)]
+    posters = [threading.Thread(target=post, args=(replicas[n % len(replicas)], n)) for n in range(posts)]
     for poster in posters:
         poster.start()
     for poster in posters:
         poster.join()
+    return answers
+
+
+def test_the_active_job_limit_holds_across_replicas_under_a_burst_of_posts(cluster):
+    a, b = cluster(MAX_ACTIVE_JOBS_PER_USER=4, LOCAL_LATENCY_MS=5000).up(workers=0).replicas
+    token = login(a.client())
+    answers = _burst_of_posts((a, b), token, posts=16, num_images=1)
     assert sorted(answers) == [202] * 4 + [429] * 12, answers
     with a.client(token) as client:
         jobs = client.get("/api/generate/").json()["jobs"]
@@ -594,19 +602,7 @@ def test_a_logout_or_a_disabled_user_takes_effect_on_every_replica_within_30_s(c
 def test_the_daily_quota_holds_across_replicas_under_a_burst_of_posts(cluster):
     a, b = cluster(DAILY_IMAGE_QUOTA=10, MAX_ACTIVE_JOBS_PER_USER=100, LOCAL_LATENCY_MS=5000).up(workers=0).replicas
     token = login(a.client())
-    start = threading.Barrier(16)
-    answers: list[int] = []
-
-    def post(replica: ServiceProcess, n: int) -> None:
-        with replica.client(token) as client:
-            start.wait()
-            answers.append(client.post("/api/generate/", json={"prompt": f"burst {n}", "num_images": 2}).status_code)
-
-    posters = [threading.Thread(target=post, args=((a, b)[n % 2], n)) for n in range(16)]
-    for poster in posters:
-        poster.start()
-    for poster in posters:
-        poster.join()
+    answers = _burst_of_posts((a, b), token, posts=16, num_images=2)
     assert sorted(answers) == [202] * 5 + [429] * 11, answers
     with b.client(token) as client:
         usage = client.get("/api/usage").json()

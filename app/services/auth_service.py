@@ -49,7 +49,6 @@ class User:
 
 
 ADMIN_ROLE = "admin"
-ROLES = ("user", ADMIN_ROLE)
 
 
 @dataclass(frozen=True)
