@@ -1,8 +1,9 @@
 """Queries and writes over the storage models. Reads open their own session; writes take the
 journal's session, so that they commit in its batches."""
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar, cast
 
@@ -27,6 +28,11 @@ class AdmissionRefused:
     or too few images left today for it."""
 
     images_left: int | None
+
+
+class _Refused(Exception):
+    def __init__(self, admission: AdmissionRefused) -> None:
+        self.admission = admission
 
 
 @dataclass
@@ -117,37 +123,48 @@ class Repository:
     async def write_new_job(
         self, changes: "Changes", owner_email: str, max_unfinished: int, daily_images: int | None, day: date
     ) -> "AdmissionRefused | None":
-        """Write the new job's `changes` unless its owner has `max_unfinished` unfinished jobs,
+        """Write the new job's `changes` (the day's images added here: `changes.usage` is not
+        written) unless its owner has `max_unfinished` unfinished jobs,
         or it would take them past `daily_images` on `day`; None when it was written.
         Admissions of one owner take turns (a transaction-scoped advisory lock on PostgreSQL),
-        so that concurrent ones in any process count each other."""
-        async with self._sessionmaker.begin() as session:
-            if session.get_bind().dialect.name == "postgresql":
-                await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner_email))))
-            unfinished = await session.scalar(
-                select(func.count())
-                .select_from(JobRow)
-                .where(JobRow.owner_email == owner_email, JobRow.status.in_(UNFINISHED_JOB_STATUSES))
-            )
-            if (unfinished or 0) >= max_unfinished:
-                return AdmissionRefused(images_left=None)
-            if daily_images is not None:
-                used = await session.scalar(
-                    select(DailyUsageRow.images).where(
-                        DailyUsageRow.user_email == owner_email, DailyUsageRow.day == day
+        so that concurrent ones in any process count each other. The rows go in before the
+        turn is taken, so that a turn lasts three round trips (the lock, the count, the day's
+        images added and read back) and the commit: a burst of one owner's jobs is admitted
+        at the pace of those, not of every insert."""
+        job_ids = [row["id"] for row in changes.jobs]
+        asked = sum(row["num_images"] for row in changes.jobs)
+        try:
+            async with self._sessionmaker.begin() as session:
+                postgresql = session.get_bind().dialect.name == "postgresql"
+                await session.run_sync(
+                    lambda sync_session: Repository.apply(sync_session.connection(), [replace(changes, usage=[])])
+                )
+                if postgresql:
+                    # Ages are taken from the database's clock, the one every process shares: a
+                    # process whose own clock is off by seconds would give negative TTFIs.
+                    await session.execute(
+                        update(JobRow).where(JobRow.id.in_(job_ids)).values(created_at=func.clock_timestamp())
+                    )
+                    await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner_email))))
+                unfinished = await session.scalar(
+                    select(func.count())
+                    .select_from(JobRow)
+                    .where(
+                        JobRow.owner_email == owner_email,
+                        JobRow.status.in_(UNFINISHED_JOB_STATUSES),
+                        JobRow.id.not_in(job_ids),
                     )
                 )
-                asked = sum(row["num_images"] for row in changes.jobs)
-                if (used or 0) + asked > daily_images:
-                    return AdmissionRefused(images_left=max(0, daily_images - (used or 0)))
-            await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
-            if session.get_bind().dialect.name == "postgresql":
-                # Ages are taken from the database's clock, the one every process shares: a
-                # process whose own clock is off by seconds would give negative TTFIs.
-                job_ids = [row["id"] for row in changes.jobs]
-                await session.execute(
-                    update(JobRow).where(JobRow.id.in_(job_ids)).values(created_at=func.clock_timestamp())
+                if (unfinished or 0) >= max_unfinished:
+                    raise _Refused(AdmissionRefused(images_left=None))
+                used = await session.scalar(
+                    _add_usage(session.get_bind().dialect.name).returning(_USAGE.c.images),
+                    {"user_email": owner_email, "day": day, "images": asked},
                 )
+                if daily_images is not None and (used or 0) > daily_images:
+                    raise _Refused(AdmissionRefused(images_left=max(0, daily_images - ((used or 0) - asked))))
+        except _Refused as refused:  # rolled back: nothing of the job was stored
+            return refused.admission
         return None
 
     # Usage ------------------------------------------------------------------------------
@@ -280,6 +297,7 @@ _UPDATE_BY_KEY = {
 }
 
 
+@functools.cache  # built once per dialect: it is on every admission's path
 def _add_usage(dialect: str) -> Any:
     """INSERT … ON CONFLICT DO UPDATE adding to the day's count: one statement, atomic."""
     insert_of = postgresql_insert if dialect == "postgresql" else sqlite_insert
