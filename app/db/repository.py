@@ -121,25 +121,24 @@ class Repository:
         return _with_images(jobs, images)
 
     async def write_new_job(
-        self, changes: "Changes", owner_email: str, max_unfinished: int, daily_images: int | None, day: date
+        self, changes: "Changes", owner_email: str, max_unfinished: int, daily_images: int | None
     ) -> "AdmissionRefused | None":
-        """Write the new job's `changes` (the day's images added here: `changes.usage` is not
-        written) unless its owner has `max_unfinished` unfinished jobs,
-        or it would take them past `daily_images` on `day`; None when it was written.
-        Admissions of one owner take turns (a transaction-scoped advisory lock on PostgreSQL),
-        so that concurrent ones in any process count each other. The rows go in before the
-        turn is taken, so that a turn lasts three round trips (the lock, the count, the day's
-        images added and read back) and the commit: a burst of one owner's jobs is admitted
-        at the pace of those, not of every insert."""
+        """Write the new job's `changes` unless its owner has `max_unfinished` unfinished jobs,
+        or its images (`changes.usage`: the owner's day) would take them past `daily_images`;
+        None when it was written. Admissions of one owner take turns (a transaction-scoped
+        advisory lock on PostgreSQL), so that concurrent ones in any process count each other.
+        The rows go in before the turn is taken, so that a turn lasts three round trips (the
+        lock, the count, the day's images added and read back) and the commit: a burst of one
+        owner's jobs is admitted at the pace of those, not of every insert."""
+        (charge,) = changes.usage
         job_ids = [row["id"] for row in changes.jobs]
-        asked = sum(row["num_images"] for row in changes.jobs)
         try:
             async with self._sessionmaker.begin() as session:
-                postgresql = session.get_bind().dialect.name == "postgresql"
+                dialect = session.get_bind().dialect.name
                 await session.run_sync(
                     lambda sync_session: Repository.apply(sync_session.connection(), [replace(changes, usage=[])])
                 )
-                if postgresql:
+                if dialect == "postgresql":
                     # Ages are taken from the database's clock, the one every process shares: a
                     # process whose own clock is off by seconds would give negative TTFIs.
                     await session.execute(
@@ -157,12 +156,9 @@ class Repository:
                 )
                 if (unfinished or 0) >= max_unfinished:
                     raise _Refused(AdmissionRefused(images_left=None))
-                used = await session.scalar(
-                    _add_usage(session.get_bind().dialect.name).returning(_USAGE.c.images),
-                    {"user_email": owner_email, "day": day, "images": asked},
-                )
-                if daily_images is not None and (used or 0) > daily_images:
-                    raise _Refused(AdmissionRefused(images_left=max(0, daily_images - ((used or 0) - asked))))
+                used = await session.scalar(_add_usage(dialect).returning(_USAGE.c.images), charge) or 0
+                if daily_images is not None and used > daily_images:
+                    raise _Refused(AdmissionRefused(images_left=max(0, daily_images - (used - charge["images"]))))
         except _Refused as refused:  # rolled back: nothing of the job was stored
             return refused.admission
         return None

@@ -19,7 +19,7 @@ from app.db.repository import Changes, ConflictingWriteError, Repository, Stored
 from app.db.tables import EventRow
 from app.services.jobs.domain import Job, JobEvent, Update
 from app.services.jobs.interfaces import ActiveJobLimitError, Applied, DailyQuotaError, OwnerLimits, Transition
-from app.services.jobs.rows import changes_of, job_from_rows, stored_events, usage_day
+from app.services.jobs.rows import changes_of, job_from_rows, stored_events
 
 logger = logging.getLogger("myflix.jobs")
 
@@ -69,7 +69,7 @@ class ScaledJobStore:
                     if create.withdrawn:
                         raise JobWithdrawnError(job.id)
                     refused = await self._repository.write_new_job(
-                        changes, job.owner, limits.max_unfinished, limits.daily_images, usage_day(job.created_at)
+                        changes, job.owner, limits.max_unfinished, limits.daily_images
                     )
             if refused is not None:
                 if refused.images_left is None:

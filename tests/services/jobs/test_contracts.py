@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,14 @@ from app.services.jobs.domain import Job
 from app.services.jobs.event_log import EventStreamInterrupted
 from app.services.jobs.events_inprocess import InProcessEventBus
 from app.services.jobs.events_redis import RedisEventBus
-from app.services.jobs.interfaces import ActiveJobLimitError, EventBus, JobStore, OwnerLimits, WorkQueue
+from app.services.jobs.interfaces import (
+    ActiveJobLimitError,
+    DailyQuotaError,
+    EventBus,
+    JobStore,
+    OwnerLimits,
+    WorkQueue,
+)
 from app.services.jobs.queue_inprocess import InProcessWorkQueue
 from app.services.jobs.queue_postgres import PostgresWorkQueue
 from app.services.jobs.store_inprocess import InProcessJobStore
@@ -138,6 +145,28 @@ def test_a_new_job_beyond_its_owner_limit_of_unfinished_jobs_is_not_stored_even_
             # A finished job no longer counts.
             await _finish(parts, admitted[0])
             await _new_job(parts, num_images=1, max_unfinished=3)
+
+    _run(scenario())
+
+
+def test_a_new_job_beyond_its_owner_daily_quota_is_not_stored_nor_counted_and_says_what_is_left(engine):
+    async def scenario() -> None:
+        async with engine() as parts:
+
+            async def create(num_images: int) -> Job:
+                job = domain.new_job(OWNER, "quota", num_images, None, "local", "model", None)
+                await parts.store.create(job, domain.accepted(job, [None] * num_images), OwnerLimits(100, 5))
+                return job
+
+            today = rows.usage_day(datetime.now(UTC))
+            await create(3)
+            with pytest.raises(DailyQuotaError) as refused:
+                await create(4)
+            assert refused.value.images_left == 2
+            assert len(await parts.store.page(OWNER, 10, None)) == 1  # the refused job's rows rolled back
+            assert await parts.store.images_used(OWNER, today) == 3  # and its images not charged
+            await create(2)
+            assert await parts.store.images_used(OWNER, today) == 5
 
     _run(scenario())
 
