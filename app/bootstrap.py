@@ -162,7 +162,7 @@ async def open_components(settings: Settings) -> Components:
     sessionmaker = create_sessionmaker(engine)
     components = Components(
         engine=engine,
-        repository=Repository(sessionmaker),
+        repository=Repository(engine),
         accounts=AccountRepository(sessionmaker),
         image_store=image_store,
         signer=ImageUrlSigner(url_secret, settings.IMAGE_URL_TTL_SECONDS),

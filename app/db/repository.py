@@ -1,5 +1,8 @@
 """Queries and writes over the storage models. Reads open their own session; writes take the
-journal's session, so that they commit in its batches."""
+journal's session, so that they commit in its batches. The two writes on every job's and
+every image's path in the scaled-out deployment (`write_new_job`, `update_job`) run Core
+statements on a connection: through the ORM's session each statement costs several times
+the client CPU."""
 
 import functools
 from collections.abc import Callable, Sequence
@@ -7,11 +10,28 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from app.db.engine import create_sessionmaker
 from app.db.tables import DailyUsageRow, EventRow, ImageRow, JobRow
 
 UNFINISHED_JOB_STATUSES = ("queued", "running")
@@ -35,12 +55,23 @@ class _Refused(Exception):
         self.admission = admission
 
 
+@dataclass(frozen=True)
+class EventsSoFar:
+    """What a job's stored events say: the last one's id, and the TTFI of the first image that
+    succeeded (a `progress` event's `elapsed_ms`), if any did."""
+
+    last_id: int
+    ttfi_ms: float | None
+
+
 @dataclass
 class StoredJob:
-    job: JobRow
+    job: JobRow | Row[Any]  # the storage model, or a Core row of its table
     images: list[ImageRow]
     # The database's clock when the job was read, where the job's age is to be taken from it.
     database_now: datetime | None = None
+    # Where the job is to be changed: what its stored events say, read with it.
+    so_far: EventsSoFar | None = None
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -49,21 +80,31 @@ def as_utc(moment: datetime) -> datetime:
 
 
 class Repository:
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
-        self._sessionmaker = sessionmaker
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessionmaker = create_sessionmaker(engine)
 
     # Jobs -------------------------------------------------------------------------------
 
-    async def get_job(self, job_id: str, database_time: bool = False) -> StoredJob | None:
-        """`database_time`: with the database's clock (see `write_new_job`)."""
+    async def get_job(self, job_id: str, database_time: bool = False, so_far: bool = False) -> StoredJob | None:
+        """`database_time`: with the database's clock (see `write_new_job`); `so_far`: with
+        what its stored events say."""
         async with self._sessionmaker() as session:
-            job = await session.get(JobRow, job_id)
-            if job is None:
-                return None
+            if so_far:
+                found = (
+                    await session.execute(_with_events_so_far(self._engine.dialect.name).where(JobRow.id == job_id))
+                ).one_or_none()
+                if found is None:
+                    return None
+                job, events_so_far = found[0], _events_so_far(found)
+            else:
+                job, events_so_far = await session.get(JobRow, job_id), None
+                if job is None:
+                    return None
             images = (await self._images_of(session, [job_id]))[job_id]
             now = await _database_now(session) if database_time else None
         # Two reads, not one snapshot: a job without images was deleted between them.
-        return StoredJob(job, images, now) if images else None
+        return StoredJob(job, images, now, events_so_far) if images else None
 
     async def find_by_idempotency_key(self, owner_email: str, key: str) -> JobRow | None:
         async with self._sessionmaker() as session:
@@ -86,17 +127,19 @@ class Repository:
         return _with_images(jobs, images)
 
     async def unfinished_jobs(self, database_time: bool = False) -> list[StoredJob]:
+        """With what their stored events say (see `get_job`)."""
         async with self._sessionmaker() as session:
-            jobs = list(
-                (
-                    await session.scalars(
-                        select(JobRow).where(JobRow.status.in_(UNFINISHED_JOB_STATUSES)).order_by(JobRow.created_at)
-                    )
-                ).all()
-            )
-            images = await self._images_of(session, [job.id for job in jobs])
+            found = (
+                await session.execute(
+                    _with_events_so_far(self._engine.dialect.name)
+                    .where(JobRow.status.in_(UNFINISHED_JOB_STATUSES))
+                    .order_by(JobRow.created_at)
+                )
+            ).all()
+            images = await self._images_of(session, [row[0].id for row in found])
             now = await _database_now(session) if database_time else None
-        return [StoredJob(stored.job, stored.images, now) for stored in _with_images(jobs, images)]
+        # A job without images was deleted between the two reads.
+        return [StoredJob(row[0], images[row[0].id], now, _events_so_far(row)) for row in found if images[row[0].id]]
 
     async def events(self, job_id: str, after_id: int = 0) -> list[EventRow]:
         async with self._sessionmaker() as session:
@@ -131,32 +174,31 @@ class Repository:
         lock, the count, the day's images added and read back) and the commit: a burst of one
         owner's jobs is admitted at the pace of those, not of every insert."""
         (charge,) = changes.usage
-        job_ids = [row["id"] for row in changes.jobs]
+        (job,) = changes.jobs
+        dialect = self._engine.dialect.name
+        if dialect == "postgresql":
+            # Ages are taken from the database's clock, the one every process shares: a
+            # process whose own clock is off by seconds would give negative TTFIs.
+            job = {**job, "created_at": func.clock_timestamp()}
+
         try:
-            async with self._sessionmaker.begin() as session:
-                dialect = session.get_bind().dialect.name
-                await session.run_sync(
-                    lambda sync_session: Repository.apply(sync_session.connection(), [replace(changes, usage=[])])
-                )
+            async with self._engine.begin() as connection:
+                await connection.execute(insert(_JOBS).values(job))
+                await _apply(connection, replace(changes, jobs=[], usage=[]))
                 if dialect == "postgresql":
-                    # Ages are taken from the database's clock, the one every process shares: a
-                    # process whose own clock is off by seconds would give negative TTFIs.
-                    await session.execute(
-                        update(JobRow).where(JobRow.id.in_(job_ids)).values(created_at=func.clock_timestamp())
-                    )
-                    await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner_email))))
-                unfinished = await session.scalar(
+                    await connection.execute(select(func.pg_advisory_xact_lock(func.hashtext(owner_email))))
+                unfinished = await connection.scalar(
                     select(func.count())
-                    .select_from(JobRow)
+                    .select_from(_JOBS)
                     .where(
-                        JobRow.owner_email == owner_email,
-                        JobRow.status.in_(UNFINISHED_JOB_STATUSES),
-                        JobRow.id.not_in(job_ids),
+                        _JOBS.c.owner_email == owner_email,
+                        _JOBS.c.status.in_(UNFINISHED_JOB_STATUSES),
+                        _JOBS.c.id != job["id"],
                     )
                 )
                 if (unfinished or 0) >= max_unfinished:
                     raise _Refused(AdmissionRefused(images_left=None))
-                used = await session.scalar(_add_usage(dialect).returning(_USAGE.c.images), charge) or 0
+                used = await connection.scalar(_add_usage(dialect).returning(_USAGE.c.images), charge) or 0
                 if daily_images is not None and used > daily_images:
                     raise _Refused(AdmissionRefused(images_left=max(0, daily_images - (used - charge["images"]))))
         except _Refused as refused:  # rolled back: nothing of the job was stored
@@ -185,22 +227,26 @@ class Repository:
     # Writes of the scaled-out deployment, each its own transaction -------------------------
 
     async def update_job(
-        self, job_id: str, change: Callable[[StoredJob, list[EventRow]], tuple[Result, "Changes | None"]]
+        self, job_id: str, change: Callable[[StoredJob], tuple[Result, "Changes | None"]]
     ) -> Result | None:
-        """Run `change` on the job and its events while holding the job's row lock, and write
-        the changes it returns in the same transaction: concurrent writers of one job take
-        turns, so each sees the others' events and numbers its own after them. None: no job."""
-        async with self._sessionmaker.begin() as session:
-            job = await session.get(JobRow, job_id, with_for_update=True, populate_existing=True)
-            if job is None:
+        """Run `change` on the job (with the database's clock and what its stored events say)
+        while holding the job's row lock, and write the changes it returns in the same
+        transaction: concurrent writers of one job take turns, so each sees the others' events
+        and numbers its own after them. None: no job."""
+        async with self._engine.begin() as connection:
+            found = (await connection.execute(_LOCKED_JOB, {"job_id": job_id})).one_or_none()
+            if found is None:
                 return None
-            images = (await self._images_of(session, [job_id]))[job_id]
-            events = list(
-                (await session.scalars(select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id))).all()
-            )
-            result, changes = change(StoredJob(job, images, await _database_now(session)), events)
+            rows = (
+                await connection.execute(_images_and_events_so_far(self._engine.dialect.name), {"job_id": job_id})
+            ).all()
+            if not rows:
+                return None  # being deleted: its images went first
+            # As models: a Core row's `index` is the tuple's method, not the column.
+            images = [ImageRow(**{column.name: row._mapping[column] for column in _IMAGES.c}) for row in rows]
+            result, changes = change(StoredJob(found, images, found.database_now, _events_so_far(rows[0])))
             if changes is not None:
-                await session.run_sync(lambda sync_session: Repository.apply(sync_session.connection(), [changes]))
+                await _apply(connection, changes)
         return result
 
     async def write(self, changes: "Changes") -> None:
@@ -262,6 +308,15 @@ async def _database_now(session: AsyncSession) -> datetime | None:
     return await session.scalar(select(func.clock_timestamp()))
 
 
+def _events_so_far(found: Row[Any]) -> EventsSoFar:
+    """From a row of `_with_events_so_far` or `_images_and_events_so_far`."""
+    return EventsSoFar(last_id=found.last_event_id, ttfi_ms=found.events_ttfi_ms)
+
+
+async def _apply(connection: AsyncConnection, changes: "Changes") -> None:
+    await connection.run_sync(lambda sync_connection: Repository.apply(sync_connection, [changes]))
+
+
 def _with_images(jobs: list[JobRow], images: dict[str, list[ImageRow]]) -> list[StoredJob]:
     # A job without images was deleted between the two reads.
     return [StoredJob(job, images[job.id]) for job in jobs if images[job.id]]
@@ -291,6 +346,52 @@ _UPDATE_BY_KEY = {
     table: update(table).where(and_(*(column == bindparam(_KEY_PREFIX + column.name) for column in table.primary_key)))
     for table in (_IMAGES, _JOBS)
 }
+
+
+def _events_so_far_of(job_id: Any, dialect: str) -> tuple[Any, Any]:
+    """The last id and the TTFI of the stored events of the job `job_id` names (a column or a
+    parameter), worked out by the database."""
+    # PostgreSQL reads a text column as JSON through a cast; SQLite's JSON functions read the
+    # text as it is (there, a cast to JSON makes a number of it).
+    data = sql_cast(_EVENTS.c.data, JSON) if dialect == "postgresql" else type_coerce(_EVENTS.c.data, JSON)
+    return (
+        select(func.coalesce(func.max(_EVENTS.c.id), 0))
+        .where(_EVENTS.c.job_id == job_id)
+        .scalar_subquery()
+        .label("last_event_id"),
+        select(func.min(data["elapsed_ms"].as_float()))
+        .where(
+            _EVENTS.c.job_id == job_id,
+            _EVENTS.c.name == "progress",
+            data["status"].as_string() == "succeeded",
+        )
+        .scalar_subquery()
+        .label("events_ttfi_ms"),
+    )
+
+
+@functools.cache
+def _with_events_so_far(dialect: str) -> Select[Any]:
+    return select(JobRow, *_events_so_far_of(JobRow.id, dialect))
+
+
+_LOCKED_JOB = (
+    select(_JOBS, func.clock_timestamp().label("database_now"))
+    .where(_JOBS.c.id == bindparam("job_id"))
+    .with_for_update()
+)
+
+
+@functools.cache
+def _images_and_events_so_far(dialect: str) -> Select[Any]:
+    """Read after the lock, in a statement of its own: a statement that waited for the lock
+    sees the locked row as its holder committed it, but everything else as it was when it
+    began."""
+    return (
+        select(_IMAGES, *_events_so_far_of(bindparam("job_id"), dialect))
+        .where(_IMAGES.c.job_id == bindparam("job_id"))
+        .order_by(_IMAGES.c.index)
+    )
 
 
 @functools.cache  # built once per dialect: it is on every admission's path

@@ -174,16 +174,6 @@ def new_job(
     )
 
 
-def ttfi_from_events(events: list[JobEvent]) -> float | None:
-    """TTFI is stored only when a job ends; until then its first `succeeded` event has it."""
-    succeeded = (
-        float(data["elapsed_ms"])
-        for data in (json.loads(e.data) for e in events if e.name == "progress")
-        if data["status"] == "succeeded"
-    )
-    return min(succeeded, default=None)
-
-
 # Transitions ---------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from app.db.repository import Changes, StoredJob, as_utc
 from app.db.tables import EventRow
-from app.services.jobs.domain import ImageState, Job, JobEvent, Update, ttfi_from_events
+from app.services.jobs.domain import ImageState, Job, JobEvent, Update
 
 
 def changes_of(job: Job, update: Update) -> Changes:
@@ -80,8 +80,9 @@ def stored_events(rows: list[EventRow]) -> list[JobEvent]:
     return [JobEvent(row.id, row.name, row.data) for row in rows]
 
 
-def job_from_rows(stored: StoredJob, events: list[JobEvent] | None = None) -> Job:
-    """The job as stored; with its stored events, also where its event ids and TTFI stand."""
+def job_from_rows(stored: StoredJob) -> Job:
+    """The job as stored; read with what its events say, also where its event ids and TTFI
+    stand (TTFI is stored only when a job ends; until then its first `succeeded` event has it)."""
     row = stored.job
     created_at = as_utc(row.created_at)
     # By the clock that stamped it: the database's where it says so, else this process's.
@@ -120,7 +121,7 @@ def job_from_rows(stored: StoredJob, events: list[JobEvent] | None = None) -> Jo
     )
     if not job.finished and any(image.status != "queued" for image in job.images):
         job.status = "running"  # stored as "queued" until it ends
-    if events is not None:
-        job.last_event_id = events[-1].id if events else 0
-        job.ttfi_ms = job.ttfi_ms if job.finished else ttfi_from_events(events)
+    if stored.so_far is not None:
+        job.last_event_id = stored.so_far.last_id
+        job.ttfi_ms = job.ttfi_ms if job.finished else stored.so_far.ttfi_ms
     return job

@@ -40,7 +40,7 @@ class InProcessJobStore:
         for owner, images in (await self._repository.usage_on(today)).items():
             self._usage[(owner, today)] = images
         for stored in await self._repository.unfinished_jobs():
-            self._hold(job_from_rows(stored, await self.events(stored.job.id)))
+            self._hold(job_from_rows(stored))
 
     async def close(self, timeout: float) -> None:
         await self._journal.close(timeout)
@@ -75,10 +75,10 @@ class InProcessJobStore:
     async def apply(self, job_id: str, transition: Transition) -> Applied | None:
         job = self._live.get(job_id)
         if job is None:  # finished, withdrawn, or none: as stored, numbering after its events
-            stored = await self._repository.get_job(job_id)
+            stored = await self._repository.get_job(job_id, so_far=True)
             if stored is None:
                 return None
-            job = job_from_rows(stored, await self.events(job_id))
+            job = job_from_rows(stored)
         was_finished = job.finished
         update = transition(job) or Update()
         if not (update.events or update.images or update.job_changed):

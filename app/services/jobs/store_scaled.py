@@ -16,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db.engine import probe_writes
 from app.db.faults import WriteHealth, write_retrying
 from app.db.repository import Changes, ConflictingWriteError, Repository, StoredJob
-from app.db.tables import EventRow
 from app.services.jobs.domain import Job, JobEvent, Update
 from app.services.jobs.interfaces import ActiveJobLimitError, Applied, DailyQuotaError, OwnerLimits, Transition
 from app.services.jobs.rows import changes_of, job_from_rows, stored_events
@@ -123,9 +122,9 @@ class ScaledJobStore:
         failures: dict[int, Exception] = {}
         outcome: tuple[Job, list[Update]] | None = None
 
-        def change(stored: StoredJob, event_rows: list[EventRow]) -> tuple[tuple[Job, list[Update]], Changes]:
+        def change(stored: StoredJob) -> tuple[tuple[Job, list[Update]], Changes]:
             failures.clear()
-            job = job_from_rows(stored, stored_events(event_rows))
+            job = job_from_rows(stored)
             updates = []
             for n, pending in enumerate(batch):
                 try:

@@ -55,7 +55,7 @@ class Engine:
 async def _engine(database_url: str, redis_at: str | None) -> AsyncIterator[Engine]:
     database = create_engine(database_url)
     await upgrade_database(database)
-    repository = Repository(create_sessionmaker(database))
+    repository = Repository(database)
     await seed_demo_users(AccountRepository(create_sessionmaker(database)))
     link = None
     if redis_at is None:
@@ -211,6 +211,23 @@ def test_a_stored_job_is_found_listed_counted_and_keeps_every_event_in_order(eng
             assert (await parts.store.get(job.id)).status == "succeeded"
             assert await parts.store.unfinished() == []
             assert await parts.store.apply("job_nothing", lambda j: None) is None
+
+    _run(scenario())
+
+
+def test_an_unfinished_job_read_back_after_a_restart_goes_on_from_its_last_event_and_keeps_its_ttfi(engine):
+    async def scenario() -> None:
+        async with engine() as parts:
+            job = await _new_job(parts)
+            await _record(parts, job.id, lambda j: domain.claimed(j, 0, j.accepted_at, max_attempts=3))
+            await _record(parts, job.id, lambda j: domain.image_changed(j, 0, "succeeded", j.accepted_at + 1, "k0.png"))
+            before = await parts.store.events(job.id)
+        async with engine() as parts:  # the next start, on the same database
+            (again,) = await parts.store.unfinished()
+            assert again.last_event_id == before[-1].id
+            assert again.ttfi_ms == json.loads(before[-1].data)["elapsed_ms"]
+            update = await _record(parts, job.id, lambda j: domain.claimed(j, 1, j.accepted_at, max_attempts=3))
+            assert [e.id for e in update.events] == [before[-1].id + 1]
 
     _run(scenario())
 

@@ -79,7 +79,7 @@ class ScriptedProvider:
 async def running_service(tmp_path, provider, image_store=None, **limits):
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'test.db'}")
     await upgrade_database(engine)
-    repository = Repository(create_sessionmaker(engine))
+    repository = Repository(engine)
     accounts = AccountRepository(create_sessionmaker(engine))
     await seed_demo_users(accounts)
     options = dict(
