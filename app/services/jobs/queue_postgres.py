@@ -8,8 +8,9 @@
   then round-robin across jobs. An image that had started before (a restart) goes first.
 - A process takes only as many items as it has workers asking. An item stays in the table
   until its image is recorded (at-least-once). The holder's heartbeat renews it every third of
-  the claim timeout. The next worker to ask, anywhere, takes over an item left without a
-  heartbeat for two thirds of it, ahead of newer items of its rank. The image's attempt count
+  the claim timeout. The next take anywhere (a worker asking; while the queue is empty, each
+  process's look every sixth of the timeout) takes over an item left without a heartbeat for
+  two thirds of it, ahead of newer items of its rank. The image's attempt count
   (`domain.claimed`) fences off the worker it was taken from, and caps the attempts.
 - Cancels reach every process by NOTIFY. A process that misses one finds the image canceled
   when it records it.
@@ -83,6 +84,12 @@ class PostgresWorkQueue:
         self._queries: Queries | None = None
         self._takers = Takers()
         self._wake = asyncio.Event()  # a worker asks, or work was queued
+        # Work queued since (as told by NOTIFY), against the count when a take last found the
+        # queue empty: until more is queued, a worker who asks need not look again before
+        # the periodic look for work whose worker went quiet.
+        self._queued_news = 0
+        self._empty_at_news: int | None = None
+        self._look_again_at = 0.0
         self._ready: list[WorkItem] = []  # taken, not handed out yet
         self._held: dict[WorkItem, QueueRow] = {}  # taken and not done: renewed while held
         self._failure: str | None = None
@@ -107,6 +114,7 @@ class PostgresWorkQueue:
             max_size=POOL_SIZE,
             timeout=CONNECT_TIMEOUT_SECONDS,
             server_settings=self._limits.server_settings(),
+            reset=_keep_session,
         )
         self._queries = Queries.from_asyncpg_pool(self._pool)
         await self._install()
@@ -241,6 +249,7 @@ class PostgresWorkQueue:
 
     async def _consume(self) -> None:
         queries = self._ready_queries()
+        loop = asyncio.get_running_loop()
         while True:
             asking = len(self._takers)
             if not asking:
@@ -248,6 +257,12 @@ class PostgresWorkQueue:
                 await self._wake.wait()
                 continue
             self._wake.clear()
+            if self._empty_at_news == self._queued_news and loop.time() < self._look_again_at:
+                # New work wakes this loop by NOTIFY; work whose worker went quiet wakes
+                # nobody, so it is looked for again every sixth of the claim timeout.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._look_again_at - loop.time())
+                continue
             if self._budget is not None:
                 # Only images with a create granted leave the queue: the others stay queued,
                 # and the next grant goes to the first in the queue's order then.
@@ -256,6 +271,7 @@ class PostgresWorkQueue:
                     await asyncio.sleep(grant.retry_in)
                     continue
                 asking = grant.granted
+            news = self._queued_news
             rows = await queries.dequeue(
                 batch_size=asking,
                 entrypoints={ENTRYPOINT: EntrypointExecutionParameter(concurrency_limit=0)},
@@ -266,13 +282,12 @@ class PostgresWorkQueue:
             self._failure = None
             if self._budget is not None and len(rows) < asking:
                 await self._budget.give_back(asking - len(rows))
+            if len(rows) < asking:
+                self._empty_at_news, self._look_again_at = news, loop.time() + self._claim_timeout / 6
+            else:
+                self._empty_at_news = None
             for row in rows:
                 await self._hand_over(row)
-            if not rows:
-                # New work wakes this loop by NOTIFY; work whose worker went quiet wakes
-                # nobody, so it is looked for again every sixth of the claim timeout.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._claim_timeout / 6)
 
     async def _hand_over(self, row: QueueRow) -> None:
         if any(held.id == row.id for held in self._held.values()):
@@ -331,7 +346,8 @@ class PostgresWorkQueue:
         try:
             await connection.add_listener(self._ready_queries().qbe.settings.channel, self._on_queue_change)
             await connection.add_listener(CANCEL_CHANNEL, self._on_cancel)
-            self._wake.set()  # what was queued while nobody here listened
+            self._queued_news += 1  # what was queued while nobody here listened
+            self._wake.set()
             await closed.wait()
             raise ConnectionError("the work queue's listening connection closed")
         finally:
@@ -343,11 +359,19 @@ class PostgresWorkQueue:
         with contextlib.suppress(ValueError):
             if json.loads(payload).get("operation") != "insert":
                 return
+        self._queued_news += 1
         self._wake.set()
 
     def _on_cancel(self, _connection: Any, _pid: int, _channel: str, job_id: str) -> None:
         for callback in self._cancel_callbacks:
             callback(job_id)
+
+
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """A connection goes back to the pool as it is, without asyncpg's reset query (a round
+    trip on every statement's way out): the queue's statements leave no session state behind
+    (no LISTEN, advisory lock or setting on these connections), and asyncpg still rolls back
+    any transaction left open."""
 
 
 def _item(row: QueueRow) -> WorkItem | None:
