@@ -180,7 +180,6 @@ class Repository:
             # Ages are taken from the database's clock, the one every process shares: a
             # process whose own clock is off by seconds would give negative TTFIs.
             job = {**job, "created_at": func.clock_timestamp()}
-
         try:
             async with self._engine.begin() as connection:
                 await connection.execute(insert(_JOBS).values(job))

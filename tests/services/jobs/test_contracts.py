@@ -232,6 +232,21 @@ def test_an_unfinished_job_read_back_after_a_restart_goes_on_from_its_last_event
     _run(scenario())
 
 
+def test_a_stored_job_no_longer_held_by_its_creator_numbers_its_next_events_after_the_stored_ones(engine):
+    async def scenario() -> None:
+        async with engine() as parts:
+            job = await _new_job(parts)
+            await parts.store.withdraw(job.id)  # given up after its commit: read back as stored
+            update = await _record(
+                parts, job.id, lambda j: domain.image_changed(j, 0, "failed", j.accepted_at + 1, error="given up")
+            )
+            assert [e.id for e in update.events] == [job.num_images + 1]
+            stored = await parts.store.events(job.id)
+            assert [e.id for e in stored] == list(range(1, job.num_images + 2))
+
+    _run(scenario())
+
+
 def test_transitions_of_one_job_applied_at_once_number_their_events_in_turn(engine):
     async def scenario() -> None:
         async with engine() as parts:
